@@ -1,0 +1,111 @@
+"""What every stage's thin click command shares: logging, errors, shards."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from common.errors import EXIT_FAILED, PipelineError, RequeueRequested
+
+T = TypeVar("T")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging(stage: str, log_dir: Path | None = None, verbose: bool = False) -> logging.Logger:
+    """Log to stderr and, when ``log_dir`` is given, append to ``<log_dir>/<stage>.log``."""
+    root = logging.getLogger()
+    level = logging.DEBUG if verbose else logging.INFO
+    root.setLevel(level)
+    for h in list(root.handlers):
+        if getattr(h, "_cellmap", False):
+            root.removeHandler(h)
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_dir is not None:
+        try:
+            log_dir.mkdir(parents=True, exist_ok=True)
+            handlers.append(logging.FileHandler(log_dir / f"{stage}.log"))
+        except OSError:
+            pass  # an unwritable work dir is reported by WorkDir.ensure with a clear message
+    for h in handlers:
+        h.setFormatter(logging.Formatter(LOG_FORMAT))
+        h._cellmap = True  # type: ignore[attr-defined]
+        root.addHandler(h)
+    return logging.getLogger(f"cellmap.{stage}")
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"2/8"`` -> ``(2, 8)``; shards are 0-based: ``0/N`` .. ``N-1/N``.
+
+    Raises:
+        PipelineError: malformed or out of range.
+    """
+    if text is None:
+        return None
+    try:
+        i_s, n_s = text.split("/")
+        i, n = int(i_s), int(n_s)
+    except ValueError:
+        raise PipelineError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise PipelineError(f"--shard {text}: need 0 <= I < N")
+    return i, n
+
+
+def select_shard(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
+    """The deterministic subset of ``items`` (already sorted) owned by one shard."""
+    if shard is None:
+        return list(items)
+    i, n = shard
+    return [it for k, it in enumerate(items) if k % n == i]
+
+
+def stage_command(stage: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a click callback: one-line errors, documented exit codes.
+
+    ``PipelineError`` -> ``error: <message>`` and its exit code (2 or 1);
+    ``RequeueRequested`` -> exit 75; anything else -> logged traceback, exit 1.
+    """
+
+    def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                rc = fn(*args, **kwargs)
+            except PipelineError as exc:
+                click.echo(f"error: {stage}: {exc}", err=True)
+                sys.exit(exc.exit_code)
+            except RequeueRequested as exc:
+                click.echo(f"{stage}: stopped for requeue: {exc}", err=True)
+                sys.exit(exc.exit_code)
+            except KeyboardInterrupt:
+                click.echo(f"error: {stage}: interrupted", err=True)
+                sys.exit(130)
+            except Exception:  # noqa: BLE001 - the last line of defence, logged in full
+                logging.getLogger(f"cellmap.{stage}").exception("%s crashed", stage)
+                sys.exit(EXIT_FAILED)
+            sys.exit(int(rc or 0))
+
+        return wrapper
+
+    return deco
+
+
+work_dir_option = click.option(
+    "--work-dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Pipeline work dir (shared cluster storage).",
+)
+config_option = click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML config applied on top of <work-dir>/pipeline.yaml.",
+)
