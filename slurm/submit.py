@@ -1,0 +1,338 @@
+"""Submit the whole chain to SLURM: convert -> analyze -> bundlegen -> train (one job per
+algorithm and fold, in parallel) -> ensemble, linked with ``afterok`` and
+``--kill-on-invalid-dep=yes``.
+
+Two clusters (``--profile longleaf --cpu-profile sycamore``): the CPU stages go to the CPU
+cluster, train and ensemble to the GPU cluster, both submitted up-front. The GPU side starts
+with a small ``wait.bundlegen`` job that polls the shared work_dir for the ``bundlegen`` done
+marker (and stops when a CPU-side marker failed or after a timeout; it requeues itself before
+its time limit); the train jobs depend on it with ``afterok``. No person is needed in between.
+
+Usage::
+
+    python -m slurm.submit --work-dir W --profile longleaf [--cpu-profile sycamore]
+        [--from STAGE] [--algos a,b] [--convert-shards N] [--side all|cpu|gpu] [--dry-run]
+    python -m slurm.submit --work-dir W --status
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+from common.cli import config_option, setup_logging, stage_command, work_dir_option
+from common.config import PipelineConfig, load_config
+from common.errors import ConfigError, StageFailed
+from common.io import atomic_write_text
+from common.workdir import WorkDir
+from slurm.jobs import format_table, job_table, now_iso, record_job
+from slurm.profiles import STAGES, Profile, load_profile
+
+log = logging.getLogger("cellmap.slurm")
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+CPU_STAGES = ("convert", "analyze", "bundlegen")
+JOB_PREFIX = "a3ds"
+
+
+@dataclass
+class Job:
+    """One sbatch submission.
+
+    Attributes:
+        name: marker name of the job (``train.dints_0``); also its script and log name.
+        stage: the stage it runs (``wait`` for the wait-for-marker job).
+        profile: the cluster it goes to.
+        after: names of the jobs it depends on (``afterok``).
+        args: stage arguments after ``--work-dir``; ``$``-words are left for the shell.
+        array: ``--array`` spec (convert shards).
+        requeue: a train job: ``--requeue``, ``--signal=B:USR1@margin``.
+    """
+
+    name: str
+    stage: str
+    profile: Profile
+    after: list[str] = field(default_factory=list)
+    args: list[str] = field(default_factory=list)
+    array: str | None = None
+    requeue: bool = False
+
+    def script_path(self, wd: WorkDir) -> Path:
+        return wd.slurm_dir / f"{self.name}.sbatch"
+
+
+# ---- planning --------------------------------------------------------------------------
+def plan_jobs(
+    wd: WorkDir,
+    cfg: PipelineConfig,
+    gpu: Profile,
+    cpu: Profile | None = None,
+    from_stage: str | None = None,
+    algos: list[str] | None = None,
+    convert_shards: int | None = None,
+) -> list[Job]:
+    """The jobs still to run, in submission order.
+
+    A stage is skipped when its done marker exists and no stage before it is submitted
+    (the stages skip their own finished work too, so a rerun downstream is cheap). Stages
+    before ``from_stage`` are never submitted.
+    """
+    cpu = cpu or gpu
+    two_clusters = cpu.cluster != gpu.cluster
+    start = STAGES.index(from_stage) if from_stage else 0
+    algos = algos or list(cfg.algos)
+    jobs: list[Job] = []
+    last: list[str] = []  # names the next stage waits for
+    submitted_upstream = False
+
+    def needed(name: str) -> bool:
+        return submitted_upstream or not wd.marker(name).is_done()
+
+    # convert (an array of shards plus a merge job when shards > 1)
+    if start <= 0 and needed("convert"):
+        shards = convert_shards or cpu.res("convert").shards
+        if shards > 1:
+            jobs.append(Job("convert.shards", "convert", cpu, [],
+                            ["--shard", f"${{SLURM_ARRAY_TASK_ID}}/{shards}"], array=f"0-{shards - 1}"))
+            jobs.append(Job("convert", "convert", cpu, ["convert.shards"], ["--merge"]))
+        else:
+            jobs.append(Job("convert", "convert", cpu))
+        last, submitted_upstream = ["convert"], True
+    for stage in ("analyze", "bundlegen"):
+        if start <= STAGES.index(stage) and needed(stage):
+            jobs.append(Job(stage, stage, cpu, list(last)))
+            last, submitted_upstream = [stage], True
+    if two_clusters and submitted_upstream:
+        # the GPU cluster cannot see CPU-side job ids: wait for the marker on shared storage
+        jobs.append(Job("wait.bundlegen", "wait", gpu))
+        last = ["wait.bundlegen"]
+    trains: list[str] = []
+    if start <= STAGES.index("train"):
+        res = gpu.res("train")
+        stage_gpus = res.stage_gpus if res.stage_gpus is not None else (res.gpus or None)
+        for algo in algos:
+            for fold in range(cfg.num_folds):
+                name = f"train.{algo}_{fold}"
+                if needed(name):
+                    args = ["--algo", algo, "--fold", str(fold)]
+                    args += ["--gpus", str(stage_gpus)] if stage_gpus is not None else []
+                    jobs.append(Job(name, "train", gpu, list(last), args, requeue=True))
+                    trains.append(name)
+    if trains:
+        last, submitted_upstream = trains, True
+    if needed("ensemble"):
+        jobs.append(Job("ensemble", "ensemble", gpu, list(last) if submitted_upstream else []))
+    return jobs
+
+
+# ---- rendering ---------------------------------------------------------------------------
+def _quote(arg: str) -> str:
+    # `${SLURM_ARRAY_TASK_ID}/4` must expand in the job, everything else is literal
+    return f'"{arg}"' if arg.startswith("${") else shlex.quote(arg)
+
+
+def stage_command_argv(job: Job, wd: WorkDir, cfg: PipelineConfig, config_file: Path | None = None) -> list[str]:
+    """The command that runs ``job``'s stage (apptainer or native)."""
+    p = job.profile
+    args = ["--work-dir", str(wd.root), *(["--config", str(config_file)] if config_file else []), *job.args]
+    if p.runner == "native":
+        return [p.python, "-m", f"stages.{job.stage}", *args]
+    argv = [p.apptainer, "run", "--cleanenv", "--no-home", "-B", f"{wd.root}:{wd.root}"]
+    if cfg.data_root:
+        argv += ["-B", f"{cfg.data_root}:{cfg.data_root}:ro"]
+    if config_file and not config_file.is_relative_to(wd.root):
+        argv += ["-B", f"{config_file.parent}:{config_file.parent}:ro"]
+    for b in p.binds:
+        argv += ["-B", b if ":" in b else f"{b}:{b}"]
+    for k, v in sorted(p.env.items()):
+        argv += ["--env", f"{k}={v}"]
+    if p.res(job.stage).gpus:
+        argv.append("--nv")
+    return [*argv, f"{p.image_dir.rstrip('/')}/{job.stage}.sif", *args]
+
+
+def sbatch_directives(job: Job, wd: WorkDir) -> list[str]:
+    """The ``#SBATCH`` options of ``job`` (dependencies go on the sbatch command line)."""
+    r = job.profile.res(job.stage)
+    log_name = f"{job.name}-%A_%a.out" if job.array else f"{job.name}-%j.out"
+    opts = [f"--job-name={JOB_PREFIX}-{job.name}"]
+    opts += [f"--{k}={v}" for k, v in (("partition", r.partition), ("account", r.account), ("qos", r.qos)) if v]
+    opts += ["--nodes=1", "--ntasks=1", f"--cpus-per-task={r.cpus}"]
+    if r.mem:
+        opts.append(f"--mem={r.mem}")
+    opts.append(f"--time={r.time}")
+    if r.gpus:
+        opts.append(f"--gres=gpu:{r.gpus}")
+    if job.array:
+        opts.append(f"--array={job.array}")
+    opts += [f"--output={wd.logs_dir / 'slurm' / log_name}", "--open-mode=append"]
+    if job.requeue or job.stage == "wait":
+        opts += [f"--signal=B:USR1@{job.profile.requeue_margin_s}", "--requeue"]
+    else:
+        opts.append("--no-requeue")
+    return opts
+
+
+def render_script(
+    job: Job, wd: WorkDir, cfg: PipelineConfig, submitted_epoch: int, config_file: Path | None = None
+) -> str:
+    """The sbatch script of ``job`` (``config_file``: passed on to the stage as ``--config``)."""
+    sbatch = "\n".join(f"#SBATCH {o}" for o in sbatch_directives(job, wd))
+    if job.stage == "wait":
+        text = (TEMPLATES / "wait.sbatch").read_text(encoding="utf-8")
+        subs = {
+            "MARKERS_DIR": shlex.quote(str(wd.markers_dir)),
+            "MARKER": "bundlegen",
+            "UPSTREAM": " ".join(CPU_STAGES),
+            "SUBMITTED": str(submitted_epoch),
+            "TIMEOUT_S": str(job.profile.wait_timeout_s),
+            "POLL_S": str(job.profile.wait_poll_s),
+        }
+    else:
+        text = (TEMPLATES / "stage.sbatch").read_text(encoding="utf-8")
+        setup = [f"cd {shlex.quote(str(wd.root))} || exit 2", *job.profile.setup]
+        if job.profile.runner == "native":
+            setup += [f"export {k}={shlex.quote(v)}" for k, v in sorted(job.profile.env.items())]
+        subs = {
+            "SETUP": "\n".join(setup),
+            "REQUEUE": "1" if job.requeue else "0",
+            "CMD": " ".join(_quote(a) for a in stage_command_argv(job, wd, cfg, config_file)),
+        }
+    subs.update(SBATCH=sbatch, NAME=job.name)
+    for key, value in subs.items():
+        text = text.replace(f"@@{key}@@", value)
+    return text
+
+
+def sbatch_argv(job: Job, ids: dict[str, str], wd: WorkDir) -> list[str]:
+    """``sbatch --parsable [--dependency=afterok:...] --kill-on-invalid-dep=yes SCRIPT``."""
+    argv = ["sbatch", "--parsable"]
+    deps = [ids[n] for n in job.after if n in ids]
+    if deps:
+        argv += [f"--dependency=afterok:{':'.join(deps)}", "--kill-on-invalid-dep=yes"]
+    return [*argv, str(job.script_path(wd))]
+
+
+def _run_sbatch(job: Job, argv: list[str]) -> str:
+    """Submit and return the job id (``--parsable`` prints ``id`` or ``id;cluster``)."""
+    if job.profile.submit_via:
+        full = [*shlex.split(job.profile.submit_via), shlex.join(argv)]
+    else:
+        full = argv
+    try:
+        out = subprocess.run(full, capture_output=True, text=True, timeout=120, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise StageFailed(f"{job.name}: cannot run sbatch ({exc})") from None
+    if out.returncode != 0:
+        msg = (out.stderr.strip() or out.stdout.strip()).splitlines()
+        raise StageFailed(f"{job.name}: sbatch failed (rc {out.returncode}): {msg[-1] if msg else ''}")
+    return out.stdout.strip().splitlines()[-1].split(";")[0]
+
+
+def submit_chain(
+    work_dir: str | Path,
+    profile: str,
+    cpu_profile: str | None = None,
+    from_stage: str | None = None,
+    algos: list[str] | None = None,
+    convert_shards: int | None = None,
+    side: str = "all",
+    dry_run: bool = False,
+    config_file: str | Path | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, str]:
+    """Write the scripts and submit the chain (or print it with ``dry_run``).
+
+    Returns:
+        ``{job name: job id}`` of the submitted jobs (placeholders ``{name}`` on dry runs).
+
+    Raises:
+        ConfigError: a bad profile, config or argument.
+        StageFailed: sbatch refused a job (the jobs already submitted stay recorded).
+    """
+    wd = WorkDir.at(work_dir)
+    if not dry_run:
+        wd.ensure()
+    cfg = load_config(wd.root, config_file, dump=not dry_run)
+    # every job gets the same --config (an absolute path: jobs start in the work dir)
+    config_path = Path(config_file).expanduser().resolve() if config_file else None
+    gpu = load_profile(profile)
+    cpu = load_profile(cpu_profile) if cpu_profile else None
+    if algos:
+        bad = [a for a in algos if a not in cfg.algos]
+        if bad:
+            raise ConfigError(f"--algos: {bad} not in the configured algos {cfg.algos}")
+    if from_stage is not None and from_stage not in STAGES:
+        raise ConfigError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
+    jobs = plan_jobs(wd, cfg, gpu, cpu, from_stage, algos, convert_shards)
+    if side != "all":
+        if cpu is None or cpu.cluster == gpu.cluster:
+            raise ConfigError("--side cpu|gpu needs --cpu-profile naming another cluster")
+        keep = cpu if side == "cpu" else gpu
+        jobs = [j for j in jobs if j.profile is keep]
+    out = echo or click.echo
+    if not jobs:
+        out("nothing to submit: every stage is done")
+        return {}
+    epoch = int(time.time())
+    ids: dict[str, str] = {}
+    if not dry_run:
+        (wd.logs_dir / "slurm").mkdir(parents=True, exist_ok=True)
+    for job in jobs:
+        script = render_script(job, wd, cfg, epoch, config_path)
+        path = job.script_path(wd)
+        argv = sbatch_argv(job, ids if not dry_run else {n: f"{{{n}}}" for n in job.after}, wd)
+        if dry_run:
+            out(f"# ==== {job.name} ({job.profile.cluster}): {path}")
+            out(script.rstrip("\n"))
+            out(f"# ---- submit on {job.profile.cluster}:")
+            prefix = f"{job.profile.submit_via} " if job.profile.submit_via else ""
+            out(prefix + shlex.join(argv))
+            ids[job.name] = f"{{{job.name}}}"
+            continue
+        atomic_write_text(path, script)
+        path.chmod(0o755)
+        job_id = _run_sbatch(job, argv)
+        ids[job.name] = job_id
+        record_job(wd, {
+            "name": job.name, "job_id": job_id, "stage": job.stage, "cluster": job.profile.cluster,
+            "submitted": now_iso(), "profile": job.profile.name, "script": str(path), "depends_on": job.after,
+        })
+        dep = f" after {', '.join(job.after)}" if job.after else ""
+        out(f"{job.name}: job {job_id} on {job.profile.cluster}{dep}")
+    return ids
+
+
+@click.command()
+@work_dir_option
+@config_option
+@click.option("--profile", required=True, help="Site profile (sycamore, longleaf, local, or a YAML path): train, ensemble, and all stages unless --cpu-profile.")
+@click.option("--cpu-profile", default=None, help="Profile of the CPU cluster for convert, analyze, bundlegen.")
+@click.option("--from", "from_stage", type=click.Choice(STAGES), default=None, help="Start the chain at this stage.")
+@click.option("--algos", default=None, help="Comma-separated subset of the configured algorithms.")
+@click.option("--convert-shards", type=click.IntRange(min=1), default=None, help="Run convert as an array of N shards + a merge job.")
+@click.option("--side", type=click.Choice(["all", "cpu", "gpu"]), default="all", show_default=True, help="Two clusters: submit only this side (from its login node).")
+@click.option("--dry-run", is_flag=True, help="Print the scripts and sbatch lines; submit and write nothing.")
+@click.option("--status", "show_status", is_flag=True, help="Print the recorded jobs with their SLURM state and marker, then exit.")
+@stage_command("slurm")
+def main(work_dir: Path, config_file: Path | None, profile: str, cpu_profile: str | None, from_stage: str | None,
+         algos: str | None, convert_shards: int | None, side: str, dry_run: bool, show_status: bool) -> int:
+    """Submit the cellmap-auto3dseg chain to SLURM (see the README, section SLURM)."""
+    if show_status:
+        click.echo(format_table(job_table(WorkDir.at(work_dir))))
+        return 0
+    if not dry_run:
+        setup_logging("slurm", WorkDir.at(work_dir).logs_dir)
+    names = [a.strip() for a in algos.split(",") if a.strip()] if algos else None
+    submit_chain(work_dir, profile, cpu_profile, from_stage, names, convert_shards, side, dry_run, config_file)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
