@@ -1,0 +1,31 @@
+"""``python -m stages.bundlegen``: input.yaml and MONAI bundles, generated on a CPU node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from common.cli import config_option, setup_logging, stage_command, work_dir_option
+
+
+@click.command()
+@work_dir_option
+@config_option
+@click.option("--algos", default=None, help="Comma-separated algorithms (default: the config's algos).")
+@click.option("--target-gpu-mem-gb", type=float, default=None,
+              help="GPU memory the bundles are sized for (default: config, 48 = L40S).")
+@click.option("--force", is_flag=True, help="Regenerate bundles that are already done.")
+@stage_command("bundlegen")
+def main(work_dir: Path, config_file: Path | None, algos: str | None, target_gpu_mem_gb: float | None,
+         force: bool) -> int:
+    """Write input.yaml and one bundle per algorithm and fold (<algo>_<fold>/)."""
+    from stages.bundlegen.bundlegen import run_bundlegen_entry
+
+    setup_logging("bundlegen", Path(work_dir).expanduser().resolve() / "logs")
+    return run_bundlegen_entry(work_dir, config_file, algos=algos, target_gpu_mem_gb=target_gpu_mem_gb,
+                               force=force)
+
+
+if __name__ == "__main__":
+    main()
