@@ -1,0 +1,306 @@
+"""convert: CellMap zarr crops -> ``nifti_data/`` NIfTI pairs, ``datalist.json``, report.
+
+``run_convert_entry`` is what the CLI calls (work dir, config, logging, exit code);
+``run_convert`` is the importable core. Per-crop records live in
+``markers/convert/<case>.json``; a crop whose record matches its current inputs digest
+is not converted again. Sharded runs (``--shard I/N``) write only those records; an
+unsharded run or ``--merge`` converts whatever is still missing and writes
+``datalist.json`` and ``reports/convert.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm import tqdm
+
+from common.cli import select_shard, setup_logging
+from common.config import PipelineConfig, load_config
+from common.errors import ConfigError, PipelineError, StageFailed
+from common.io import TMP_MARK, atomic_path, atomic_write_text, read_json, remove_stale_tmp
+from common.workdir import WorkDir, digest
+from stages.convert.crops import CONVERTED, FAILED, SKIPPED, CropRef, Settings, convert_crop, discover_crops
+from stages.convert.report import write_views
+from stages.convert.split import update_split
+
+log = logging.getLogger("cellmap.convert")
+STAGE = "convert"
+# the ``convert:`` config section and its defaults
+OPTIONS: dict[str, Any] = {"compress_level": 1, "report_png": True}
+
+
+@dataclass
+class ConvertSummary:
+    """What one ``run_convert`` call did.
+
+    Attributes:
+        records: one report record per crop handled (sorted by dataset, crop).
+        converted_now: cases written by this call (not reused).
+        datalist: the datalist path, when this call wrote one.
+        report: the report path, when this call wrote one.
+    """
+
+    records: list[dict[str, Any]]
+    converted_now: list[str] = field(default_factory=list)
+    datalist: Path | None = None
+    report: Path | None = None
+
+    def count(self, status: str) -> int:
+        return sum(1 for r in self.records if r["status"] == status)
+
+    def text(self) -> str:
+        """The human summary printed on stdout."""
+        lines = [
+            f"convert: {self.count(CONVERTED)} converted ({len(self.converted_now)} now), "
+            f"{self.count(SKIPPED)} skipped, {self.count(FAILED)} failed"
+        ]
+        for r in self.records:
+            if r["status"] != CONVERTED:
+                lines.append(f"  {r['status']:8s} {r['dataset']} crop{r['crop']}: {r['reason']}")
+        return "\n".join(lines)
+
+
+def convert_options(cfg: PipelineConfig) -> dict[str, Any]:
+    """The validated ``convert:`` section merged over :data:`OPTIONS`."""
+    opts = dict(OPTIONS)
+    for k, v in cfg.convert.items():
+        if k not in OPTIONS:
+            raise ConfigError(f"config: unknown key 'convert.{k}' (known: {', '.join(sorted(OPTIONS))})")
+        opts[k] = v
+    lvl = opts["compress_level"]
+    if isinstance(lvl, bool) or not isinstance(lvl, int) or not 0 <= lvl <= 9:
+        raise ConfigError(f"config: 'convert.compress_level' must be an integer 0..9, got {lvl!r}")
+    if not isinstance(opts["report_png"], bool):
+        raise ConfigError(f"config: 'convert.report_png' must be true or false, got {opts['report_png']!r}")
+    return opts
+
+
+def crop_records_dir(wd: WorkDir) -> Path:
+    """Where per-crop records live: ``markers/convert/``."""
+    return wd.markers_dir / STAGE
+
+
+def _write_json_if_changed(path: Path, obj: Any, sync: bool = True) -> bool:
+    """Atomically write ``obj`` unless the file already holds exactly that (a no-op rerun).
+
+    ``sync=False`` skips the fsync (per-crop records: a torn record after a node crash
+    reads as missing, and that crop is simply converted again).
+    """
+    text = json.dumps(obj, indent=2, sort_keys=True) + "\n"
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except OSError:
+        pass
+    if sync:
+        atomic_write_text(path, text)
+    else:
+        with atomic_path(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return True
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _remove_own_tmp(directory: Path, refs: list[CropRef], sep: str = "_") -> None:
+    """Delete temporary files a killed run left for these crops only (shards run side by side).
+
+    ``sep`` follows the case name in the temporary name: ``_`` for ``<case>_image.nii.gz``,
+    ``-`` for the records' ``<case>.json`` (``atomic_path`` appends ``-<random>``).
+    """
+    if not directory.is_dir():
+        return
+    prefixes = tuple(f"{TMP_MARK}{r.case}{sep}" for r in refs)
+    for p in directory.iterdir():
+        if p.name.startswith(prefixes) and p.is_file():
+            p.unlink(missing_ok=True)
+
+
+def _convert_all(refs: list[CropRef], st: Settings, records_dir: Path, workers: int, progress: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Convert ``refs`` (reusing up-to-date records); returns records by case and new cases."""
+    previous = {r.case: _read_record(records_dir / f"{r.case}.json") for r in refs}
+    records: dict[str, dict[str, Any]] = {}
+    now: list[str] = []
+
+    def done(rec: dict[str, Any]) -> None:
+        reused = rec.pop("reused", False)
+        if not reused and rec["status"] == CONVERTED:
+            now.append(rec["case"])
+        _write_json_if_changed(records_dir / f"{rec['case']}.json", rec, sync=False)
+        records[rec["case"]] = rec
+
+    bar = tqdm(total=len(refs), desc="convert", unit="crop", disable=not progress, mininterval=0.5)
+    if workers <= 1 or len(refs) <= 1:
+        for r in refs:
+            done(convert_crop(r, st, previous[r.case]))
+            bar.update()
+    else:
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        with ProcessPoolExecutor(max_workers=min(workers, len(refs)), mp_context=ctx) as pool:
+            futs = [pool.submit(convert_crop, r, st, previous[r.case]) for r in refs]
+            for fut in as_completed(futs):
+                done(fut.result())
+                bar.update()
+    bar.close()
+    return records, now
+
+
+def run_convert(
+    cfg: PipelineConfig,
+    wd: WorkDir,
+    workers: int = 1,
+    shard: tuple[int, int] | None = None,
+    merge: bool = False,
+    progress: bool = True,
+) -> ConvertSummary:
+    """Convert the crops under ``cfg.data_root`` into ``wd``.
+
+    Args:
+        cfg: the validated configuration (``data_root`` set).
+        wd: the work dir (already ``ensure``-d).
+        workers: processes over crops; 1 runs in this process.
+        shard: ``(i, n)``: convert only ``select_shard(crops, shard)`` and write per-crop
+            records (no datalist, no report).
+        merge: write the datalist and report from every crop's record, converting any
+            crop still missing (same as an unsharded run; kept for clarity in job chains).
+        progress: show a tqdm bar.
+
+    Raises:
+        PipelineError: no data_root, data_root missing, no crops found (exit 2).
+        StageFailed: an unsharded/merge run converted no crop at all (exit 1).
+    """
+    if shard is not None and merge:
+        raise PipelineError("--shard and --merge are exclusive")
+    opts = convert_options(cfg)
+    if not cfg.data_root:
+        raise PipelineError("data_root is not set (data_root: in pipeline.yaml, or --data-root)")
+    root = Path(cfg.data_root)
+    if not root.is_dir():
+        raise PipelineError(f"{root}: data_root not found")
+    refs = discover_crops(root, cfg.datasets, cfg.crops)
+    if not refs:
+        filt = f" matching datasets={cfg.datasets} crops={cfg.crops}" if (cfg.datasets or cfg.crops) else ""
+        raise PipelineError(f"{root}: no crops found{filt} (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
+    mine = select_shard(refs, shard)
+    st = Settings(
+        resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
+        compress_level=int(opts["compress_level"]), out_dir=str(wd.nifti_dir),
+    )
+    wd.nifti_dir.mkdir(parents=True, exist_ok=True)
+    rdir = crop_records_dir(wd)
+    rdir.mkdir(parents=True, exist_ok=True)
+    if shard is None:
+        remove_stale_tmp(wd.nifti_dir)
+        remove_stale_tmp(rdir)
+    else:
+        _remove_own_tmp(wd.nifti_dir, mine)
+        _remove_own_tmp(rdir, mine, "-")
+    name = STAGE if shard is None else f"{STAGE}.shard-{shard[0]}-of-{shard[1]}"
+    marker = wd.marker(name)
+    marker.start(digest([st.digest_items(), [r.case for r in mine]]), crops=len(mine))
+    t0 = time.perf_counter()
+    try:
+        by_case, now = _convert_all(mine, st, rdir, workers, progress)
+    except BaseException as exc:  # a crashed pool or Ctrl-C: say so in the marker, then propagate
+        marker.fail(f"{type(exc).__name__}: {exc}")
+        raise
+    summary = ConvertSummary([by_case[r.case] for r in mine], now)
+    details = {"converted": summary.count(CONVERTED), "skipped": summary.count(SKIPPED),
+               "failed": summary.count(FAILED), "converted_now": len(now),
+               "seconds": round(time.perf_counter() - t0, 2)}
+    if shard is not None:
+        marker.done(**details)
+        return summary
+    _write_outputs(cfg, wd, summary, bool(opts["report_png"]))
+    if summary.count(CONVERTED) == 0:
+        marker.fail("no crop converted", **details)
+        exc = StageFailed(f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}")
+        exc.summary = summary  # type: ignore[attr-defined]
+        raise exc
+    marker.done(**details)
+    return summary
+
+
+def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, plot: bool = True) -> None:
+    """Split, ``datalist.json`` and ``reports/convert.{json,md,png}`` (written only when changed)."""
+    conv = [r for r in summary.records if r["status"] == CONVERTED]
+    tests = set(cfg.split.test_crops)
+    train = [r for r in conv if r["crop"] not in tests]
+    folds = update_split(wd.nifti_dir / "split.json", [(r["case"], r["dataset"], r["crop"]) for r in train], cfg)
+    training, testing = [], []
+    for r in conv:
+        item = {"image": r["image"], "label": r["label"], "case": r["case"]}
+        if r["crop"] in tests:
+            testing.append(item)
+        elif folds.get(r["case"]) is not None:
+            training.append({**item, "fold": folds[r["case"]]})
+    missing = tests - {r["crop"] for r in conv}
+    if missing:
+        log.warning("test crops not converted: %s", ", ".join(sorted(missing)))
+    for r in summary.records:
+        if r["status"] == CONVERTED:
+            r["fold"] = "test" if r["crop"] in tests else folds.get(r["case"])
+    _write_json_if_changed(wd.datalist, {"training": training, "testing": testing})
+    report = wd.reports_dir / "convert.json"
+    wd.reports_dir.mkdir(parents=True, exist_ok=True)
+    content = {
+        "resolution_zyx": list(cfg.resolution_zyx), "classes": list(cfg.classes),
+        "unknown_label": cfg.unknown_label,
+        "counts": {s: summary.count(s) for s in (CONVERTED, SKIPPED, FAILED)},
+        "crops": summary.records,
+    }
+    _write_json_if_changed(report, content)
+    write_views(content, wd.reports_dir, plot)
+    summary.datalist, summary.report = wd.datalist, report
+
+
+def default_workers() -> int:
+    """CPUs this process may use (SLURM/cgroup aware through the affinity mask), at most 16."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    return max(1, min(16, n))
+
+
+def run_convert_entry(
+    work_dir: Path,
+    config_file: Path | None = None,
+    data_root: Path | None = None,
+    workers: int | None = None,
+    shard: tuple[int, int] | None = None,
+    merge: bool = False,
+    verbose: bool = False,
+) -> int:
+    """CLI body: set up the work dir and logging, load the config, run, print the summary.
+
+    Returns:
+        The exit code (0); errors are raised as :class:`PipelineError` subclasses.
+    """
+    wd = WorkDir.at(work_dir).ensure()
+    setup_logging(STAGE if shard is None else f"{STAGE}.shard-{shard[0]}-of-{shard[1]}", wd.logs_dir, verbose)
+    overrides = {"data_root": str(data_root) if data_root is not None else None}
+    cfg = load_config(wd.root, config_file, overrides)
+    try:
+        summary = run_convert(cfg, wd, workers or default_workers(), shard, merge)
+    except StageFailed as exc:
+        if hasattr(exc, "summary"):
+            click.echo(exc.summary.text())
+        raise
+    click.echo(summary.text())
+    return 0
