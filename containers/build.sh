@@ -1,0 +1,135 @@
+#!/usr/bin/env bash
+# Build the pipeline images with docker or podman (whichever works), offline:
+#   base-cpu, base-cuda           containers/<base>/Dockerfile
+#   convert analyze bundlegen     stages/<stage>/Dockerfile, FROM base-cpu
+#   train ensemble                stages/<stage>/Dockerfile, FROM base-cuda
+# Python wheels come from the host wheelhouse .whl/<stage>/ (containers/wheelhouse.py, pinned by
+# containers/locks/<stage>.txt); the MONAI algorithm templates from .whl/templates/ when a local
+# copy is given (ALGO_TEMPLATES_TARBALL), else the build downloads the pinned release.
+#
+# usage: containers/build.sh [TARGET...]      (default: all; bases are built when missing)
+# env:   CONTAINER_CLI   docker|podman (default: docker if its daemon answers, else podman)
+#        IMAGE_PREFIX    image names   (default: cellmap-a3ds)  -> cellmap-a3ds/<target>:<version>
+#        VERSION         image tag     (default: the version in pyproject.toml)
+#        PYTHON          Python 3.11 with pip, runs the wheelhouse (default: .venv/bin/python)
+#        ALGO_TEMPLATES_TARBALL  local copy of <hash>.tar.gz for offline bundlegen/train builds
+#        BUILD_ARGS      extra arguments for `build` (e.g. "--no-cache")
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+pick_cli() {
+  if [[ -n "${CONTAINER_CLI:-}" ]]; then echo "$CONTAINER_CLI"; return; fi
+  if command -v docker >/dev/null 2>&1 && docker info >/dev/null 2>&1; then echo docker; return; fi
+  if command -v podman >/dev/null 2>&1; then echo podman; return; fi
+  echo "build.sh: neither a working docker nor podman found" >&2
+  exit 2
+}
+cli="$(pick_cli)"
+prefix="${IMAGE_PREFIX:-cellmap-a3ds}"
+version="${VERSION:-$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)}"
+python="${PYTHON:-$root/.venv/bin/python}"
+[[ -x "$python" ]] || python="$(command -v python3)"
+vcs_ref="$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+if [[ -n "$(git --no-optional-locks -C "$root" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then
+  vcs_ref="${vcs_ref}-dirty"
+fi
+# The commit date, not "now" (SOURCE_DATE_EPOCH wins): rebuilding the same tree gives the same
+# labels, so the layer cache and the image ids stay put.
+epoch="${SOURCE_DATE_EPOCH:-$(git -C "$root" log -1 --format=%ct 2>/dev/null || date +%s)}"
+build_date="$(date -u -d "@$epoch" +%Y-%m-%dT%H:%M:%SZ 2>/dev/null || date -u -r "$epoch" +%Y-%m-%dT%H:%M:%SZ)"
+algo_hash="21ed8e5"
+
+cli_args=()
+if [[ "$cli" == podman ]]; then
+  # Dev/CI machines: crun fails on hybrid cgroups and default ulimits exceed the hard limits.
+  # (only where runc exists: elsewhere, e.g. a laptop, podman's own defaults work)
+  if [[ -z "${CONTAINERS_CONF:-}" ]] && command -v runc >/dev/null 2>&1; then
+    export CONTAINERS_CONF="$root/containers/podman/containers.conf"
+  fi
+  cli_args=(--isolation chroot)
+fi
+read -r -a extra <<<"${BUILD_ARGS:-}"
+
+image_exists() { "$cli" image inspect "$1" >/dev/null 2>&1; }
+
+# A build context per target holding only what its Dockerfile copies (hard links, so it is
+# instant): the docker CLI sends the whole context to the daemon, and .whl/ holds GBs of wheels
+# for the other stages. Paths inside it are the repository's, so the Dockerfiles read as if the
+# context were the repository root.
+make_context() {  # make_context <target> <path>...; prints the context dir
+  local ctx="$root/build/context/$1" p
+  shift
+  rm -rf "$ctx"
+  mkdir -p "$ctx"
+  for p in "$@"; do
+    mkdir -p "$ctx/$(dirname "$p")"
+    cp -al "$p" "$ctx/$p" 2>/dev/null || cp -R "$p" "$ctx/$p"
+  done
+  find "$ctx" -name __pycache__ -type d -prune -exec rm -rf {} +
+  echo "$ctx"
+}
+
+build() {  # build <target> <dockerfile> <context> [--build-arg ...]
+  local target="$1" dockerfile="$2" ctx="$3"
+  shift 3
+  local t0=$SECONDS
+  echo "== build $prefix/$target:$version ($cli, $dockerfile)"
+  "$cli" build ${cli_args[@]+"${cli_args[@]}"} ${extra[@]+"${extra[@]}"} \
+    --build-arg "VERSION=$version" --build-arg "VCS_REF=$vcs_ref" --build-arg "BUILD_DATE=$build_date" \
+    "$@" -f "$ctx/$dockerfile" -t "$prefix/$target:$version" "$ctx"
+  echo "== built $prefix/$target:$version in $((SECONDS - t0)) s"
+}
+
+build_base() {  # build_base <base-cpu|base-cuda>
+  local debian
+  debian="docker.io/library/debian:$(sed -n 's/^ARG DEBIAN_TAG=//p' "containers/$1/Dockerfile" | head -n 1)"
+  # Machines without registry access (dev/CI): debootstrap the Debian base locally instead.
+  if [[ "$cli" == podman ]] && ! image_exists "$debian" && ! "$cli" pull -q "$debian" >/dev/null 2>&1; then
+    CONTAINER_CLI=podman "$root/containers/make-base.sh" "${debian##*:}"
+  fi
+  build "$1" "containers/$1/Dockerfile" "$(make_context "$1" "containers/$1/Dockerfile")"
+}
+
+ensure_base() {
+  image_exists "$prefix/$1:$version" || build_base "$1"
+}
+
+prepare_templates() {
+  mkdir -p .whl/templates
+  if [[ -n "${ALGO_TEMPLATES_TARBALL:-}" ]]; then
+    cp -f "$ALGO_TEMPLATES_TARBALL" ".whl/templates/$algo_hash.tar.gz"
+  fi
+  # COPY needs the folder to hold something even when the build downloads the templates.
+  echo "Put $algo_hash.tar.gz here for an offline build (ALGO_TEMPLATES_TARBALL does it)." \
+    >.whl/templates/README
+}
+
+build_stage() {
+  local stage="$1" base ctx
+  case "$stage" in
+    convert | analyze | bundlegen) base="base-cpu" ;;
+    train | ensemble) base="base-cuda" ;;
+    *) echo "build.sh: unknown target $stage" >&2; exit 2 ;;
+  esac
+  ensure_base "$base"
+  "$python" -m containers.wheelhouse "$stage"
+  prepare_templates
+  ctx="$(make_context "$stage" common stages/__init__.py "stages/$stage" "containers/locks/$stage.txt" \
+    containers/fetch-templates.sh ".whl/$stage" .whl/templates)"
+  build "$stage" "stages/$stage/Dockerfile" "$ctx" --build-arg "BASE_IMAGE=$prefix/$base:$version"
+}
+
+targets=("$@")
+[[ ${#targets[@]} -gt 0 ]] || targets=(base-cpu base-cuda convert analyze bundlegen train ensemble)
+for t in "${targets[@]}"; do
+  case "$t" in
+    base-cpu | base-cuda) build_base "$t" ;;
+    *) build_stage "$t" ;;
+  esac
+done
+
+echo "== image sizes"
+"$python" -m containers.sizes --cli "$cli" --prefix "$prefix" --version "$version" \
+  --out "${IMAGES_DIR:-$root/images}" "${targets[@]}"
