@@ -142,6 +142,10 @@ def versions() -> dict[str, str]:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
             continue
+    # Inside the images the project is not pip-installed; they say what they are instead.
+    for key, env in (("image_version", "CELLMAP_A3DS_IMAGE_VERSION"), ("image_revision", "CELLMAP_A3DS_IMAGE_REVISION")):
+        if os.environ.get(env):
+            out[key] = os.environ[env]
     return out
 
 
