@@ -1,0 +1,368 @@
+"""One table of the whole pipeline: every stage and every algo/fold, from the work dir.
+
+Run as ``python -m common.status --work-dir W [--json] [--no-slurm]``.
+
+Sources, all read-only:
+
+* ``<wd>/markers/*.json`` (:class:`common.workdir.Marker`): status, start, end, duration,
+  host, pid, SLURM ids, ``details.best_metric``, ``reason``;
+* ``<wd>/pipeline.yaml``: which stages and bundles are expected (missing ones are
+  "not started");
+* ``<wd>/slurm/jobs.json``: a JSON list of ``{"name": "<marker name>", "job_id": "123",
+  "stage": "train", "cluster": "...", "submitted": "<iso8601>"}`` (written by the SLURM
+  submitter; the newest entry per name wins);
+* ``squeue`` / ``scontrol`` for the live job state, only when those commands exist.
+
+A marker that says ``running`` but has no live job (no live SLURM job, and its process is
+gone when it ran on this host) is reported as possibly killed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+
+from common.config import STAGE_SECTIONS, PipelineConfig, load_config
+from common.errors import PipelineError
+from common.io import read_json
+from common.workdir import MARKER_DONE, MARKER_FAILED, MARKER_RUNNING, WorkDir
+
+NOT_STARTED = "not started"
+RUNNING = "running"
+DONE = "done"
+FAILED = "failed"
+UNREADABLE = "unreadable"
+
+# SLURM states in which the job still exists and may write its marker.
+LIVE_JOB_STATES = frozenset(
+    {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
+     "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED"}
+)
+_SLURM_TIMEOUT_S = 10.0
+
+
+@dataclass
+class StatusRow:
+    """One line of the status table.
+
+    Attributes:
+        name: marker name (``convert``, ``train.dints_0``, ``ensemble``).
+        stage: the stage it belongs to (the part before the first dot).
+        state: ``not started`` / ``running`` / ``done`` / ``failed`` / ``unreadable``.
+        start, end: ISO timestamps from the marker.
+        duration_s: from the marker; for a running marker, the time since start.
+        best_metric: ``details.best_metric`` when present.
+        reason: failure reason.
+        note: anything else worth knowing (e.g. "may have been killed").
+        host, pid: where the marker was written.
+        job_id, job_state, cluster: SLURM job from ``slurm/jobs.json`` (or the marker) and
+            its live state (``None`` when it cannot be queried).
+        possibly_killed: running marker with no live job.
+    """
+
+    name: str
+    stage: str
+    state: str = NOT_STARTED
+    start: str | None = None
+    end: str | None = None
+    duration_s: float | None = None
+    best_metric: float | None = None
+    reason: str | None = None
+    note: str | None = None
+    host: str | None = None
+    pid: int | None = None
+    job_id: str | None = None
+    job_state: str | None = None
+    cluster: str | None = None
+    possibly_killed: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+# ---- SLURM ---------------------------------------------------------------------------
+def read_jobs(wd: WorkDir) -> dict[str, dict[str, Any]]:
+    """``slurm/jobs.json`` as ``{marker name: newest job entry}``; empty when absent/bad."""
+    path = wd.slurm_dir / "jobs.json"
+    try:
+        data = read_json(path)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, list):
+        return {}
+    out: dict[str, dict[str, Any]] = {}
+    for entry in data:
+        if not isinstance(entry, dict) or not entry.get("name") or entry.get("job_id") is None:
+            continue
+        name = str(entry["name"])
+        prev = out.get(name)
+        # the file is append-ordered; an explicit later 'submitted' also wins
+        if prev is None or str(entry.get("submitted") or "") >= str(prev.get("submitted") or ""):
+            out[name] = entry
+    return out
+
+
+def slurm_job_state(job_id: str) -> str | None:
+    """Live state of a SLURM job (``RUNNING``, ``COMPLETED``...), or ``None`` if unknown.
+
+    Uses ``squeue`` (``-t all`` also lists recently finished jobs), then ``scontrol``.
+    Returns ``None`` when neither command exists, the query fails or times out.
+    """
+    jid = str(job_id).split(";")[0].strip()  # --parsable may print "id;cluster"
+    if not jid:
+        return None
+    if shutil.which("squeue"):
+        try:
+            res = subprocess.run(
+                ["squeue", "-h", "-t", "all", "-j", jid, "-o", "%T"],
+                capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S, check=False,
+            )
+            lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
+            if res.returncode == 0 and lines:
+                # an array job lists one line per task: show the "most alive" one
+                live = [s for s in lines if s in LIVE_JOB_STATES]
+                return (live or lines)[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    if shutil.which("scontrol"):
+        try:
+            res = subprocess.run(
+                ["scontrol", "show", "job", "-o", jid],
+                capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S, check=False,
+            )
+            if res.returncode == 0:
+                for tok in res.stdout.split():
+                    if tok.startswith("JobState="):
+                        return tok.split("=", 1)[1]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return False
+    return True
+
+
+# ---- rows ----------------------------------------------------------------------------
+def expected_names(cfg: PipelineConfig | None) -> list[str]:
+    """Marker names a complete run of this configuration writes, in pipeline order."""
+    if cfg is None:
+        return list(STAGE_SECTIONS)
+    names = ["convert", "analyze", "bundlegen"]
+    names += [f"train.{a}_{f}" for a in cfg.algos for f in range(cfg.num_folds)]
+    names.append("ensemble")
+    return names
+
+
+def _parse_time(text: str | None) -> _dt.datetime | None:
+    if not text:
+        return None
+    try:
+        t = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+
+
+def _row_from_marker(name: str, data: dict[str, Any] | None, now: _dt.datetime) -> StatusRow:
+    row = StatusRow(name=name, stage=name.split(".")[0])
+    if data is None:
+        row.state = UNREADABLE
+        row.note = "marker file exists but is not valid JSON"
+        return row
+    status = data.get("status")
+    row.start, row.end = data.get("start"), data.get("end")
+    row.host, row.pid = data.get("host"), data.get("pid")
+    row.details = dict(data.get("details") or {})
+    bm = row.details.get("best_metric")
+    row.best_metric = float(bm) if isinstance(bm, (int, float)) and not isinstance(bm, bool) else None
+    row.duration_s = data.get("duration_s")
+    slurm = data.get("slurm") or {}
+    if isinstance(slurm, dict):
+        row.job_id = slurm.get("slurm_array_job_id") or slurm.get("slurm_job_id")
+        if row.job_id and slurm.get("slurm_array_task_id"):
+            row.job_id = f"{row.job_id}_{slurm['slurm_array_task_id']}"
+    if status == MARKER_DONE:
+        row.state = DONE
+    elif status == MARKER_FAILED:
+        row.state = FAILED
+        row.reason = data.get("reason") or "failed (no reason recorded)"
+    elif status == MARKER_RUNNING:
+        row.state = RUNNING
+        t0 = _parse_time(row.start)
+        if t0 is not None and row.end is None:
+            row.duration_s = round((now - t0).total_seconds(), 1)
+    else:
+        row.state = UNREADABLE
+        row.note = f"unknown marker status {status!r}"
+    return row
+
+
+def collect_status(
+    work_dir: str | os.PathLike[str],
+    cfg: PipelineConfig | None = None,
+    query_slurm: bool = True,
+) -> list[StatusRow]:
+    """Status rows for every expected stage/bundle and every marker present.
+
+    Args:
+        work_dir: the pipeline work dir (only read).
+        cfg: the configuration; read from ``<wd>/pipeline.yaml`` when ``None`` (an invalid
+            or missing file falls back to listing the markers found plus the five stages).
+        query_slurm: ask ``squeue``/``scontrol`` for live job states (when installed).
+
+    Returns:
+        Rows in pipeline order: expected names first (stage order), then any other
+        marker (e.g. shards) placed after the rows of its stage.
+    """
+    wd = WorkDir.at(work_dir)
+    if cfg is None and wd.config_file.is_file():
+        try:
+            cfg = load_config(wd.root, dump=False)
+        except PipelineError:
+            cfg = None
+    now = _dt.datetime.now(_dt.timezone.utc)
+    markers = {m.name: m for m in wd.markers()}
+    names = expected_names(cfg)
+    if cfg is None and any(n.startswith("train.") for n in markers):
+        names.remove("train")  # the placeholder row is replaced by the real bundle markers
+    stage_order = {s: i for i, s in enumerate(STAGE_SECTIONS)}
+    extra = sorted(set(markers) - set(names))
+    for n in extra:  # insert after the last row of the same stage (unknown stages at the end)
+        stage = n.split(".")[0]
+        pos = max((i for i, x in enumerate(names) if x.split(".")[0] == stage), default=None)
+        if pos is None:
+            later = [i for i, x in enumerate(names)
+                     if stage_order.get(x.split(".")[0], 99) > stage_order.get(stage, 99)]
+            pos = (later[0] - 1) if later else len(names) - 1
+        names.insert(pos + 1, n)
+
+    jobs = read_jobs(wd)
+    state_cache: dict[str, str | None] = {}
+    this_host = socket.gethostname()
+    rows = []
+    for name in names:
+        marker = markers.get(name)
+        if marker is None:
+            row = StatusRow(name=name, stage=name.split(".")[0])
+        else:
+            row = _row_from_marker(name, marker.read(), now)
+        job = jobs.get(name)
+        if job is not None:
+            # the submitted job is the newest attempt unless the marker names another one
+            row.job_id = str(job["job_id"])
+            row.cluster = job.get("cluster")
+        if row.job_id and query_slurm:
+            if row.job_id not in state_cache:
+                state_cache[row.job_id] = slurm_job_state(row.job_id)
+            row.job_state = state_cache[row.job_id]
+        if row.state == RUNNING and row.end is None:
+            job_live = row.job_state in LIVE_JOB_STATES if row.job_state else None
+            pid_live = (
+                _pid_alive(int(row.pid)) if row.host == this_host and isinstance(row.pid, int) else None
+            )
+            if job_live is False or (job_live is None and pid_live is False):
+                row.possibly_killed = True
+                why = (f"job {row.job_id} is {row.job_state}" if job_live is False
+                       else f"process {row.pid} on {row.host} is gone")
+                row.note = f"no end recorded and {why}: it may have been killed; rerun the stage"
+            elif job_live is None and pid_live is None:
+                row.note = "no end recorded and no live job known: may have been killed"
+        elif row.state == NOT_STARTED and row.job_state:
+            row.note = f"job {row.job_state.lower()}"
+        rows.append(row)
+    return rows
+
+
+# ---- rendering -----------------------------------------------------------------------
+def _fmt_duration(s: float | None) -> str:
+    if s is None:
+        return "-"
+    s = int(round(s))
+    h, rem = divmod(s, 3600)
+    m, sec = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+
+
+def _fmt_when(row: StatusRow) -> str:
+    t = _parse_time(row.end or row.start)
+    return "-" if t is None else t.astimezone(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def format_table(rows: list[StatusRow]) -> str:
+    """The status rows as a fixed-width text table."""
+    header = ["name", "state", "when (UTC)", "took", "best", "job", "reason / note"]
+    lines = []
+    for r in rows:
+        state = r.state + ("?" if r.possibly_killed else "")
+        job = "-"
+        if r.job_id:
+            job = r.job_id + (f" {r.job_state}" if r.job_state else "")
+        best = "-" if r.best_metric is None else f"{r.best_metric:.4f}"
+        lines.append([r.name, state, _fmt_when(r), _fmt_duration(r.duration_s), best, job,
+                      r.reason or r.note or ""])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+    out = []
+    for i, cells in enumerate([header, *lines]):
+        out.append("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
+        if i == 0:
+            out.append("  ".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def render_status(work_dir: str | os.PathLike[str], query_slurm: bool = True) -> str:
+    """The status table of a work dir, ready to print (what ``make demo`` shows)."""
+    wd = WorkDir.at(work_dir)
+    rows = collect_status(wd.root, query_slurm=query_slurm)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r.state] = counts.get(r.state, 0) + 1
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items())
+    return f"pipeline status of {wd.root}: {summary}\n" + format_table(rows)
+
+
+def status_json(work_dir: str | os.PathLike[str], query_slurm: bool = True) -> dict[str, Any]:
+    """Machine-readable status: ``{"work_dir", "generated", "rows": [...]}``."""
+    wd = WorkDir.at(work_dir)
+    rows = collect_status(wd.root, query_slurm=query_slurm)
+    return {
+        "work_dir": str(wd.root),
+        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+@click.command()
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Pipeline work dir.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
+@click.option("--no-slurm", is_flag=True, help="Do not query squeue/scontrol.")
+def main(work_dir: Path, as_json: bool, no_slurm: bool) -> None:
+    """Show the state of every stage and every algo/fold of a work dir."""
+    if not work_dir.is_dir():
+        click.echo(f"error: status: {work_dir}: work dir not found", err=True)
+        sys.exit(2)
+    if as_json:
+        click.echo(json.dumps(status_json(work_dir, query_slurm=not no_slurm), indent=2, default=str))
+    else:
+        click.echo(render_status(work_dir, query_slurm=not no_slurm))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+# ensemble stage, challenge export and the status command (issue 5). See README "ensemble" and "status".
+.PHONY: test-ensemble bench-ensemble status
+
+## test-ensemble the ensemble, export and status tests (incl. three briefly trained builtin bundles)
+test-ensemble: setup
+	$(PY) -m pytest -q tests/test_ensemble.py tests/test_ensemble_bundles.py tests/test_export.py tests/test_status.py
+
+## bench-ensemble peak memory and time of the ensemble, 1 vs 3 members (bench/results/ensemble.json)
+bench-ensemble: setup
+	$(PY) -m bench.run --out bench/results --only ensemble
+
+## status        the status table of a work dir: make status WORK=demo_work [JSON=1]
+status: setup
+	$(PY) -m common.status --work-dir $(or $(WORK),demo_work) $(if $(JSON),--json,)

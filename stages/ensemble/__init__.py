@@ -1,0 +1,1 @@
+"""Ensemble stage: rank trained bundles, memory-bounded ensemble, scores, challenge export."""
