@@ -1,0 +1,1 @@
+"""Builtin dints template (package marker)."""

@@ -1,0 +1,24 @@
+"""The dints Auto3DSeg algorithm (builtin template): MONAI looks up ``dints.scripts.algo.DintsAlgo``.
+
+All logic is shared (``common.training.autoconfig``); this template contributes only its
+defaults in ``configs/hyper_parameters.yaml`` (network and learning rate).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from monai.apps.auto3dseg import BundleAlgo
+
+from common.training.autoconfig import fill_template
+
+# this template's own defaults (never the filled copy inside a bundle)
+DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "hyper_parameters.yaml"
+
+
+class DintsAlgo(BundleAlgo):
+    """dints bundle generator; ``fill_template_config`` writes a resolved hyper_parameters.yaml."""
+
+    def fill_template_config(self, data_stats_filename: str, output_path: str, **kwargs: Any) -> dict:
+        return fill_template("dints", self.data_list_file, data_stats_filename, output_path, DEFAULTS, **kwargs)

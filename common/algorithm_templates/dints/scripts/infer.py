@@ -1,0 +1,7 @@
+"""``InferClass`` used by MONAI's ``BundleAlgo.predict`` and the ensemble (loads the model once)."""
+
+from common.trainer import BundlePredictor
+
+
+class InferClass(BundlePredictor):
+    """``InferClass(config_file, **override).infer(image_file)`` -> softmax ``[C, X, Y, Z]``."""

@@ -1,0 +1,1 @@
+"""Builtin segresnet template (package marker)."""

@@ -1,0 +1,1 @@
+"""Scripts of the builtin segresnet template: algo.py (BundleAlgo), train.py, infer.py."""

@@ -1,0 +1,1 @@
+"""Builtin swinunetr template (package marker)."""

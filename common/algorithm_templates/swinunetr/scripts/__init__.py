@@ -1,0 +1,1 @@
+"""Scripts of the builtin swinunetr template: algo.py (BundleAlgo), train.py, infer.py."""

@@ -1,0 +1,240 @@
+"""Fill a builtin template's ``configs/hyper_parameters.yaml`` from the data and the GPU.
+
+Called by every builtin template's ``BundleAlgo.fill_template_config`` (MONAI's
+``BundleGen.generate`` -> ``export_to_disk``). The result is a fully resolved YAML file (no
+placeholders, no references) that the shared trainer reads; the ``train:`` section of
+``pipeline.yaml`` overrides any key at train time without rewriting this file.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.io import atomic_write_yaml, read_json, read_yaml
+
+HYPER_PARAMETERS = "hyper_parameters.yaml"
+
+# Voxels of one patch (batch 1, AMP) that fit in 1 GiB of GPU memory, measured roughly from the
+# official templates' own sizing (segresnet: 224*224*144 at 16 GiB; swinunetr/dints: ~96^3 x 2).
+VOXELS_PER_GIB = {"segresnet": 300_000, "swinunetr": 55_000, "dints": 60_000}
+# Patch sizes must be multiples of this (the networks down-sample by it).
+ROI_DIVISOR = {"segresnet": 16, "swinunetr": 32, "dints": 32}
+# SwinUNETR's bottleneck (1/32) must hold more than one voxel for instance norm.
+ROI_MIN = {"segresnet": 16, "swinunetr": 64, "dints": 32}
+
+# Keys every builtin template shares; templates add their own ``network`` section.
+COMMON_DEFAULTS: dict[str, Any] = {
+    "optimizer": "adamw",
+    "weight_decay": 1.0e-5,
+    "loss": "dicece",  # or "dicefocal"
+    "lr_schedule": "cosine",  # cosine decay over num_epochs with a linear warm-up
+    "warmup_epochs": 0,
+    "num_steps_per_epoch": None,  # None: an epoch is one pass over the training cases
+    "num_crops_per_image": 1,
+    "crop_foreground_ratio": 0.8,  # share of crops centred on a foreground voxel
+    "val_every": 1,
+    "early_stop_patience": 0,  # validations without improvement before stopping; 0 = never
+    "sw_overlap": 0.25,
+    "sw_batch_size": 1,
+    "amp": True,  # used on CUDA only
+    "num_workers": 2,
+    "cache_rate": 0.0,  # share of training cases kept in RAM (set explicitly under SLURM)
+    "seed": 0,
+    "deterministic": True,
+    "max_grad_norm": 12.0,
+    "keep_latest": False,  # keep checkpoint_latest.pt after a clean finish
+}
+
+
+def _median_shape(stats: dict[str, Any]) -> list[int]:
+    shape = stats["stats_summary"]["image_stats"]["shape"]
+    med = shape.get("median", shape.get("max"))
+    if med and isinstance(med[0], list):  # several channels
+        med = med[0]
+    return [int(round(float(v))) for v in med]
+
+
+def intensity_bounds(stats: dict[str, Any]) -> list[float]:
+    """Foreground intensity percentiles 0.5 and 99.5 (MONAI's ``ct`` range normalisation)."""
+    fg = stats["stats_summary"]["image_foreground_stats"]["intensity"]
+    lo, hi = float(fg["percentile_00_5"]), float(fg["percentile_99_5"])
+    if not hi > lo:
+        img = stats["stats_summary"]["image_stats"]["intensity"]
+        lo, hi = float(img["min"]), float(img["max"])
+    if not hi > lo:
+        hi = lo + 1.0
+    return [lo, hi]
+
+
+def class_shares(by_case: dict[str, Any] | None, output_classes: int, unknown_label: int) -> list[float] | None:
+    """Voxel share of each class id (0..C-1) among known voxels, pooled over cases by id.
+
+    MONAI's summary pools per-label stats by *position*, which is wrong when a case lacks a
+    class, so the per-case file is read and matched id by id.
+    """
+    if not by_case:
+        return None
+    totals = np.zeros(output_classes, dtype=np.float64)
+    for case in by_case.get("stats_by_cases", []):
+        ls = case.get("label_stats") or {}
+        labels, per = ls.get("labels") or [], ls.get("label") or []
+        known = 1.0
+        shares = {}
+        for lab, entry in zip(labels, per):
+            frac = float(entry.get("foreground_percentage", 0.0))
+            if int(lab) == unknown_label and unknown_label != 0:
+                known -= frac
+            elif 0 <= int(lab) < output_classes:
+                shares[int(lab)] = frac
+        if known <= 0:
+            continue
+        for lab, frac in shares.items():
+            totals[lab] += frac / known
+    if totals.sum() <= 0:
+        return None
+    return (totals / totals.sum()).tolist()
+
+
+def class_weights_from_shares(shares: list[float] | None, output_classes: int) -> list[float]:
+    """Inverse square-root frequency weights, mean 1, clipped to [0.1, 10]; 1 for unseen classes."""
+    if shares is None:
+        return [1.0] * output_classes
+    s = np.asarray(shares, dtype=np.float64)
+    w = np.ones_like(s)
+    seen = s > 0
+    w[seen] = 1.0 / np.sqrt(s[seen])
+    w[seen] /= w[seen].mean()
+    return [round(float(v), 4) for v in np.clip(w, 0.1, 10.0)]
+
+
+def auto_roi_batch(algo: str, median_shape: list[int], gpu_mem_gb: float) -> tuple[list[int], int]:
+    """Patch size and batch from the GPU memory and the typical image shape.
+
+    The voxel budget is ``VOXELS_PER_GIB[algo] * gpu_mem_gb``; a cube of half the budget (batch
+    2) is clipped per axis to the median image shape rounded to the network's divisor; the
+    batch then grows to use the budget (at most 8).
+    """
+    div, lo = ROI_DIVISOR[algo], ROI_MIN[algo]
+    budget = VOXELS_PER_GIB[algo] * gpu_mem_gb
+    edge = (budget / 2.0) ** (1.0 / 3.0)
+    roi = []
+    for s in median_shape:
+        cap = max(lo, (int(s) // div) * div)
+        roi.append(int(max(lo, min(cap, (int(edge) // div) * div))))
+    batch = int(max(1, min(8, budget // float(np.prod(roi)))))
+    return roi, batch
+
+
+def auto_num_epochs(n_train_cases: int) -> int:
+    """Epochs (one pass over the training cases each): ``clip(20000 / n, 100, 1000)``."""
+    return int(np.clip(math.ceil(20000 / max(1, n_train_cases)), 100, 1000))
+
+
+def fill_hyper_parameters(
+    algo: str,
+    defaults: dict[str, Any],
+    input_yaml: str | os.PathLike[str],
+    data_stats_file: str | os.PathLike[str],
+    bundle_root: str | os.PathLike[str],
+    fold: int = 0,
+    overrides: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write ``<bundle_root>/configs/hyper_parameters.yaml`` and return it.
+
+    Args:
+        algo: ``segresnet``, ``swinunetr`` or ``dints``.
+        defaults: the template's own defaults (``network`` section, learning rate, ...).
+        input_yaml: bundlegen's ``input.yaml`` (``dataroot``, ``datalist``, ``class_names``,
+            ``output_classes``, ``unknown_label``, ``target_gpu_mem_gb``, ...).
+        data_stats_file: MONAI's ``datastats.yaml``; ``datastats_by_case.yaml`` next to it is
+            used for class shares when present.
+        bundle_root: the bundle folder being generated.
+        fold: validation fold of this bundle.
+        overrides: extra keys (e.g. from ``export_to_disk(**kwargs)``), applied last.
+    """
+    inp = read_yaml(input_yaml) or {}
+    stats = read_yaml(data_stats_file)
+    by_case_file = Path(data_stats_file).with_name("datastats_by_case.yaml")
+    by_case = read_yaml(by_case_file) if by_case_file.is_file() else None
+    dataroot = str(Path(inp["dataroot"]).expanduser().resolve())
+    datalist = Path(inp["datalist"]).expanduser()
+    if not datalist.is_absolute() and not datalist.exists():
+        datalist = Path(dataroot) / datalist
+    datalist = datalist.resolve()
+    class_names = list(inp.get("class_names") or [])
+    output_classes = int(inp.get("output_classes") or len(class_names) + 1)
+    unknown_label = int(inp.get("unknown_label", 255))
+    gpu_mem = float(inp.get("target_gpu_mem_gb", 48.0))
+    items = read_json(datalist).get("training", [])
+    n_train = sum(1 for it in items if int(it.get("fold", -1)) != fold) or len(items)
+    roi, batch = auto_roi_batch(algo, _median_shape(stats), gpu_mem)
+    shares = class_shares(by_case, output_classes, unknown_label)
+    root = str(Path(bundle_root).resolve())
+    cfg: dict[str, Any] = {
+        "algo": algo,
+        "name": inp.get("name", "cellmap"),
+        "bundle_root": root,
+        "ckpt_path": os.path.join(root, "model"),
+        "data_file_base_dir": dataroot,
+        "data_list_file_path": str(datalist),
+        "fold": int(fold),
+        "modality": str(inp.get("modality", "ct")),
+        "class_names": class_names,
+        "output_classes": output_classes,
+        "unknown_label": unknown_label,
+        "sigmoid": bool(inp.get("sigmoid", False)),
+        "target_gpu_mem_gb": gpu_mem,
+        "roi_size": roi,
+        "batch_size": batch,
+        "num_epochs": auto_num_epochs(n_train),
+        "intensity_bounds": intensity_bounds(stats),
+        "class_shares": None if shares is None else [round(s, 6) for s in shares],
+        "class_weights": class_weights_from_shares(shares, output_classes),
+        "learning_rate": 2.0e-4,
+    }
+    cfg.update(COMMON_DEFAULTS)
+    cfg.update(defaults)
+    for k, v in (overrides or {}).items():
+        cfg[k] = v
+    atomic_write_yaml(Path(root) / "configs" / HYPER_PARAMETERS, cfg)
+    return cfg
+
+
+def fill_template(
+    algo: str,
+    input_yaml: str | os.PathLike[str],
+    data_stats_file: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
+    template_defaults: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """``BundleAlgo.fill_template_config`` of the builtin templates.
+
+    Args:
+        algo: template name.
+        input_yaml: ``self.data_list_file`` (bundlegen's ``input.yaml``).
+        data_stats_file: ``datastats.yaml``.
+        output_path: the bundle folder (``export_to_disk`` already copied the template there).
+        template_defaults: the template's own (unfilled) ``configs/hyper_parameters.yaml``;
+            default: the copy in ``output_path``.
+        kwargs: ``fold`` plus extra keys from ``export_to_disk``; ``gpu_customization*`` are
+            ignored (sizing comes from ``target_gpu_mem_gb``); MONAI-style ``training#key``
+            is accepted as ``key``.
+
+    Returns:
+        MONAI's fill record: ``{"hyper_parameters.yaml": {key: value}}``.
+    """
+    fold = int(kwargs.pop("fold", 0))
+    kwargs.pop("gpu_customization", None)
+    kwargs.pop("gpu_customization_specs", None)
+    overrides = {str(k).split("#")[-1]: v for k, v in kwargs.items()}
+    src = Path(template_defaults) if template_defaults else Path(output_path) / "configs" / HYPER_PARAMETERS
+    defaults = read_yaml(src) or {}
+    defaults.pop("algo", None)
+    cfg = fill_hyper_parameters(algo, defaults, input_yaml, data_stats_file, output_path, fold, overrides)
+    return {HYPER_PARAMETERS: cfg}

@@ -1,0 +1,1 @@
+"""train stage: one MONAI bundle (algorithm x fold) per call; see :mod:`stages.train.train`."""

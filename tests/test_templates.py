@@ -1,0 +1,178 @@
+"""Builtin algorithm templates: MONAI's BundleGen on them, the auto-configuration, losses.
+
+Real MONAI calls throughout (DataAnalyzer, BundleGen, algo_from_json, DiceLoss); tiny data.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import common
+from common.training import autoconfig
+from common.training.losses import MaskedSegLoss, dice_per_class
+from common.training.networks import build_network, fit_roi
+
+TEMPLATES = Path(common.__file__).resolve().parent / "algorithm_templates"
+ALGOS = ("segresnet", "swinunetr", "dints")
+CLASSES = ["ecs", "pm", "mito_mem"]
+
+
+def _forget_template_modules() -> None:
+    # BundleGen imports "<algo>.scripts.algo" from the work dir's copy; a previous test's copy
+    # must not be reused from sys.modules.
+    for name in list(sys.modules):
+        if name.split(".")[0] in ALGOS:
+            del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def analysed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Blob dataset (class 3 missing from one case) + a real DataAnalyzer datastats."""
+    from monai.apps.auto3dseg import DataAnalyzer
+
+    from common.synthetic import make_blobs_dataset
+
+    wd = tmp_path_factory.mktemp("tpl") / "work"
+    dl = make_blobs_dataset(wd, n_cases=4, shape=(40, 40, 24), n_classes=3, n_val=2, seed=1, missing={0: (3,)})
+    DataAnalyzer(str(dl), str(wd / "nifti_data"), output_path=str(wd / "datastats.yaml"), device="cpu",
+                 worker=0).get_all_case_stats()
+    inp = {"name": "cellmap", "task": "segmentation", "modality": "ct", "dataroot": str(wd / "nifti_data"),
+           "datalist": str(dl), "class_names": CLASSES, "output_classes": 4, "unknown_label": 255,
+           "target_gpu_mem_gb": 48.0, "sigmoid": False}
+    (wd / "input.yaml").write_text(yaml.safe_dump(inp))
+    return wd
+
+
+def test_bundlegen_on_builtin_templates(analysed: Path) -> None:
+    from monai.apps.auto3dseg import BundleGen
+    from monai.auto3dseg.utils import algo_from_json
+
+    wd = analysed
+    _forget_template_modules()
+    gen = BundleGen(algo_path=str(wd), templates_path_or_url=str(TEMPLATES),
+                    data_stats_filename=str(wd / "datastats.yaml"), data_src_cfg_name=str(wd / "input.yaml"))
+    gen.generate(str(wd), num_fold=2)
+    ids = sorted(h["identifier"] for h in gen.get_history())
+    assert ids == sorted(f"{a}_{f}" for a in ALGOS for f in (0, 1))
+    stats = yaml.safe_load((wd / "datastats.yaml").read_text())["stats_summary"]
+    fg = stats["image_foreground_stats"]["intensity"]
+    for algo in ALGOS:
+        for fold in (0, 1):
+            bundle = wd / f"{algo}_{fold}"
+            hp = yaml.safe_load((bundle / "configs" / "hyper_parameters.yaml").read_text())
+            assert hp["algo"] == algo and hp["fold"] == fold
+            assert hp["bundle_root"] == str(bundle) and hp["ckpt_path"] == str(bundle / "model")
+            assert hp["data_file_base_dir"] == str(wd / "nifti_data")
+            assert hp["data_list_file_path"] == str(wd / "nifti_data" / "datalist.json")
+            assert hp["output_classes"] == 4 and hp["class_names"] == CLASSES and hp["unknown_label"] == 255
+            assert hp["intensity_bounds"] == pytest.approx([fg["percentile_00_5"], fg["percentile_99_5"]])
+            assert len(hp["class_weights"]) == 4 and hp["class_weights"][0] < 1.0 < max(hp["class_weights"][1:])
+            assert hp["network"] and hp["learning_rate"] > 0 and hp["loss"] == "dicece"
+            assert hp["roi_size"] == fit_roi(hp, hp["roi_size"])  # a size the network accepts
+            assert "$@" not in (bundle / "configs" / "hyper_parameters.yaml").read_text()  # fully resolved
+            algo_obj, _ = algo_from_json(str(bundle / "algo_object.json"), template_path=str(wd / "algorithm_templates"))
+            assert type(algo_obj).__name__ == f"{algo.capitalize()}Algo"
+    # the template's own defaults were not overwritten by the filled copies
+    assert "bundle_root" not in (TEMPLATES / "segresnet" / "configs" / "hyper_parameters.yaml").read_text()
+
+
+def test_class_shares_are_matched_by_id(analysed: Path) -> None:
+    """Case 0 lacks class 3: MONAI's positional pooling would shift ids; ours must not."""
+    by_case = yaml.safe_load((analysed / "datastats_by_case.yaml").read_text())
+    shares = autoconfig.class_shares(by_case, 4, 255)
+    assert shares is not None and sum(shares) == pytest.approx(1.0)
+    # ground truth from the label files themselves (unknown voxels excluded)
+    import nibabel as nib
+
+    counts = np.zeros(4)
+    for f in sorted((analysed / "nifti_data").glob("*_label.nii.gz")):
+        lab = np.asarray(nib.load(str(f)).dataobj)
+        known = lab[lab != 255]
+        counts += np.bincount(known.ravel(), minlength=4)[:4] / known.size
+    assert shares == pytest.approx((counts / counts.sum()).tolist(), rel=1e-3)
+
+
+def test_auto_roi_batch_follows_gpu_memory() -> None:
+    small_roi, small_b = autoconfig.auto_roi_batch("segresnet", [512, 512, 512], 16)
+    big_roi, big_b = autoconfig.auto_roi_batch("segresnet", [512, 512, 512], 80)
+    assert np.prod(big_roi) * big_b > np.prod(small_roi) * small_b
+    roi, _ = autoconfig.auto_roi_batch("swinunetr", [40, 40, 24], 48)
+    assert all(r % 32 == 0 and r >= 64 for r in roi)
+    roi, b = autoconfig.auto_roi_batch("dints", [40, 40, 24], 48)
+    assert roi == [32, 32, 32] and b == 8  # clipped to the image, batch grows (at most 8)
+    assert autoconfig.auto_num_epochs(10) == 1000 and autoconfig.auto_num_epochs(10_000) == 100
+
+
+@pytest.mark.parametrize("algo,net,roi", [
+    ("segresnet", {"init_filters": 8, "blocks_down": [1, 2, 2, 4]}, [30, 33, 16]),
+    ("swinunetr", {"feature_size": 12}, [32, 32, 16]),
+    ("dints", {"num_blocks": 2, "num_depths": 3, "channel_mul": 0.25}, [20, 32, 16]),
+])
+def test_networks_accept_fitted_roi(algo: str, net: dict, roi: list[int]) -> None:
+    cfg = {"algo": algo, "output_classes": 4, "network": net}
+    fitted = fit_roi(cfg, roi)
+    assert all(f >= r for f, r in zip(fitted, roi))
+    model = build_network(cfg)
+    out = model(torch.zeros(1, 1, *fitted))
+    out = out[0] if isinstance(out, (list, tuple)) else out
+    out.sum().backward()  # training mode: swinunetr's instance norms need > 1 voxel at 1/32
+    assert out.shape == (1, 4, *fitted)
+
+
+def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(2, 4, 8, 8, 6, generator=g)
+    label = torch.randint(0, 4, (2, 1, 8, 8, 6), generator=g)
+    return logits, label
+
+
+@pytest.mark.parametrize("kind", ["dicece", "dicefocal"])
+def test_unknown_voxels_change_neither_loss_nor_metric(kind: str) -> None:
+    logits, label = _batch()
+    label[:, :, :, :, :2] = 255  # an unknown slab
+    loss = MaskedSegLoss(4, 255, [0.5, 1.0, 2.0, 1.5], kind)
+    other = logits.clone()
+    other[:, :, :, :, :2] = torch.randn_like(other[:, :, :, :, :2]) * 10  # anything at unknown voxels
+    assert torch.equal(loss(logits, label), loss(other, label))
+    d1 = dice_per_class(logits.argmax(1, keepdim=True), label, 4, 255)
+    d2 = dice_per_class(other.argmax(1, keepdim=True), label, 4, 255)
+    assert torch.equal(torch.nan_to_num(d1), torch.nan_to_num(d2))
+    # and unknown really is ignored, not read as a class: same as cutting the slab away
+    cut = loss(logits[..., 2:], label[..., 2:])
+    assert torch.allclose(loss(logits, label), cut, atol=1e-6)
+
+
+def test_loss_matches_monai_without_unknown() -> None:
+    from monai.losses import DiceLoss
+
+    logits, label = _batch(1)
+    ours = MaskedSegLoss(4, 0, None, "dicece")(logits, label)
+    dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True)(logits, label)
+    ce = torch.nn.functional.cross_entropy(logits, label[:, 0])
+    assert torch.allclose(ours, dice + ce, atol=1e-5)
+
+
+def test_dice_per_class_values() -> None:
+    label = torch.tensor([0, 1, 1, 2, 255, 255]).view(1, 1, 6, 1, 1)
+    pred = torch.tensor([0, 1, 2, 2, 1, 3]).view(1, 1, 6, 1, 1)
+    d = dice_per_class(pred, label, 4, 255)
+    assert d[0].item() == pytest.approx(2 / 3) and d[1].item() == pytest.approx(2 / 3)
+    assert torch.isnan(d[2])  # class 3 only predicted at unknown voxels: absent
+
+
+def test_cli_overrides_keep_types() -> None:
+    from common.trainer import parse_cli_overrides
+
+    cfg, ov = parse_cli_overrides(["run", "--config_file", "a.yaml", "--roi_size", "[32,32,16]",
+                                   "--num_epochs=2", "--training#learning_rate", "1e-3", "--amp", "false"])
+    assert cfg == "a.yaml"
+    assert ov == {"roi_size": [32, 32, 16], "num_epochs": 2, "learning_rate": 1e-3, "amp": False}
+    # what MONAI's BundleAlgo.train builds (split on spaces, quotes kept)
+    cfg, ov = parse_cli_overrides(["run", "--config_file='/b/configs/hyper_parameters.yaml'", "--roi_size='32,32,16'"])
+    assert cfg == "/b/configs/hyper_parameters.yaml" and ov == {"roi_size": [32, 32, 16]}
