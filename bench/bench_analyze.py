@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-N_CASES = int(os.environ.get("BENCH_ANALYZE_CASES", "16"))
+N_CASES = int(os.environ.get("BENCH_ANALYZE_CASES", "32"))  # >= 16; 32 amortises pool start-up
 SHAPE = (128, 128, 80)
 ROUNDS = 3
 
