@@ -271,6 +271,7 @@ def make_synthetic_cellmap(
     small: bool = True,
     extra_crop_shape: tuple[int, int, int] | None = None,
     em_pad: int | None = None,
+    em_from_labels: bool = False,
 ) -> SyntheticInfo:
     """Write the synthetic CellMap tree under ``root`` (replacing it) and describe it.
 
@@ -284,6 +285,9 @@ def make_synthetic_cellmap(
         extra_crop_shape: (z, y, x) voxels of each big crop instead of ``size``³.
         em_pad: EM voxels around and between big crops (default a quarter of the crop);
             real EM volumes are far larger than their crops.
+        em_from_labels: paint the EM under the big crops from their labels (a grey level
+            per class plus noise) so a model can learn them (``make demo``); the default
+            position-coded EM makes every cut checkable by value instead.
     """
     root = Path(root)
     if root.exists():
@@ -296,7 +300,8 @@ def make_synthetic_cellmap(
         _make_small(root, rng, info)
     n_big = n_extra_crops if n_extra_crops is not None else (16 if large else 0)
     if n_big:
-        _make_big(root, rng, info, n_big, tuple(extra_crop_shape or (size, size, size)), em_pad)
+        _make_big(root, rng, info, n_big, tuple(extra_crop_shape or (size, size, size)), em_pad,
+                  em_from_labels)
     return info
 
 
@@ -416,8 +421,32 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
     info.manifest.write_text("\n".join(rows) + "\n")
 
 
+# Grey level per ``all`` id for ``em_from_labels`` (membranes dark, lumens light, like FIB-SEM).
+_EM_GREY = {0: 125, 1: 210, 2: 45, 3: 30, 4: 160, 5: 85, 37: 185, 50: 110}
+
+
+def _paint_em_from_labels(zroot: Path, crops: list[tuple[tuple[int, ...], np.ndarray]],
+                          rng: np.random.Generator) -> None:
+    """Overwrite EM s0 under each crop with grey levels of its labels, then rebuild s1 from s0."""
+    em = zroot / EM_GROUP
+    s0 = zarr.open_array(str(em / "s0"), mode="r+")
+    vol = np.full(s0.shape, _EM_GREY[0], dtype=np.float32)
+    lut = np.full(256, _EM_GREY[0], dtype=np.float32)
+    for cid, grey in _EM_GREY.items():
+        lut[cid] = grey
+    for start, a in crops:
+        vol[tuple(slice(b, b + n) for b, n in zip(start, a.shape))] = lut[a]
+    vol += rng.normal(0.0, 18.0, size=vol.shape).astype(np.float32)
+    vol8 = np.clip(vol, 1, 255).astype(np.uint8)  # never 0: the fill value means "never fetched"
+    s0[...] = vol8
+    s1 = zarr.open_array(str(em / "s1"), mode="r+")
+    padded = np.pad(vol8.astype(np.float32), [(0, 2 * n - m) for n, m in zip(s1.shape, vol8.shape)], mode="edge")
+    z, y, x = s1.shape
+    s1[...] = padded.reshape(z, 2, y, 2, x, 2).mean(axis=(1, 3, 5)).round().astype(np.uint8)
+
+
 def _make_big(root: Path, rng: np.random.Generator, info: SyntheticInfo, n: int, shape: tuple[int, ...],
-              em_pad: int | None = None) -> None:
+              em_pad: int | None = None, em_from_labels: bool = False) -> None:
     """``n`` crops of ``shape`` (z, y, x) at the EM-s0 voxel, on a grid inside a larger EM volume.
 
     Every crop annotates ecs, pm, mito_mem, mito_lum, mito_ribo and nuc (so 0 is a true
@@ -437,12 +466,14 @@ def _make_big(root: Path, rng: np.random.Generator, info: SyntheticInfo, n: int,
     _group(gt)
     info.datasets.append(BIG_DATASET)
     e0 = EM_LEVELS[0][0]
+    painted: list[tuple[tuple[int, ...], np.ndarray]] = []
     for i in range(n):
         iz, rest = divmod(i, grid[1] * grid[2])
         iy, ix = divmod(rest, grid[2])
         start = tuple(p + k * (s + p) for p, k, s in zip(pad, (iz, iy, ix), shape))
         crop = str(100 + i)
         a = _blobs(shape, rng, [1, 2, 37, 3, 4, 5, 50], n=2)
+        painted.append((start, a))
         nuc = np.where(a == 37, 1000 + i, 0).astype(np.uint16)
         _crop(gt, crop, e0, _at(e0, start), {
             "all": a, "ecs": (a == 1).astype(np.uint8), "pm": (a == 2).astype(np.uint8),
@@ -452,3 +483,5 @@ def _make_big(root: Path, rng: np.random.Generator, info: SyntheticInfo, n: int,
         info.crops[crop] = CropExpect(
             BIG_DATASET, crop, "converted", label_level="s0", em_level="s0",
             em_cut=tuple((s, s + n_) for s, n_ in zip(start, shape)), scale=e0, translation=_at(e0, start))
+    if em_from_labels:
+        _paint_em_from_labels(zroot, painted, rng)
