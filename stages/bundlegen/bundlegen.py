@@ -24,6 +24,7 @@ What this adds to a plain ``BundleGen(...).generate()``:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import logging
@@ -268,8 +269,12 @@ def run_bundlegen(wd: WorkDir, cfg: PipelineConfig, force: bool = False) -> list
 def _generate(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, todo: list[tuple[str, int]],
               digests: dict[tuple[str, int], str], inp: dict[str, Any], interpreter: str) -> None:
     _forget_templates(src, wd.templates_dir)
+    wd.logs_dir.mkdir(parents=True, exist_ok=True)
     try:
-        _generate_bundles(wd, cfg, kind, src, todo, digests, inp, interpreter)
+        # the official templates' scripts log to "runner.log" in the working directory at
+        # import time: keep that file in the work dir's logs, not wherever the user stands
+        with contextlib.chdir(wd.logs_dir):
+            _generate_bundles(wd, cfg, kind, src, todo, digests, inp, interpreter)
     finally:
         _forget_templates(src, None)  # leave no template modules behind for later imports
 

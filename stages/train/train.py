@@ -108,8 +108,11 @@ class _Forward:
             signal.signal(s, h)
 
 
-def run_streamed(argv: list[str], log_file: Path, env: dict[str, str]) -> tuple[int, int | None]:
-    """Run ``argv``, appending its output line by line to ``log_file`` (never held in memory).
+def run_streamed(argv: list[str], log_file: Path, env: dict[str, str], cwd: Path | None = None) -> tuple[int, int | None]:
+    """Run ``argv`` in ``cwd``, appending its output line by line to ``log_file`` (never held in memory).
+
+    The official templates write ``runner.log`` into the working directory, so the
+    callers run them inside the bundle, never in the user's directory.
 
     Returns:
         ``(exit code, signal forwarded or None)``.
@@ -121,7 +124,7 @@ def run_streamed(argv: list[str], log_file: Path, env: dict[str, str]) -> tuple[
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log.info("running: %s (output -> %s)", " ".join(argv), log_file)
     with open(log_file, "a", encoding="utf-8") as fh:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1)
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1, cwd=cwd)
         assert proc.stdout is not None
         with _Forward(proc) as fwd:
             for line in proc.stdout:
@@ -152,7 +155,7 @@ def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | No
     overrides = dict(cfg.train)
     if gpus is not None and gpus > 1:
         argv = [*_launcher(gpus), str(bundle / "scripts" / "train.py"), "run", "--config_file", str(hp), *override_args(overrides)]
-        rc, sig = run_streamed(argv, wd.logs_dir / f"train.{bundle.name}.log", _device_env(gpus))
+        rc, sig = run_streamed(argv, wd.logs_dir / f"train.{bundle.name}.log", _device_env(gpus), cwd=bundle)
         if rc == EXIT_REQUEUE or sig is not None:
             raise RequeueRequested(f"{bundle.name}: stopped by signal {sig} (rc {rc})")
         if rc != 0:
@@ -172,7 +175,7 @@ def train_official(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | N
     env = _device_env(gpus)
     env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 refuses the templates' file store
     log_file = wd.logs_dir / f"train.{bundle.name}.log"
-    rc, sig = run_streamed(argv, log_file, env)
+    rc, sig = run_streamed(argv, log_file, env, cwd=bundle)
     if sig is not None:
         raise RequeueRequested(f"{bundle.name}: stopped by signal {sig} (official templates restart the fold)")
     if rc != 0:
