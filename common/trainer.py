@@ -537,74 +537,85 @@ def train_bundle(
 
     from tqdm import tqdm
 
-    stopped_early = False
-    with stop_on_signals() as stop:
-        for epoch in range(start_epoch, num_epochs):
-            torch.manual_seed(seed + epoch)
-            loader = _epoch_batches(cfg, train_ds, epoch)
-            t0 = time.perf_counter()
-            n_samples = 0
-            skip = start_step if epoch == start_epoch else 0
-            if skip == 0:
+    from common.training.tracking import Tracker
+
+    tracker = Tracker(plain_cfg, model_dir, enabled=rank == 0 and bool(cfg.get("mlflow", False)))
+    try:
+        stopped_early = False
+        with stop_on_signals() as stop:
+            for epoch in range(start_epoch, num_epochs):
+                torch.manual_seed(seed + epoch)
+                loader = _epoch_batches(cfg, train_ds, epoch)
+                t0 = time.perf_counter()
+                n_samples = 0
+                skip = start_step if epoch == start_epoch else 0
+                if skip == 0:
+                    loss_sum, n_steps_done = 0.0, 0
+                bar = tqdm(loader, desc=f"{cfg['algo']} epoch {epoch}", leave=False, disable=rank != 0 or not sys.stderr.isatty())
+                for step, batch in enumerate(bar):
+                    if step < skip:
+                        if step == skip - 1 and resume_rng is not None:
+                            _set_rng_state(resume_rng)  # the global RNGs as they were at the stop
+                        continue
+                    img, lab = batch["image"].to(dev), batch["label"].to(dev)
+                    opt.zero_grad(set_to_none=True)
+                    with torch.autocast(dev.type, enabled=amp):
+                        logits = model(img)
+                        if isinstance(logits, (list, tuple)):
+                            logits = logits[0]
+                    loss = loss_fn(logits, lab)
+                    scaler.scale(loss).backward()
+                    if max_norm > 0:
+                        scaler.unscale_(opt)
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+                    scaler.step(opt)
+                    scaler.update()
+                    loss_sum += float(loss.detach())
+                    n_steps_done += 1
+                    n_samples += int(img.shape[0])
+                    if _stop_requested(stop, dev):
+                        if rank == 0:
+                            save_checkpoint(model_dir / CKPT_LATEST, state(epoch, step + 1))
+                        raise RequeueRequested(f"signal {stop.signum or 'from another rank'}: checkpoint at epoch {epoch} step {step + 1}")
+                train_time = time.perf_counter() - t0
+                lr = float(opt.param_groups[0]["lr"])
+                sched.step()
+                row: dict[str, Any] = {
+                    "epoch": epoch, "train_loss": loss_sum / max(1, n_steps_done), "lr": lr, "steps": n_steps_done,
+                    "samples_per_s": round(n_samples * world / train_time, 4) if n_samples else None,
+                }
+                if (epoch + 1) % val_every == 0 or epoch + 1 == num_epochs:
+                    dice = validate(model, cfg, val_items, dev)
+                    mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
+                    row.update(dice={n: (None if np.isnan(v) else round(float(v), 5)) for n, v in zip(class_names, dice)}, mean_dice=round(mean, 5))
+                    if mean > best:
+                        best, best_epoch, stale = mean, epoch, 0
+                        if rank == 0:
+                            save_checkpoint(model_dir / CKPT_BEST, {"state_dict": _unwrap(model).state_dict(), "config": plain_cfg, "epoch": epoch, "best_metric": best})
+                    else:
+                        stale += 1
+                row.update(best_metric=round(best, 5), epoch_time_s=round(time.perf_counter() - t0, 3))
+                rows.append(row)
                 loss_sum, n_steps_done = 0.0, 0
-            bar = tqdm(loader, desc=f"{cfg['algo']} epoch {epoch}", leave=False, disable=rank != 0 or not sys.stderr.isatty())
-            for step, batch in enumerate(bar):
-                if step < skip:
-                    if step == skip - 1 and resume_rng is not None:
-                        _set_rng_state(resume_rng)  # the global RNGs as they were at the stop
-                    continue
-                img, lab = batch["image"].to(dev), batch["label"].to(dev)
-                opt.zero_grad(set_to_none=True)
-                with torch.autocast(dev.type, enabled=amp):
-                    logits = model(img)
-                    if isinstance(logits, (list, tuple)):
-                        logits = logits[0]
-                loss = loss_fn(logits, lab)
-                scaler.scale(loss).backward()
-                if max_norm > 0:
-                    scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-                scaler.step(opt)
-                scaler.update()
-                loss_sum += float(loss.detach())
-                n_steps_done += 1
-                n_samples += int(img.shape[0])
+                if rank == 0:
+                    save_checkpoint(model_dir / CKPT_LATEST, state(epoch + 1, 0))
+                    _write_metrics(model_dir / METRICS, rows)
+                    tracker.log_epoch(row)
+                    plot_progress(rows, model_dir / PROGRESS_PNG, class_names)
+                    log.info("%s epoch %d/%d loss %.4f mean Dice %s lr %.2e", cfg["algo"], epoch + 1, num_epochs,
+                             row["train_loss"], row.get("mean_dice"), lr)
+                if patience and stale >= patience:
+                    log.info("early stop: no improvement in %d validations", patience)
+                    stopped_early = True
+                    break
                 if _stop_requested(stop, dev):
-                    if rank == 0:
-                        save_checkpoint(model_dir / CKPT_LATEST, state(epoch, step + 1))
-                    raise RequeueRequested(f"signal {stop.signum or 'from another rank'}: checkpoint at epoch {epoch} step {step + 1}")
-            train_time = time.perf_counter() - t0
-            lr = float(opt.param_groups[0]["lr"])
-            sched.step()
-            row: dict[str, Any] = {
-                "epoch": epoch, "train_loss": loss_sum / max(1, n_steps_done), "lr": lr, "steps": n_steps_done,
-                "samples_per_s": round(n_samples * world / train_time, 4) if n_samples else None,
-            }
-            if (epoch + 1) % val_every == 0 or epoch + 1 == num_epochs:
-                dice = validate(model, cfg, val_items, dev)
-                mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
-                row.update(dice={n: (None if np.isnan(v) else round(float(v), 5)) for n, v in zip(class_names, dice)}, mean_dice=round(mean, 5))
-                if mean > best:
-                    best, best_epoch, stale = mean, epoch, 0
-                    if rank == 0:
-                        save_checkpoint(model_dir / CKPT_BEST, {"state_dict": _unwrap(model).state_dict(), "config": plain_cfg, "epoch": epoch, "best_metric": best})
-                else:
-                    stale += 1
-            row.update(best_metric=round(best, 5), epoch_time_s=round(time.perf_counter() - t0, 3))
-            rows.append(row)
-            loss_sum, n_steps_done = 0.0, 0
-            if rank == 0:
-                save_checkpoint(model_dir / CKPT_LATEST, state(epoch + 1, 0))
-                _write_metrics(model_dir / METRICS, rows)
-                plot_progress(rows, model_dir / PROGRESS_PNG, class_names)
-                log.info("%s epoch %d/%d loss %.4f mean Dice %s lr %.2e", cfg["algo"], epoch + 1, num_epochs,
-                         row["train_loss"], row.get("mean_dice"), lr)
-            if patience and stale >= patience:
-                log.info("early stop: no improvement in %d validations", patience)
-                stopped_early = True
-                break
-            if _stop_requested(stop, dev):
-                raise RequeueRequested(f"signal {stop.signum or 'from another rank'}: checkpoint after epoch {epoch}")
+                    raise RequeueRequested(f"signal {stop.signum or 'from another rank'}: checkpoint after epoch {epoch}")
+    except RequeueRequested:
+        tracker.pause()  # the requeued job resumes the same MLflow run
+        raise
+    except BaseException:
+        tracker.fail()
+        raise
 
     epochs = rows[-1]["epoch"] + 1 if rows else 0
     if rank == 0:
@@ -619,6 +630,7 @@ def train_bundle(
         }])
         if not bool(cfg.get("keep_latest", False)):
             (model_dir / CKPT_LATEST).unlink(missing_ok=True)
+        tracker.finish(best)
     if world > 1:
         torch.distributed.barrier()
     return TrainResult("finished", float(best), int(best_epoch), int(epochs), model_dir)

@@ -224,3 +224,39 @@ def test_official_segresnet_trains(tmp_path: Path) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
     assert marker(wd, "train.segresnet_0")["status"] == "done"
     assert (wd / "logs" / "train.segresnet_0.log").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_mlflow_tracks_to_local_sqlite_and_resumes_the_run(analysed: Path, tmp_path: Path) -> None:
+    """``train: {mlflow: true}``: a run in sqlite:///<bundle>/mlflow.db with per-epoch metrics,
+    continued (same run id) after a SIGUSR1 requeue; nothing goes to a network URI."""
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is installed by the dev extra")
+    train = {**TINY_TRAIN, "num_epochs": 3, "mlflow": True}
+    wd = make_work(analysed, tmp_path / "wd", ["segresnet"], train)
+    hp = yaml.safe_load((wd / "segresnet_0" / "configs" / "hyper_parameters.yaml").read_text())
+    assert hp["mlflow"] is False and hp["mlflow_tracking_uri"] is None  # off unless asked
+    # first job: stopped by SIGUSR1 once epoch 0 is logged
+    proc = subprocess.Popen(train_cmd(wd, "segresnet"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = wd / "segresnet_0" / "model" / "metrics.jsonl"
+    deadline = time.monotonic() + 240
+    while not metrics.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 75, out
+    run_id = (wd / "segresnet_0" / "model" / "mlflow_run_id").read_text().strip()
+    rerun = run_train(wd, "segresnet")
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    db = wd / "segresnet_0" / "mlflow.db"
+    assert db.is_file()
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{db}")
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["algo"] == "segresnet"
+    history = client.get_metric_history(run_id, "train_loss")
+    assert sorted(m.step for m in history) == [0, 1, 2]  # one run across the requeue
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    assert [round(m.value, 6) for m in sorted(history, key=lambda m: m.step)] == [round(r["train_loss"], 6) for r in rows]
+    best = client.get_metric_history(run_id, "best_avg_dice_score")[-1].value
+    assert best == pytest.approx(marker(wd, "train.segresnet_0")["details"]["best_metric"], abs=1e-6)

@@ -48,6 +48,9 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "deterministic": True,
     "max_grad_norm": 12.0,
     "keep_latest": False,  # keep checkpoint_latest.pt after a clean finish
+    "mlflow": False,  # MLflow tracking (common/training/tracking.py); needs the mlflow extra
+    "mlflow_tracking_uri": None,  # None: sqlite:///<bundle>/mlflow.db, never a network URI by default
+    "mlflow_experiment": "cellmap-auto3dseg",
 }
 
 
