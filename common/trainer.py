@@ -367,11 +367,9 @@ def plot_progress(rows: list[dict[str, Any]], out: Path, class_names: Sequence[s
     """``progress.png``: training loss, per-class validation Dice and learning rate per epoch."""
     if not rows:
         return
-    import matplotlib
+    from common.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ep = [r["epoch"] for r in rows]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4))
     ax[0].plot(ep, [r["train_loss"] for r in rows], "k.-")
@@ -388,9 +386,7 @@ def plot_progress(rows: list[dict[str, Any]], out: Path, class_names: Sequence[s
     for a in ax:
         a.set_xlabel("epoch")
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=80)
-    plt.close(fig)
+    save_figure(fig, out, dpi=80)
 
 
 def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from common.config import PipelineConfig
-from common.io import atomic_path, atomic_write_json, atomic_write_text
+from common.io import atomic_write_json, atomic_write_text
 
 if TYPE_CHECKING:
     from stages.analyze.analyze import AnalyzeSettings
@@ -211,17 +211,11 @@ def render_markdown(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _save(fig: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-
-
 def write_plots(reports: Path, r: dict[str, Any]) -> list[Path]:
     """Class shares, intensity distributions, geometry: three PNGs (Agg backend)."""
-    import matplotlib
+    from common.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     out = []
     names = [c["name"] for c in r["classes"]]
@@ -234,8 +228,7 @@ def write_plots(reports: Path, r: dict[str, Any]) -> list[Path]:
     ax.set_title("Voxel share by class id (red: absent)")
     ax.tick_params(axis="x", rotation=60)
     p = reports / "analysis_classes.png"
-    _save(fig, p)
-    plt.close(fig)
+    save_figure(fig, p, dpi=100, bbox_inches="tight")
     out.append(p)
 
     h = r["intensity"]["histogram"]
@@ -254,8 +247,7 @@ def write_plots(reports: Path, r: dict[str, Any]) -> list[Path]:
     ax.set_title("Intensity distribution; dashed: recommended clip range")
     ax.legend()
     p = reports / "analysis_intensity.png"
-    _save(fig, p)
-    plt.close(fig)
+    save_figure(fig, p, dpi=100, bbox_inches="tight")
     out.append(p)
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -270,8 +262,7 @@ def write_plots(reports: Path, r: dict[str, Any]) -> list[Path]:
     a2.set_title("Spacing (nm) distribution")
     a2.tick_params(axis="x", rotation=30)
     p = reports / "analysis_geometry.png"
-    _save(fig, p)
-    plt.close(fig)
+    save_figure(fig, p, dpi=100, bbox_inches="tight")
     out.append(p)
     return out
 

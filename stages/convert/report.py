@@ -55,12 +55,10 @@ def markdown(report: dict[str, Any]) -> str:
 
 def png(report: dict[str, Any]) -> bytes | None:
     """Stacked bars of each converted crop's label composition (share of voxels)."""
-    try:
-        import matplotlib
+    from common.plots import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # the convert image need not carry matplotlib
+    plt = pyplot()
+    if plt is None:  # the convert image need not carry matplotlib
         return None
     rows = [r for r in report["crops"] if r["status"] == "converted"]
     if not rows:

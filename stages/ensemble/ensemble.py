@@ -420,10 +420,9 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def plot_scores(report: dict[str, Any], path: Path) -> None:
     """Grouped bar chart: per class Dice, one bar per member and the ensemble."""
-    import matplotlib
+    from common.plots import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     classes = report["classes"]
     models = list(report["scores"])
@@ -440,9 +439,7 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"Ensemble ({report['mode']}) vs members, {report['n_scored']} labelled cases")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 # ---- the stage -------------------------------------------------------------------------
