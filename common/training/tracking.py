@@ -35,7 +35,6 @@ class Tracker:
 
     def __init__(self, cfg: dict[str, Any], model_dir: Path, enabled: bool) -> None:
         self._mlflow: Any = None
-        self._run_id: str | None = None
         if not enabled:
             return
         try:
@@ -52,23 +51,17 @@ class Tracker:
             id_file = model_dir / RUN_ID_FILE
             run_id = id_file.read_text().strip() if id_file.is_file() else None
             run = mlflow.start_run(run_id=run_id, run_name=None if run_id else bundle.name)
-            self._run_id = run.info.run_id
             if run_id is None:
                 from common.io import atomic_write_text
 
-                atomic_write_text(id_file, self._run_id + "\n")
+                atomic_write_text(id_file, run.info.run_id + "\n")
                 mlflow.log_params({k: str(cfg[k])[:500] for k in PARAM_KEYS if k in cfg})
                 mlflow.set_tags({"bundle": bundle.name, "class_names": ",".join(cfg.get("class_names") or [])})
             self._mlflow = mlflow
-            log.info("mlflow: tracking run %s in %s", self._run_id, uri)
+            log.info("mlflow: tracking run %s in %s", run.info.run_id, uri)
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a training
             log.warning("mlflow: tracking off after an error: %s", exc)
             self._end(failed=True)
-
-    @property
-    def run_id(self) -> str | None:
-        """The MLflow run id, or ``None`` when tracking is off."""
-        return self._run_id if self._mlflow is not None else None
 
     def log_epoch(self, row: dict[str, Any]) -> None:
         """Log one ``metrics.jsonl`` row (loss, lr, mean and per-class Dice) at step = epoch."""
