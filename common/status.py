@@ -35,7 +35,7 @@ import click
 from common.config import STAGE_SECTIONS, PipelineConfig, load_config
 from common.errors import PipelineError
 from common.io import read_json
-from common.workdir import MARKER_DONE, MARKER_FAILED, MARKER_RUNNING, WorkDir
+from common.workdir import MARKER_DONE, MARKER_FAILED, MARKER_RUNNING, WorkDir, utc_now
 
 NOT_STARTED = "not started"
 RUNNING = "running"
@@ -343,7 +343,7 @@ def status_json(work_dir: str | os.PathLike[str], query_slurm: bool = True) -> d
     rows = collect_status(wd.root, query_slurm=query_slurm)
     return {
         "work_dir": str(wd.root),
-        "generated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated": utc_now(),
         "rows": [asdict(r) for r in rows],
     }
 

@@ -178,7 +178,8 @@ def file_fingerprint(path: str | os.PathLike[str]) -> list[Any]:
     return out
 
 
-def _now() -> str:
+def utc_now() -> str:
+    """The current UTC time, ISO 8601 to the second (markers, reports, job records)."""
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
@@ -231,7 +232,7 @@ class Marker:
         """Record that the work started (status ``running``)."""
         self._t0 = time.monotonic()
         data = self._base(MARKER_RUNNING, inputs_digest)
-        data.update(start=_now(), end=None, details=details)
+        data.update(start=utc_now(), end=None, details=details)
         atomic_write_json(self.path, data)
 
     def _finish(self, status: str, reason: str | None, details: dict[str, Any]) -> None:
@@ -239,7 +240,7 @@ class Marker:
         data = self._base(status, prev.get("inputs_digest"))
         merged = dict(prev.get("details") or {})
         merged.update(details)
-        end = _now()
+        end = utc_now()
         duration = None if self._t0 is None else round(time.monotonic() - self._t0, 3)
         data.update(start=prev.get("start", end), end=end, duration_s=duration, details=merged)
         if reason is not None:

@@ -8,7 +8,6 @@ entry of the same name. Extra keys: ``profile``, ``script``, ``depends_on`` (nam
 
 from __future__ import annotations
 
-import datetime as dt
 import re
 import subprocess
 from pathlib import Path
@@ -39,11 +38,6 @@ def record_job(wd: WorkDir, entry: dict[str, Any]) -> None:
     jobs = [j for j in read_jobs(wd) if j.get("name") != entry["name"]]
     jobs.append(entry)
     atomic_write_json(jobs_file(wd), jobs)
-
-
-def now_iso() -> str:
-    """The current UTC time, ISO 8601, seconds."""
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _fields(line: str) -> dict[str, str]:

@@ -32,7 +32,8 @@ from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, StageFailed
 from common.io import atomic_write_text
 from common.workdir import WorkDir
-from slurm.jobs import format_table, job_table, now_iso, record_job
+from common.workdir import utc_now
+from slurm.jobs import format_table, job_table, record_job
 from slurm.profiles import STAGES, Profile, load_profile
 
 log = logging.getLogger("cellmap.slurm")
@@ -302,7 +303,7 @@ def submit_chain(
         ids[job.name] = job_id
         record_job(wd, {
             "name": job.name, "job_id": job_id, "stage": job.stage, "cluster": job.profile.cluster,
-            "submitted": now_iso(), "profile": job.profile.name, "script": str(path), "depends_on": job.after,
+            "submitted": utc_now(), "profile": job.profile.name, "script": str(path), "depends_on": job.after,
         })
         dep = f" after {', '.join(job.after)}" if job.after else ""
         out(f"{job.name}: job {job_id} on {job.profile.cluster}{dep}")

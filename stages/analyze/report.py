@@ -14,7 +14,6 @@ Everything per class is computed **by class id** from our own per-case voxel cou
 
 from __future__ import annotations
 
-import datetime as _dt
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -23,6 +22,7 @@ import numpy as np
 
 from common.config import PipelineConfig
 from common.io import atomic_write_json, atomic_write_text
+from common.workdir import utc_now
 
 if TYPE_CHECKING:
     from stages.analyze.analyze import AnalyzeSettings
@@ -106,7 +106,7 @@ def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[s
     fg_monai = summary.get("image_foreground_stats", {}).get("intensity", {})
 
     return {
-        "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "generated_at": utc_now(),
         "n_cases": len(own),
         "cases": [o["case"] for o in own],
         "output_classes": cfg.output_classes,

@@ -25,7 +25,6 @@ What this adds to a plain ``BundleGen(...).generate()``:
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import logging
 import shutil
@@ -38,7 +37,7 @@ import common
 from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, PipelineError, StageFailed
 from common.io import atomic_write_json, atomic_write_yaml, read_yaml
-from common.workdir import WorkDir, digest
+from common.workdir import WorkDir, digest, utc_now
 
 log = logging.getLogger("cellmap.bundlegen")
 
@@ -323,7 +322,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
                 "modality": inp["modality"],
                 "interpreter": interpreter,
                 "offline_settings": offline,
-                "generated_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "generated_at": utc_now(),
             }
             atomic_write_json(bundle / BUNDLE_RECORD, record)
             algo_to_json(algo, template_path=str(wd.templates_dir))
