@@ -36,12 +36,15 @@ class SplitConfig:
         seed: RNG seed of the draw and of the k-fold assignment.
         datasplit_csv: a CellMap challenge ``datasplit.csv``; overrides the draw.
         test_crops: crop ids written to the datalist's ``testing`` list instead.
+        test_fraction: share of crop groups (overlapping crops together) held out,
+            seeded, as labelled ``testing`` items (never in a training/validation fold).
     """
 
     validation_fraction: float = 0.15
     seed: int = 0
     datasplit_csv: str | None = None
     test_crops: list[str] = field(default_factory=list)
+    test_fraction: float = 0.0
 
 
 @dataclass
@@ -206,6 +209,11 @@ def _apply_split(split: SplitConfig, value: Any, src: str) -> None:
             if v is not None:
                 _check_type("split.datasplit_csv", v, (str,), src)
             split.datasplit_csv = v
+        elif k == "test_fraction":
+            _check_type("split.test_fraction", v, (int, float), src)
+            if not 0.0 <= v < 1.0:
+                raise ConfigError(f"{src}: 'split.test_fraction' must be in [0, 1), got {v!r}")
+            split.test_fraction = float(v)
         elif k == "test_crops":
             split.test_crops = [_crop_id(c) for c in _str_list("split.test_crops", v, src)]
 

@@ -24,10 +24,34 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> SyntheticInfo:
 
 
 def _run(tmp: Path, synth: SyntheticInfo, name: str = "work", **cfg_keys: object):
+    """Convert with a failure budget that tolerates the fixture's deliberately malformed crops."""
     wd = WorkDir.at(tmp / name).ensure()
-    keys = {"data_root": str(synth.root), "resolution_nm": 4, "classes": CLASSES7, **cfg_keys}
+    keys = {"data_root": str(synth.root), "resolution_nm": 4, "classes": CLASSES7,
+            "convert": {"max_failed_fraction": 1.0}, **cfg_keys}
     cfg = load_config(wd.root, None, keys)
     return cfg, wd, run_convert(cfg, wd, workers=1, progress=False)
+
+
+def _block_mean(a: np.ndarray, f: tuple[int, ...]) -> np.ndarray:
+    """Independent EM expectation: float mean of each block, then floor(mean + 1/2)."""
+    out = np.empty(tuple(n // k for n, k in zip(a.shape, f)), np.uint8)
+    for idx in np.ndindex(out.shape):
+        blk = a[tuple(slice(i * k, (i + 1) * k) for i, k in zip(idx, f))]
+        out[idx] = int(np.floor(blk.astype(np.float64).mean() + 0.5))
+    return out
+
+
+def _majority(codes: np.ndarray, f: tuple[int, ...], unknown: int = 255) -> np.ndarray:
+    """Independent label expectation: unknown if > half unknown, else the commonest known code (ties: smallest)."""
+    out = np.empty(tuple(n // k for n, k in zip(codes.shape, f)), np.uint8)
+    for idx in np.ndindex(out.shape):
+        blk = codes[tuple(slice(i * k, (i + 1) * k) for i, k in zip(idx, f))].ravel().tolist()
+        known = [v for v in blk if v != unknown]
+        if 2 * (len(blk) - len(known)) > len(blk):
+            out[idx] = unknown
+        else:
+            out[idx] = min(set(known), key=lambda v: (-known.count(v), v))
+    return out
 
 
 def _nii(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +85,9 @@ def test_cuts_equal_the_expected_em_voxels_and_affine_holds_spacing(synth: Synth
         if r["status"] != "converted":
             continue
         ex = synth.crops[r["crop"]]
-        assert (r["label_level"], r["em_level"]) == (ex.label_level, ex.em_level)
+        # the box is always cut from EM s0; a label s1 at the EM voxel means label s0 pooled 2x
+        assert (r["label_level"], r["em_level"], r["em_factor"]) == ("s0", "s0", [1, 1, 1])
+        assert r["label_factor"] == ([2, 2, 2] if ex.label_level == "s1" else [1, 1, 1])
         assert [tuple(c) for c in r["em_cut"]] == list(ex.em_cut)
         image, aff = _nii(wd.nifti_dir / r["image"])
         expected = em_block(ex.em_level_index(), tuple(slice(a, b) for a, b in ex.em_cut))
@@ -82,12 +108,15 @@ def _label(wd: WorkDir, summary, crop: str) -> np.ndarray:
 def test_label_maps_and_unknown_voxels(synth: SyntheticInfo, run4) -> None:
     _, wd, summary = run4
     ids = {c: i + 1 for i, c in enumerate(CLASSES7)}
-    # crop1 (label s1): pm, er_mem, nuc are not annotated there, so a 0 in `all` is unknown;
-    # cyto (35) is a true negative for every class; the mito group 50 is unknown.
-    a = synth.labels["1"]["all"][1]
-    want = np.select([a == 1, a == 3, a == 4, a == 35, a == 50, a == 0],
-                     [ids["ecs"], ids["mito_mem"], ids["mito_lum"], 0, 255, 255], -1)
-    assert (want >= 0).all()
+    # crop1 (label s0 at half the EM voxel, pooled 2x2x2): pm, er_mem, nuc are not annotated
+    # there, so a 0 in `all` is unknown; cyto (35) is a true negative for every class; the
+    # mito group 50 is unknown. Codes are made at s0, then each block takes the block rule.
+    a = synth.labels["1"]["all"][0]
+    codes = np.select([a == 1, a == 3, a == 4, a == 35, a == 50, a == 0],
+                      [ids["ecs"], ids["mito_mem"], ids["mito_lum"], 0, 255, 255], -1)
+    assert (codes >= 0).all()
+    want = _majority(codes.astype(np.uint8), (2, 2, 2))
+    assert {0, 255, ids["ecs"], ids["mito_mem"]} <= set(np.unique(want).tolist())
     np.testing.assert_array_equal(_label(wd, summary, "1"), want)
     # crop2: only ecs and pm annotated
     a = synth.labels["2"]["all"][0]
@@ -110,8 +139,9 @@ def test_label_maps_and_unknown_voxels(synth: SyntheticInfo, run4) -> None:
 def test_fully_annotated_crop_and_unknown_label_zero(synth: SyntheticInfo, tmp_path: Path) -> None:
     classes = ["ecs", "mito_mem", "mito_lum", "mito_ribo"]
     _, wd, summary = _run(tmp_path, synth, classes=classes, crops=[1])
-    a = synth.labels["1"]["all"][1]
-    want = np.select([a == 1, a == 3, a == 4, a == 50], [1, 2, 3, 255], 0)  # 0 and 35: background
+    a = synth.labels["1"]["all"][0]
+    want = _majority(np.select([a == 1, a == 3, a == 4, a == 50], [1, 2, 3, 255], 0).astype(np.uint8),
+                     (2, 2, 2))  # 0 and 35: background
     np.testing.assert_array_equal(_label(wd, summary, "1"), want)
     _, wd0, summary0 = _run(tmp_path, synth, name="w0", classes=classes, crops=[1], unknown_label=0)
     np.testing.assert_array_equal(_label(wd0, summary0, "1"), np.where(want == 255, 0, want))
@@ -122,12 +152,17 @@ def test_coarse_crop_converts_at_its_resolution(synth: SyntheticInfo, tmp_path: 
     got = {r["crop"]: r for r in summary.records}
     ex = synth.coarse_crop3
     r3 = got["3"]
-    assert r3["status"] == "converted" and r3["em_level"] == "s2"
-    assert [tuple(c) for c in r3["em_cut"]] == list(ex.em_cut)
+    # crop3 sits on EM s2 voxels: cut on EM s0 (4x the s2 range) and block-mean 4x4x4
+    assert r3["status"] == "converted" and (r3["em_level"], r3["em_factor"], r3["label_factor"]) == ("s0", [4, 4, 4], [1, 1, 1])
+    assert [tuple(c) for c in r3["em_cut"]] == [(4 * a, 4 * b) for a, b in ex.em_cut]
     image, aff = _nii(wd.nifti_dir / r3["image"])
-    np.testing.assert_array_equal(image, em_block(2, tuple(slice(a, b) for a, b in ex.em_cut)).transpose(2, 1, 0))
+    s0 = em_block(0, tuple(slice(4 * a, 4 * b) for a, b in ex.em_cut))
+    np.testing.assert_array_equal(image, _block_mean(s0, (4, 4, 4)).transpose(2, 1, 0))
     np.testing.assert_allclose(np.diag(aff)[:3], [16, 16, 24])
-    assert got["1"]["status"] == "skipped" and "no label level" in got["1"]["reason"]
+    np.testing.assert_allclose(aff[:3, 3], ex.translation[::-1])
+    # crop1 (4x6x5 EM s0 voxels) keeps one whole 4x4x4 block; the partial rest is dropped and recorded
+    assert got["1"]["status"] == "converted" and got["1"]["shape"] == [1, 1, 1]
+    assert got["1"]["dropped_em_voxels"] == [0, 2, 1]
     assert r3["class_voxels"]["nuc"] == int((synth.labels["3"]["all"][0] > 0).sum())
 
 
@@ -208,12 +243,30 @@ def test_big_crops_convert_exactly(tmp_path: Path) -> None:
         assert r["class_voxels"]["nuc"] == int((label == 6).sum()) and r["unknown_fraction"] > 0  # group 50
 
 
-def test_no_em_level_at_the_label_voxel_fails_naming_sizes(synth: SyntheticInfo, tmp_path: Path) -> None:
-    """crop1's s0 (half the EM voxel) at 2 nm: no EM level matches, so the crop fails and the stage exits 1."""
+def test_target_finer_than_em_s0_is_skipped_naming_sizes(synth: SyntheticInfo, tmp_path: Path) -> None:
+    """crop1's s0 (half the EM voxel) at 2 nm: no EM that fine, so the crop is skipped and the stage exits 1."""
     from common.errors import StageFailed
 
     with pytest.raises(StageFailed, match="no crop converted"):
         _run(tmp_path, synth, resolution_nm=2, crops=[1])
     rec = read_json(tmp_path / "work" / "reports" / "convert.json")["crops"][0]
-    assert rec["status"] == "failed" and "no EM level at [3, 2, 2] nm" in rec["reason"] and "[6, 4, 4]" in rec["reason"]
+    assert rec["status"] == "skipped" and "EM s0 [6, 4, 4] nm is coarser than the target [?, 2, 2]" in rec["reason"]
     assert WorkDir.at(tmp_path / "work").marker("convert").status == "failed"
+
+
+def test_failure_budget_fails_the_stage_with_reasons(synth: SyntheticInfo, tmp_path: Path) -> None:
+    """The fixture's 7 malformed crops are 70 % of the eligible ones: over the default 2 % budget."""
+    from common.errors import StageFailed
+
+    with pytest.raises(StageFailed, match=r"7 of 10 eligible crops failed \(70.0 % > convert.max_failed_fraction 2 %\)"):
+        _run(tmp_path, synth, convert={})
+    wd = WorkDir.at(tmp_path / "work")
+    rep = read_json(wd.reports_dir / "convert.json")
+    assert rep["by_dataset"] == {DATASET: {"converted": 3, "skipped": 1, "failed": 7}}
+    assert rep["failed_fraction"] == 0.7 and rep["max_failed_fraction"] == 0.02
+    kinds = {f["reason"]: f["cases"] for f in rep["failure_reasons"]}
+    assert kinds["EM never fetched"] == [f"{DATASET}_crop5"] and kinds["off-grid"] == [f"{DATASET}_crop8"]
+    md = (wd.reports_dir / "convert.md").read_text()
+    assert f"| {DATASET} | 3 | 1 | 7 |" in md and "| off-grid | 1 |" in md
+    assert wd.marker("convert").status == "failed"
+    assert read_json(wd.datalist)["training"]  # what converted is still listed (nothing produced is lost)

@@ -182,6 +182,7 @@ def test_full_chain_two_clusters_with_requeue(slurm_cluster: dict[str, str], tmp
     wd.config_file.write_text(
         f"data_root: {data}\nresolution_nm: 4\nclasses: [ecs, pm, mito_mem, mito_lum]\nalgos: [segresnet]\n"
         "train: {num_epochs: 2, roi_size: [32, 32, 16], batch_size: 1, num_workers: 0}\n"
+        "convert: {max_failed_fraction: 1.0}\n"  # the fixture's 7 malformed crops are deliberate
     )
     ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), convert_shards=2, echo=lambda s: None)
     assert list(ids) == ["convert.shards", "convert", "analyze", "bundlegen", "wait.bundlegen",

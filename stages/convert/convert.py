@@ -30,12 +30,12 @@ from common.io import TMP_MARK, atomic_path, atomic_write_text, read_json, remov
 from common.workdir import WorkDir, digest
 from stages.convert.crops import CONVERTED, FAILED, SKIPPED, CropRef, Settings, convert_crop, discover_crops
 from stages.convert.report import write_views
-from stages.convert.split import update_split
+from stages.convert.split import split_crops
 
 log = logging.getLogger("cellmap.convert")
 STAGE = "convert"
 # the ``convert:`` config section and its defaults
-OPTIONS: dict[str, Any] = {"compress_level": 1, "report_png": True}
+OPTIONS: dict[str, Any] = {"compress_level": 1, "report_png": True, "max_failed_fraction": 0.02}
 
 
 @dataclass
@@ -56,6 +56,11 @@ class ConvertSummary:
 
     def count(self, status: str) -> int:
         return sum(1 for r in self.records if r["status"] == status)
+
+    def failed_fraction(self) -> float:
+        """Failed share of the eligible crops (converted + failed; skipped ones are not eligible)."""
+        eligible = self.count(CONVERTED) + self.count(FAILED)
+        return self.count(FAILED) / eligible if eligible else 0.0
 
     def text(self) -> str:
         """The human summary printed on stdout."""
@@ -79,6 +84,9 @@ def convert_options(cfg: PipelineConfig) -> dict[str, Any]:
     lvl = opts["compress_level"]
     if isinstance(lvl, bool) or not isinstance(lvl, int) or not 0 <= lvl <= 9:
         raise ConfigError(f"config: 'convert.compress_level' must be an integer 0..9, got {lvl!r}")
+    mff = opts["max_failed_fraction"]
+    if isinstance(mff, bool) or not isinstance(mff, (int, float)) or not 0.0 <= mff <= 1.0:
+        raise ConfigError(f"config: 'convert.max_failed_fraction' must be a number in [0, 1], got {mff!r}")
     if not isinstance(opts["report_png"], bool):
         raise ConfigError(f"config: 'convert.report_png' must be true or false, got {opts['report_png']!r}")
     return opts
@@ -226,26 +234,56 @@ def run_convert(
     if shard is not None:
         marker.done(**details)
         return summary
-    _write_outputs(cfg, wd, summary, bool(opts["report_png"]))
+    budget = float(opts["max_failed_fraction"])
+    _write_outputs(cfg, wd, summary, bool(opts["report_png"]), budget)
     if summary.count(CONVERTED) == 0:
         marker.fail("no crop converted", **details)
         exc = StageFailed(f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}")
+        exc.summary = summary  # type: ignore[attr-defined]
+        raise exc
+    if summary.failed_fraction() > budget:
+        msg = (f"{summary.count(FAILED)} of {summary.count(CONVERTED) + summary.count(FAILED)} eligible crops failed "
+               f"({100 * summary.failed_fraction():.1f} % > convert.max_failed_fraction {100 * budget:g} %); "
+               f"reasons in {summary.report}")
+        marker.fail(msg, **details)
+        exc = StageFailed(msg)
         exc.summary = summary  # type: ignore[attr-defined]
         raise exc
     marker.done(**details)
     return summary
 
 
-def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, plot: bool = True) -> None:
+def by_dataset(records: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """``dataset -> {converted, skipped, failed}`` counts."""
+    out: dict[str, dict[str, int]] = {}
+    for r in records:
+        out.setdefault(r["dataset"], {CONVERTED: 0, SKIPPED: 0, FAILED: 0})[r["status"]] += 1
+    return dict(sorted(out.items()))
+
+
+def failure_reasons(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failed crops grouped by the kind of reason (text before the first ':'), most first."""
+    kinds: dict[str, list[str]] = {}
+    for r in records:
+        if r["status"] == FAILED:
+            kinds.setdefault(r["reason"].split(":")[0].strip() or "unknown", []).append(r["case"])
+    return [{"reason": k, "count": len(v), "cases": sorted(v)}
+            for k, v in sorted(kinds.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+
+
+def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, plot: bool = True,
+                   budget: float = 0.02) -> None:
     """Split, ``datalist.json`` and ``reports/convert.{json,md,png}`` (written only when changed)."""
     conv = [r for r in summary.records if r["status"] == CONVERTED]
     tests = set(cfg.split.test_crops)
     train = [r for r in conv if r["crop"] not in tests]
-    folds = update_split(wd.nifti_dir / "split.json", [(r["case"], r["dataset"], r["crop"]) for r in train], cfg)
+    boxes = {r["case"]: r["box_nm"] for r in train if r.get("box_nm")}
+    split = split_crops(wd.nifti_dir / "split.json", [(r["case"], r["dataset"], r["crop"]) for r in train], cfg, boxes)
+    folds, held = split.folds, set(split.test)
     training, testing = [], []
     for r in conv:
         item = {"image": r["image"], "label": r["label"], "case": r["case"]}
-        if r["crop"] in tests:
+        if r["crop"] in tests or r["case"] in held:
             testing.append(item)
         elif folds.get(r["case"]) is not None:
             training.append({**item, "fold": folds[r["case"]]})
@@ -254,7 +292,7 @@ def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, pl
         log.warning("test crops not converted: %s", ", ".join(sorted(missing)))
     for r in summary.records:
         if r["status"] == CONVERTED:
-            r["fold"] = "test" if r["crop"] in tests else folds.get(r["case"])
+            r["fold"] = "test" if (r["crop"] in tests or r["case"] in held) else folds.get(r["case"])
     _write_json_if_changed(wd.datalist, {"training": training, "testing": testing})
     report = wd.reports_dir / "convert.json"
     wd.reports_dir.mkdir(parents=True, exist_ok=True)
@@ -262,6 +300,11 @@ def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, pl
         "resolution_zyx": list(cfg.resolution_zyx), "classes": list(cfg.classes),
         "unknown_label": cfg.unknown_label,
         "counts": {s: summary.count(s) for s in (CONVERTED, SKIPPED, FAILED)},
+        "by_dataset": by_dataset(summary.records),
+        "failed_fraction": round(summary.failed_fraction(), 6),
+        "max_failed_fraction": budget,
+        "failure_reasons": failure_reasons(summary.records),
+        "split": {"groups": split.groups, "held_out": split.test, "leaks": split.leaks},
         "crops": summary.records,
     }
     _write_json_if_changed(report, content)

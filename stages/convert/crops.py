@@ -14,6 +14,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,23 +24,27 @@ from common.classes import INSTANCE_CLASSES, SOURCE_UNKNOWN, LabelMapping
 from common.ngff import (
     SCALE_RTOL,
     Level,
+    NeverFetchedError,
     NgffError,
+    Reduction,
+    ResolutionError,
+    block_mean_u8,
     chunk_keys,
-    em_cut,
-    find_em_level,
-    find_level,
+    finest_level,
     fmt_vec,
+    plan_reduction,
     pyramid_issues,
-    read_em_block,
     read_multiscales,
+    same_scale,
 )
 from common.nifti import zyx_to_affine
 from common.workdir import digest
+from stages.convert.pooling import pool_labels
 from stages.convert.writer import write_nifti_gz
 
 log = logging.getLogger("cellmap.convert")
 
-CONVERTER_VERSION = 2  # bump when the outputs of identical inputs change
+CONVERTER_VERSION = 3  # bump when the outputs of identical inputs change
 EM_GROUP = "recon-1/em/fibsem-uint8"
 GT_GROUP = "recon-1/labels/groundtruth"
 _CROP_RE = re.compile(r"^crop(\d+)$")
@@ -101,16 +106,35 @@ class CropProblem(Exception):
 
 @dataclass
 class Plan:
-    """The resolved geometry of one crop at the target resolution."""
+    """The resolved geometry of one crop at the target resolution.
+
+    Attributes:
+        ref: the crop.
+        arrays: sub-group name -> its finest level (label s0; same geometry for all).
+        red: how the box is cut from EM s0 and reduced (factors, output grid, drops).
+        annotated: configured classes annotated in the crop.
+        instance: class name -> instance array (only when composing from class arrays).
+        warnings: pyramid deviations worth a log line.
+    """
 
     ref: CropRef
-    arrays: dict[str, Level]  # sub-group name -> the chosen level (same geometry for all)
-    label_level: Level
-    em_level: Level
-    cut: tuple[slice, slice, slice]
+    arrays: dict[str, Level]
+    red: Reduction
     annotated: list[str]
     instance: dict[str, bool] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def label_level(self) -> Level:
+        return self.red.label
+
+    @property
+    def em_level(self) -> Level:
+        return self.red.em
+
+    @property
+    def cut(self) -> tuple[slice, slice, slice]:
+        return self.red.em_cut
 
 
 def discover_crops(data_root: Path, datasets: list[str] | None = None, crops: list[str] | None = None) -> list[CropRef]:
@@ -151,13 +175,34 @@ def _em_levels(em_group: str, mtime_ns: int) -> tuple[Level, ...]:
 
 
 def _geometry_matches(a: Level, b: Level) -> bool:
-    return tuple(a.shape) == tuple(b.shape) and all(
+    return tuple(a.shape) == tuple(b.shape) and same_scale(a.scale, b.scale) and all(
         abs(x - y) <= 1e-3 * s for x, y, s in zip(a.translation, b.translation, b.scale)
     )
 
 
+def plan_geometry(label_s0: Level, em_levels: Sequence[Level], target: Sequence[float | None]) -> Reduction:
+    """The reduction of one box (metadata only; shared by convert and ``--plan``).
+
+    Raises:
+        CropProblem: ``skipped`` when the data cannot give the target (label s0 or EM
+            s0 coarser than the target, target not a whole multiple of EM s0, box
+            smaller than one output voxel); ``failed`` when the box is off the EM s0
+            grid or outside the EM volume.
+    """
+    s0 = label_s0.scale
+    if any(t is not None and s > t * (1 + SCALE_RTOL) for s, t in zip(s0, target)):
+        raise CropProblem(SKIPPED, f"coarser than target resolution (label s0 {fmt_vec(s0)} nm, target {fmt_vec(target)} nm)")
+    em0 = finest_level(em_levels)
+    try:
+        return plan_reduction(label_s0, em0, target)
+    except ResolutionError as exc:
+        raise CropProblem(SKIPPED, str(exc)) from None
+    except NgffError as exc:
+        raise CropProblem(FAILED, str(exc)) from None
+
+
 def plan_crop(ref: CropRef, st: Settings) -> Plan:
-    """Resolve levels and the EM cut of one crop (metadata only).
+    """Resolve the label s0 arrays and the EM s0 reduction of one crop (metadata only).
 
     Raises:
         CropProblem: the crop is skipped (too coarse, nothing configured) or failed.
@@ -175,21 +220,12 @@ def plan_crop(ref: CropRef, st: Settings) -> Plan:
     if not annotated:
         raise CropProblem(SKIPPED, "none of the configured classes is annotated in this crop")
     ref_name = "all" if "all" in levels else annotated[0]
-    ref_levels = levels[ref_name]
-    s0 = ref_levels[0].scale
-    target = st.resolution_zyx
-    if any(t is not None and s > t * (1 + SCALE_RTOL) for s, t in zip(s0, target)):
-        raise CropProblem(SKIPPED, f"coarser than target resolution (label s0 {fmt_vec(s0)} nm, target {fmt_vec(target)} nm)")
-    lab = find_level(ref_levels, target)
-    if lab is None:
-        have = ", ".join(fmt_vec(lv.scale) for lv in ref_levels)
-        raise CropProblem(SKIPPED, f"no label level at target resolution {fmt_vec(target)} nm (levels: {have})")
+    lab = finest_level(levels[ref_name])
     chosen: dict[str, Level] = {}
     for name, lvs in levels.items():
-        m = find_level(lvs, lab.scale)
-        if m is None or not _geometry_matches(m, lab):
-            got = "no level at that voxel size" if m is None else m.describe()
-            raise CropProblem(FAILED, f"shape mismatch between classes: {name} {got} vs {ref_name} {lab.describe()}")
+        m = finest_level(lvs)
+        if not _geometry_matches(m, lab):
+            raise CropProblem(FAILED, f"shape mismatch between classes: {name} {m.describe()} vs {ref_name} {lab.describe()}")
         chosen[name] = m
     try:
         em_levels = _em_levels(str(ref.em_group), (ref.em_group / ".zattrs").stat().st_mtime_ns)
@@ -197,18 +233,18 @@ def plan_crop(ref: CropRef, st: Settings) -> Plan:
         raise CropProblem(FAILED, f"EM: {EM_GROUP}: missing .zattrs") from None
     except NgffError as exc:
         raise CropProblem(FAILED, "EM: " + _short(str(exc), ref)) from None
-    em = find_em_level(em_levels, lab.scale)
-    if em is None:
-        have = ", ".join(fmt_vec(lv.scale) for lv in em_levels)
-        raise CropProblem(FAILED, f"no EM level at {fmt_vec(lab.scale)} nm (EM levels: {have})")
-    try:
-        cut = em_cut(lab, em)
-    except NgffError as exc:
-        raise CropProblem(FAILED, str(exc)) from None
-    warnings = [f"EM {w}" for w in pyramid_issues(em_levels)] + [f"{ref_name} {w}" for w in pyramid_issues(ref_levels)]
+    red = plan_geometry(lab, em_levels, st.resolution_zyx)
+    warnings = [f"EM {w}" for w in pyramid_issues(em_levels)]
+    if any(red.dropped):
+        warnings.append(f"trailing partial block dropped: {list(red.dropped)} EM s0 voxels (z, y, x)")
     # instance vs semantic matters only when composing from class arrays
     inst = {} if "all" in levels else {name: _is_instance(ref.group / name, name) for name in annotated}
-    return Plan(ref, chosen, lab, em, cut, annotated, inst, warnings)
+    return Plan(ref, chosen, red, annotated, inst, warnings)
+
+
+def box_nm(level: Level) -> list[list[float]]:
+    """World box ``[[lo, hi], ...]`` (z, y, x, nm, half-open) covered by a level's voxels."""
+    return [[t - s / 2, t + (n - 0.5) * s] for t, s, n in zip(level.translation, level.scale, level.shape)]
 
 
 def _tree_stats(top: str) -> list[list[Any]]:
@@ -265,48 +301,107 @@ def inputs_digest(plan: Plan, st: Settings, em_arr: Any) -> str:
     ])
 
 
-def _read(ref: CropRef, name: str, level: Level) -> np.ndarray:
+SLAB_VOXELS = 1 << 25  # input voxels read and reduced at a time (bounded memory for 6.5 G-voxel crops)
+
+
+def _slabs(n_out: int, factor: int, plane_voxels: int) -> list[tuple[int, int]]:
+    """Output z ranges ``[j0, j1)`` whose input (``factor`` planes each) fits :data:`SLAB_VOXELS`."""
+    step = max(1, SLAB_VOXELS // max(1, factor * plane_voxels))
+    return [(j, min(n_out, j + step)) for j in range(0, n_out, step)]
+
+
+def _open_label(ref: CropRef, name: str, level: Level) -> Any:
     try:
-        return np.asarray(zarr.open_array(str(ref.group / name / level.path), mode="r")[...])
+        return zarr.open_array(str(ref.group / name / level.path), mode="r")
+    except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for bad metadata
+        raise CropProblem(FAILED, f"unreadable array {name}/{level.path}: {type(exc).__name__}: {exc}") from None
+
+
+def _read(arr: Any, name: str, level: Level, region: tuple[slice, ...]) -> np.ndarray:
+    try:
+        return np.asarray(arr[region])
     except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise many kinds for bad chunks
         raise CropProblem(FAILED, f"unreadable chunk in {name}/{level.path}: {type(exc).__name__}: {exc}") from None
 
 
-def build_label(plan: Plan, st: Settings) -> np.ndarray:
-    """The crop's uint8 label map (z, y, x) with the internal unknown code 255.
-
-    With an ``all`` array: its ids through :class:`LabelMapping`; otherwise composed
-    from the class arrays (semantic 1 -> class, 255 -> unknown; instance > 0 -> class).
-    Where a configured class is not annotated, voxels with no annotation are unknown.
-    """
-    ref = plan.ref
-    unannotated = len(plan.annotated) < len(st.classes)
-    if "all" in plan.arrays:
-        a = _read(ref, "all", plan.arrays["all"])
-        lut = LabelMapping(st.classes, _UNKNOWN).lookup_table()
-        if a.dtype != np.uint8:  # ids beyond the table are unknown, never wrapped
-            big = a > 255
-            label = np.take(lut, np.where(big, SOURCE_UNKNOWN, a).astype(np.uint8))
-        else:
-            label = np.take(lut, a)  # faster than lut[a] for uint8 indices
-        if unannotated:
-            label[a == 0] = _UNKNOWN
-        return label
-    mapping = LabelMapping(st.classes, _UNKNOWN)
-    shape = plan.label_level.shape
-    label = np.full(shape, _UNKNOWN if unannotated else 0, np.uint8)
-    hits = np.zeros(shape, np.uint8)
-    unknown = np.zeros(shape, bool)
-    for name in plan.annotated:
-        arr = _read(ref, name, plan.arrays[name])
-        present = arr > 0 if plan.instance.get(name) else arr == 1
-        if not plan.instance.get(name):
-            unknown |= arr == SOURCE_UNKNOWN
-        label[present] = mapping.label_of(name)
-        hits += present
-    label[unknown & (hits == 0)] = _UNKNOWN
-    label[hits > 1] = _UNKNOWN  # two classes claim a voxel: do not guess
+def _codes_from_all(a: np.ndarray, lut: np.ndarray, unannotated: bool) -> np.ndarray:
+    if a.dtype != np.uint8:  # ids beyond the table are unknown, never wrapped
+        label = np.take(lut, np.where(a > 255, SOURCE_UNKNOWN, a).astype(np.uint8))
+    else:
+        label = np.take(lut, a)  # faster than lut[a] for uint8 indices
+    if unannotated:
+        label[a == 0] = _UNKNOWN
     return label
+
+
+def build_label(plan: Plan, st: Settings) -> np.ndarray:
+    """The crop's uint8 label map on the output grid, with the internal unknown code 255.
+
+    Codes are made at label s0 (with an ``all`` array: its ids through
+    :class:`LabelMapping`; otherwise composed from the class arrays: semantic 1 ->
+    class, 255 -> unknown; instance > 0 -> class; two classes on one voxel -> unknown);
+    where a configured class is not annotated, voxels with no annotation are unknown.
+    Then each output voxel's block is reduced by :func:`pool_labels`, slab by slab.
+    """
+    ref, red = plan.ref, plan.red
+    unannotated = len(plan.annotated) < len(st.classes)
+    mapping = LabelMapping(st.classes, _UNKNOWN)
+    lut = mapping.lookup_table()
+    cz, cy, cx = red.label_cut
+    rz = red.label_factor[0]
+    out = np.empty(red.out.shape, np.uint8)
+    use_all = "all" in plan.arrays
+    names = ["all"] if use_all else list(plan.annotated)
+    arrs = {n: _open_label(ref, n, plan.arrays[n]) for n in names}
+    for j0, j1 in _slabs(red.out.shape[0], rz, (cy.stop - cy.start) * (cx.stop - cx.start)):
+        region = (slice(j0 * rz, j1 * rz), cy, cx)
+        if use_all:
+            codes = _codes_from_all(_read(arrs["all"], "all", plan.arrays["all"], region), lut, unannotated)
+        else:
+            shape = tuple(sl.stop - sl.start for sl in region)
+            codes = np.full(shape, _UNKNOWN if unannotated else 0, np.uint8)
+            hits = np.zeros(shape, np.uint8)
+            unknown = np.zeros(shape, bool)
+            for name in names:
+                arr = _read(arrs[name], name, plan.arrays[name], region)
+                present = arr > 0 if plan.instance.get(name) else arr == 1
+                if not plan.instance.get(name):
+                    unknown |= arr == SOURCE_UNKNOWN
+                codes[present] = mapping.label_of(name)
+                hits += present
+            codes[unknown & (hits == 0)] = _UNKNOWN
+            codes[hits > 1] = _UNKNOWN  # two classes claim a voxel: do not guess
+        out[j0:j1] = pool_labels(codes, red.label_factor, _UNKNOWN)
+    return out
+
+
+def read_image(plan: Plan, em_arr: Any) -> np.ndarray:
+    """The crop's EM on the output grid: EM s0 block means (:func:`block_mean_u8`), slab by slab.
+
+    Raises:
+        NeverFetchedError: a chunk under the cut is absent, or the whole cut is the fill value.
+    """
+    red = plan.red
+    where = f"EM {plan.em_level.path}"
+    keys = chunk_keys(em_arr, red.em_cut)
+    store = em_arr.chunk_store if em_arr.chunk_store is not None else em_arr.store
+    missing = [k for k in keys if k not in store]
+    if missing:
+        raise NeverFetchedError(f"EM never fetched: {len(missing)} of {len(keys)} chunks absent in {where} (e.g. {missing[0]})")
+    fill = em_arr.fill_value if em_arr.fill_value is not None else 0
+    cz, cy, cx = red.em_cut
+    fz = red.em_factor[0]
+    out = np.empty(red.out.shape, np.uint8)
+    data = False
+    for j0, j1 in _slabs(red.out.shape[0], fz, (cy.stop - cy.start) * (cx.stop - cx.start)):
+        blk = np.asarray(em_arr[cz.start + j0 * fz: cz.start + j1 * fz, cy, cx])
+        if blk.dtype != np.uint8:
+            raise CropProblem(FAILED, f"EM dtype {blk.dtype}, expected uint8")
+        data = data or bool((blk != fill).any())
+        out[j0:j1] = block_mean_u8(blk, red.em_factor)
+    if not data:
+        raise NeverFetchedError(f"EM never fetched: {where} cut is entirely the fill value {fill}")
+    return out
 
 
 def output_names(ref: CropRef) -> tuple[str, str]:
@@ -349,14 +444,14 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
             log.warning("%s: %s", ref.case, w)
         label = build_label(plan, st)
         try:
-            image = read_em_block(em_arr, plan.cut, where=f"EM {plan.em_level.path}")
+            image = read_image(plan, em_arr)
         except NgffError as exc:
             raise CropProblem(FAILED, str(exc)) from None
+        except CropProblem:
+            raise
         except Exception as exc:  # noqa: BLE001 - corrupt EM chunk
             raise CropProblem(FAILED, f"unreadable chunk in EM {plan.em_level.path}: {type(exc).__name__}: {exc}") from None
-        if image.dtype != np.uint8:
-            raise CropProblem(FAILED, f"EM dtype {image.dtype}, expected uint8")
-        lab = plan.label_level
+        lab = plan.red.out
         affine = zyx_to_affine(lab.scale, lab.translation)
         counts = np.bincount(label.ravel(), minlength=256)
         n_unknown = int(counts[_UNKNOWN])
@@ -367,8 +462,10 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
         rec.update(
             status=CONVERTED, reason="", image=image_name, label=label_name,
             shape=list(lab.shape), spacing=list(lab.scale), translation=list(lab.translation),
-            label_level=lab.path, em_level=plan.em_level.path,
+            label_level=plan.label_level.path, em_level=plan.em_level.path,
             em_cut=[[s.start, s.stop] for s in plan.cut],
+            em_factor=list(plan.red.em_factor), label_factor=list(plan.red.label_factor),
+            dropped_em_voxels=list(plan.red.dropped), box_nm=box_nm(plan.label_level),
             class_voxels={c: int(counts[i + 1]) for i, c in enumerate(st.classes)},
             background_voxels=int(counts[0]),
             unknown_fraction=round(n_unknown / label.size, 6),

@@ -35,6 +35,27 @@ def markdown(report: dict[str, Any]) -> str:
         f"target resolution (z, y, x nm): {fmt_vec(report['resolution_zyx'])}; "
         f"{c['converted']} converted, {c['skipped']} skipped, {c['failed']} failed",
         "",
+    ]
+    if report.get("by_dataset"):
+        lines += [f"failed {100 * report.get('failed_fraction', 0):.1f} % of the eligible crops "
+                  f"(budget convert.max_failed_fraction {100 * report.get('max_failed_fraction', 0):g} %)", "",
+                  "| dataset | converted | skipped | failed |", "|---|---|---|---|"]
+        lines += [f"| {ds} | {c['converted']} | {c['skipped']} | {c['failed']} |" for ds, c in report["by_dataset"].items()]
+        lines.append("")
+    if report.get("failure_reasons"):
+        lines += ["| failure reason | crops | cases |", "|---|---|---|"]
+        lines += [f"| {f['reason'].replace('|', '/')} | {f['count']} | {', '.join(f['cases'])} |" for f in report["failure_reasons"]]
+        lines.append("")
+    sp = report.get("split") or {}
+    if sp.get("groups") or sp.get("held_out") or sp.get("leaks"):
+        lines.append(f"groups of overlapping crops (one draw each): {len(sp.get('groups', []))}")
+        lines += [f"- {', '.join(g)}" for g in sp.get("groups", [])]
+        if sp.get("held_out"):
+            lines.append(f"held out for testing (split.test_fraction): {', '.join(sp['held_out'])}")
+        if sp.get("leaks"):
+            lines.append("overlapping crops on both sides: " + "; ".join(" / ".join(p) for p in sp["leaks"]))
+        lines.append("")
+    lines += [
         "| case | status | fold | shape (z,y,x) | spacing nm | levels | unknown % | "
         + " | ".join(classes) + " | reason |",
         "|" + "---|" * (7 + len(classes) + 1),
@@ -44,7 +65,8 @@ def markdown(report: dict[str, Any]) -> str:
             cv = r["class_voxels"]
             lines.append(
                 f"| {r['case']} | converted | {r.get('fold')} | {tuple(r['shape'])} | {fmt_vec(r['spacing'])} | "
-                f"{r['label_level']}→EM {r['em_level']} | {100 * r['unknown_fraction']:.1f} | "
+                f"{r['label_level']}/{'x'.join(map(str, r.get('label_factor', [1])))}→EM {r['em_level']}/"
+                f"{'x'.join(map(str, r.get('em_factor', [1])))} | {100 * r['unknown_fraction']:.1f} | "
                 + " | ".join(str(cv.get(k, 0)) for k in classes) + " |  |"
             )
         else:
@@ -64,7 +86,18 @@ def png(report: dict[str, Any]) -> bytes | None:
     if not rows:
         return None
     classes = report["classes"]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.5 * len(rows) + 3), 4.5))
+    dsc = report.get("by_dataset") or {}
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.5 * len(rows) + 3), 8.5),
+                                  gridspec_kw={"height_ratios": [3, 2]})
+    left = [0.0] * len(dsc)
+    for status, color in (("converted", "tab:green"), ("skipped", "0.7"), ("failed", "tab:red")):
+        vals = [c[status] for c in dsc.values()]
+        ax2.barh(range(len(dsc)), vals, left=left, color=color, label=status)
+        left = [a + b for a, b in zip(left, vals)]
+    ax2.set_yticks(range(len(dsc)), list(dsc), fontsize=7)
+    ax2.set_xlabel("crops")
+    ax2.set_title("convert: crops per dataset")
+    ax2.legend(fontsize=7)
     bottom = [0.0] * len(rows)
     parts = [("background", [r["background_voxels"] for r in rows])]
     parts += [(k, [r["class_voxels"][k] for r in rows]) for k in classes]
