@@ -21,14 +21,26 @@ from pathlib import Path
 from typing import Any
 
 import click
+import zarr
 from tqdm import tqdm
 
 from common.cli import select_shard, setup_logging
 from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, PipelineError, StageFailed
 from common.io import TMP_MARK, atomic_path, atomic_write_text, read_json, remove_stale_tmp
+from common.ngff import chunk_keys, fmt_vec
 from common.workdir import WorkDir, digest
-from stages.convert.crops import CONVERTED, FAILED, SKIPPED, CropRef, Settings, convert_crop, discover_crops
+from stages.convert.crops import (
+    CONVERTED,
+    FAILED,
+    SKIPPED,
+    CropProblem,
+    CropRef,
+    Settings,
+    convert_crop,
+    discover_crops,
+    plan_crop,
+)
 from stages.convert.report import write_views
 from stages.convert.split import split_crops
 
@@ -310,6 +322,92 @@ def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, pl
     _write_json_if_changed(report, content)
     write_views(content, wd.reports_dir, plot)
     summary.datalist, summary.report = wd.datalist, report
+
+
+def plan_convert(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """What convert would do with every crop, from metadata only (no data read, nothing written).
+
+    Each row: case, status (``convert`` | ``skipped`` | ``failed``), label s0 and EM s0
+    voxel sizes, the EM and label pooling factors, output voxel size and shape, the EM
+    s0 cut, dropped trailing voxels and the reason for a skip or failure. A cut over
+    EM chunks that are absent (never fetched) is a failure here too (file listing only).
+
+    Raises:
+        PipelineError: no data_root, data_root missing, no crops found.
+    """
+    convert_options(cfg)
+    if not cfg.data_root:
+        raise PipelineError("data_root is not set (data_root: in pipeline.yaml, or --data-root)")
+    root = Path(cfg.data_root)
+    if not root.is_dir():
+        raise PipelineError(f"{root}: data_root not found")
+    refs = discover_crops(root, cfg.datasets, cfg.crops)
+    if not refs:
+        raise PipelineError(f"{root}: no crops found (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
+    st = Settings(resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
+                  compress_level=1, out_dir="")
+    rows = []
+    for ref in refs:
+        row: dict[str, Any] = {"case": ref.case, "dataset": ref.dataset, "crop": ref.crop}
+        try:
+            plan = plan_crop(ref, st)
+            red = plan.red
+            row.update(status="convert", label_s0=list(red.label.scale), em_s0=list(red.em.scale),
+                       em_level=red.em.path, em_factor=list(red.em_factor), label_factor=list(red.label_factor),
+                       spacing=list(red.out.scale), shape=list(red.out.shape),
+                       em_cut=[[c.start, c.stop] for c in red.em_cut], dropped_em_voxels=list(red.dropped),
+                       label_rule="majority of known voxels; unknown if > half unknown" if red.label_factor != (1, 1, 1) else "copy",
+                       reason="")
+            try:
+                em_arr = zarr.open_array(str(ref.em_group / red.em.path), mode="r")
+                store = em_arr.chunk_store if em_arr.chunk_store is not None else em_arr.store
+                keys = chunk_keys(em_arr, red.em_cut)
+                missing = [k for k in keys if k not in store]
+            except Exception as exc:  # noqa: BLE001 - unreadable EM metadata
+                row.update(status=FAILED, reason=f"EM {red.em.path}: {type(exc).__name__}: {exc}")
+                missing = []
+            if missing:
+                row.update(status=FAILED, reason=f"EM never fetched: {len(missing)} of {len(keys)} chunks absent in EM {red.em.path}")
+        except CropProblem as exc:
+            row.update(status=exc.status, reason=exc.reason)
+        rows.append(row)
+    return rows
+
+
+def plan_table(rows: list[dict[str, Any]], budget: float) -> str:
+    """The ``--plan`` table (one line per crop) and a summary line with the failure budget."""
+    head = f"{'case':<34} {'status':<8} {'label s0':<16} {'EM s0':<16} {'pool EM':<8} {'pool lab':<8} {'out nm':<18} {'shape':<16} reason"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["status"] == "convert":
+            lines.append(f"{r['case']:<34} {'convert':<8} {fmt_vec(r['label_s0']):<16} {fmt_vec(r['em_s0']):<16} "
+                         f"{'x'.join(map(str, r['em_factor'])):<8} {'x'.join(map(str, r['label_factor'])):<8} "
+                         f"{fmt_vec(r['spacing']):<18} {str(tuple(r['shape'])):<16} "
+                         + (f"drops {r['dropped_em_voxels']} EM s0 voxels" if any(r["dropped_em_voxels"]) else ""))
+        else:
+            lines.append(f"{r['case']:<34} {r['status']:<8} {'':<16} {'':<16} {'':<8} {'':<8} {'':<18} {'':<16} {r['reason']}")
+    n = {k: sum(1 for r in rows if r["status"] == k) for k in ("convert", SKIPPED, FAILED)}
+    eligible = n["convert"] + n[FAILED]
+    frac = n[FAILED] / eligible if eligible else 0.0
+    verdict = "within" if frac <= budget else "OVER"
+    lines.append(f"plan: {n['convert']} convert, {n[SKIPPED]} skipped, {n[FAILED]} failed "
+                 f"({100 * frac:.1f} % of {eligible} eligible; {verdict} the {100 * budget:g} % budget)")
+    return "\n".join(lines)
+
+
+def run_plan_entry(config_file: Path | None, work_dir: Path, data_root: Path | None, json_out: str | None) -> int:
+    """``convert --plan``: print the plan table (and JSON to ``json_out``, ``-`` = stdout); writes nothing else."""
+    overrides = {"data_root": str(data_root) if data_root is not None else None}
+    cfg = load_config(work_dir, config_file, overrides, dump=False)
+    rows = plan_convert(cfg)
+    budget = float(convert_options(cfg)["max_failed_fraction"])
+    if json_out == "-":
+        click.echo(json.dumps({"resolution_zyx": list(cfg.resolution_zyx), "crops": rows}, indent=2))
+        return 0
+    click.echo(plan_table(rows, budget))
+    if json_out:
+        atomic_write_text(Path(json_out), json.dumps({"resolution_zyx": list(cfg.resolution_zyx), "crops": rows}, indent=2) + "\n")
+    return 0
 
 
 def default_workers() -> int:

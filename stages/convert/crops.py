@@ -235,8 +235,6 @@ def plan_crop(ref: CropRef, st: Settings) -> Plan:
         raise CropProblem(FAILED, "EM: " + _short(str(exc), ref)) from None
     red = plan_geometry(lab, em_levels, st.resolution_zyx)
     warnings = [f"EM {w}" for w in pyramid_issues(em_levels)]
-    if any(red.dropped):
-        warnings.append(f"trailing partial block dropped: {list(red.dropped)} EM s0 voxels (z, y, x)")
     # instance vs semantic matters only when composing from class arrays
     inst = {} if "all" in levels else {name: _is_instance(ref.group / name, name) for name in annotated}
     return Plan(ref, chosen, red, annotated, inst, warnings)
@@ -442,6 +440,8 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
             return {**previous, "reused": True}
         for w in plan.warnings:
             log.warning("%s: %s", ref.case, w)
+        if any(plan.red.dropped):  # the documented rule, recorded as dropped_em_voxels
+            log.info("%s: trailing partial block dropped: %s EM s0 voxels (z, y, x)", ref.case, list(plan.red.dropped))
         label = build_label(plan, st)
         try:
             image = read_image(plan, em_arr)
