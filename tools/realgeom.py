@@ -90,8 +90,14 @@ def eligible(c: RealCrop, classes: tuple[str, ...] = DEFAULT_CLASSES, max_nm: fl
 
 
 def em_value(z: Any, y: Any, x: Any) -> Any:
-    """EM s0 value at index (z, y, x): ``(3z + 5y + 7x) mod 251 + 1`` (never the fill value 0)."""
-    return (3 * z + 5 * y + 7 * x) % 251 + 1
+    """EM s0 value at index (z, y, x), never the fill value 0: a ramp ``(3z + 5y + 7x) mod 190``
+    plus 6 bits of hashed noise, so it deflates about as poorly as real FIB-SEM (not like a ramp)."""
+    z, y, x = (np.asarray(v).astype(np.uint64) for v in (z, y, x))
+    h = (z * np.uint64(73856093)) ^ (y * np.uint64(19349663)) ^ (x * np.uint64(83492791))
+    h = (h ^ (h >> np.uint64(13))) * np.uint64(0x5BD1E995)
+    noise = ((h ^ (h >> np.uint64(15))) >> np.uint64(7)) % np.uint64(64)
+    ramp = (np.uint64(3) * z + np.uint64(5) * y + np.uint64(7) * x) % np.uint64(190)
+    return (ramp + noise + np.uint64(1)).astype(np.int64)
 
 
 def em_block(cut: tuple[slice, slice, slice]) -> np.ndarray:
@@ -137,13 +143,15 @@ def _ids_for(c: RealCrop) -> list[int]:
     return sorted(set(ids))
 
 
-def label_ids(shape: tuple[int, ...], ids: list[int], rng: np.random.Generator, cell: int = 3) -> np.ndarray:
-    """An ``all`` id map: 3-voxel cells of random ids (edges straddle pooling blocks), some 0."""
+def label_ids(shape: tuple[int, ...], ids: list[int], rng: np.random.Generator, cell: int = 3,
+              noise_fraction: float = 0.15) -> np.ndarray:
+    """An ``all`` id map: ``cell``-voxel cubes of random ids (3: edges straddle pooling blocks), some 0,
+    and ``noise_fraction`` single voxels of another id."""
     coarse = tuple(-(-s // cell) for s in shape)
     choices = np.array([0, *ids], np.uint8)
     grid = choices[rng.integers(0, len(choices), coarse)]
     a = grid.repeat(cell, 0).repeat(cell, 1).repeat(cell, 2)[: shape[0], : shape[1], : shape[2]]
-    noise = rng.random(shape) < 0.15  # single voxels of another id
+    noise = rng.random(shape) < noise_fraction
     a = a.copy()
     a[noise] = choices[rng.integers(0, len(choices), int(noise.sum()))]
     return np.ascontiguousarray(a)
@@ -212,7 +220,7 @@ class RealGeomInfo:
 
 
 def make_realgeom_tree(root: str | Path, crops: list[str] | None = None, seed: int = 0,
-                       lo: int = 8, hi: int = 24) -> RealGeomInfo:
+                       lo: int = 8, hi: int = 24, cell: int = 3, noise_fraction: float = 0.15) -> RealGeomInfo:
     """Write the tree for ``crops`` (default: every crop eligible at 8 nm) under ``root`` (replaced).
 
     Args:
@@ -220,6 +228,7 @@ def make_realgeom_tree(root: str | Path, crops: list[str] | None = None, seed: i
         crops: crop ids (train rows of ``real_crops.csv``).
         seed: RNG seed of the shrunk shapes and label ids.
         lo, hi: label voxels per axis of a shrunk crop.
+        cell, noise_fraction: label structure (see :func:`label_ids`; benches use larger cells).
     """
     root = Path(root)
     if root.exists():
@@ -239,11 +248,12 @@ def make_realgeom_tree(root: str | Path, crops: list[str] | None = None, seed: i
         info.em[c.dataset] = em
         by_ds.setdefault(c.dataset, []).append(small)
     for ds, group in sorted(by_ds.items()):
-        _write_dataset(root, ds, group, info, rng)
+        _write_dataset(root, ds, group, info, rng, cell, noise_fraction)
     return info
 
 
-def _write_dataset(root: Path, ds: str, crops: list[RealCrop], info: RealGeomInfo, rng: np.random.Generator) -> None:
+def _write_dataset(root: Path, ds: str, crops: list[RealCrop], info: RealGeomInfo, rng: np.random.Generator,
+                   cell: int = 3, noise_fraction: float = 0.15) -> None:
     zroot = root / ds / f"{ds}.zarr"
     e, te = info.em[ds]
     boxes = []
@@ -276,7 +286,7 @@ def _write_dataset(root: Path, ds: str, crops: list[RealCrop], info: RealGeomInf
     _group(gt)
     for c in crops:
         ids = _ids_for(c)
-        a = label_ids(c.shape, ids, rng)
+        a = label_ids(c.shape, ids, rng, cell, noise_fraction)
         annotated = [n for n in DEFAULT_CLASSES if n in c.classes]
         crop_dir = gt / f"crop{c.crop}"
         _group(crop_dir, {"cellmap": {"annotation": {"class_names": annotated}}})
