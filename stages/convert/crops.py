@@ -39,7 +39,7 @@ from common.ngff import (
 )
 from common.nifti import zyx_to_affine
 from common.workdir import digest
-from stages.convert.pooling import pool_labels
+from stages.convert.pooling import pool_ids, pool_labels
 from stages.convert.writer import write_nifti_gz
 
 log = logging.getLogger("cellmap.convert")
@@ -322,14 +322,11 @@ def _read(arr: Any, name: str, level: Level, region: tuple[slice, ...]) -> np.nd
         raise CropProblem(FAILED, f"unreadable chunk in {name}/{level.path}: {type(exc).__name__}: {exc}") from None
 
 
-def _codes_from_all(a: np.ndarray, lut: np.ndarray, unannotated: bool) -> np.ndarray:
-    if a.dtype != np.uint8:  # ids beyond the table are unknown, never wrapped
-        label = np.take(lut, np.where(a > 255, SOURCE_UNKNOWN, a).astype(np.uint8))
-    else:
-        label = np.take(lut, a)  # faster than lut[a] for uint8 indices
-    if unannotated:
-        label[a == 0] = _UNKNOWN
-    return label
+def _ids_u8(a: np.ndarray) -> np.ndarray:
+    """``all`` ids as uint8; ids beyond the table (> 255) become 255, which maps to unknown (never wrapped)."""
+    if a.dtype == np.uint8:
+        return a
+    return np.where(a > 255, SOURCE_UNKNOWN, a).astype(np.uint8)
 
 
 def build_label(plan: Plan, st: Settings) -> np.ndarray:
@@ -345,6 +342,8 @@ def build_label(plan: Plan, st: Settings) -> np.ndarray:
     unannotated = len(plan.annotated) < len(st.classes)
     mapping = LabelMapping(st.classes, _UNKNOWN)
     lut = mapping.lookup_table()
+    if unannotated:  # a 0 in `all` is no annotation for the classes this crop lacks
+        lut[0] = _UNKNOWN
     cz, cy, cx = red.label_cut
     rz = red.label_factor[0]
     out = np.empty(red.out.shape, np.uint8)
@@ -354,7 +353,8 @@ def build_label(plan: Plan, st: Settings) -> np.ndarray:
     for j0, j1 in _slabs(red.out.shape[0], rz, (cy.stop - cy.start) * (cx.stop - cx.start)):
         region = (slice(j0 * rz, j1 * rz), cy, cx)
         if use_all:
-            codes = _codes_from_all(_read(arrs["all"], "all", plan.arrays["all"], region), lut, unannotated)
+            ids = _ids_u8(_read(arrs["all"], "all", plan.arrays["all"], region))
+            out[j0:j1] = pool_ids(ids, red.label_factor, lut, _UNKNOWN)
         else:
             shape = tuple(sl.stop - sl.start for sl in region)
             codes = np.full(shape, _UNKNOWN if unannotated else 0, np.uint8)
@@ -369,7 +369,7 @@ def build_label(plan: Plan, st: Settings) -> np.ndarray:
                 hits += present
             codes[unknown & (hits == 0)] = _UNKNOWN
             codes[hits > 1] = _UNKNOWN  # two classes claim a voxel: do not guess
-        out[j0:j1] = pool_labels(codes, red.label_factor, _UNKNOWN)
+            out[j0:j1] = pool_labels(codes, red.label_factor, _UNKNOWN)
     return out
 
 

@@ -57,3 +57,46 @@ def pool_labels(codes: np.ndarray, factor: Sequence[int], unknown: int = 255) ->
         best_n[better] = cnt[better]
     best[2 * n_unknown.astype(np.uint32) > n] = unknown
     return best
+
+
+def _mode_rows(codes: np.ndarray, unknown: int) -> np.ndarray:
+    """The block rule on rows of codes (``(m, n)`` uint8)."""
+    m, n = codes.shape
+    best = np.zeros(m, np.uint8)
+    best_n = np.zeros(m, np.int32)
+    n_unknown = np.zeros(m, np.int32)
+    for v in np.flatnonzero(np.bincount(codes.ravel(), minlength=256)):  # ascending: ties keep the smaller
+        cnt = np.count_nonzero(codes == v, axis=1).astype(np.int32)
+        if v == unknown:
+            n_unknown = cnt
+            continue
+        better = cnt > best_n
+        best[better] = v
+        best_n[better] = cnt[better]
+    best[2 * n_unknown > n] = unknown
+    return best
+
+
+def pool_ids(ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: int = 255) -> np.ndarray:
+    """Map uint8 source ids through ``lut`` to codes and apply the block rule, without mapping every voxel.
+
+    Equal to ``pool_labels(lut[ids], factor, unknown)`` (a test checks it): a block whose
+    source ids are all equal is that id's code (most blocks of real label maps); only
+    the other blocks are gathered, mapped and counted. Works on the ``fz fy fx``
+    strided sub-lattices of ``ids`` (views), so no transposed copy of the input is made.
+    """
+    f = tuple(int(v) for v in factor)
+    if f == (1, 1, 1):
+        return np.take(lut, ids)
+    fz, fy, fx = f
+    subs = [ids[dz::fz, dy::fy, dx::fx] for dz in range(fz) for dy in range(fy) for dx in range(fx)]
+    first = subs[0]
+    uniform = np.ones(first.shape, bool)
+    for sub in subs[1:]:
+        uniform &= sub == first
+    out = np.take(lut, first)
+    rest = np.nonzero(~uniform)
+    if rest[0].size:
+        rows = np.stack([sub[rest] for sub in subs], axis=1)  # (m, n) source ids of the mixed blocks
+        out[rest] = _mode_rows(np.take(lut, rows), unknown)
+    return out
