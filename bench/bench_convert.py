@@ -153,7 +153,7 @@ def run(work: Path) -> dict[str, Any]:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     crops = bench_crops()
-    t_gen, info = _timed(lambda: make_realgeom_tree(work / "data", crops, lo=SIZE, hi=SIZE, cell=24, noise_fraction=0.002))
+    t_gen, info = _timed(lambda: make_realgeom_tree(work / "data", crops, lo=SIZE, hi=SIZE, cell=25, noise_fraction=0.002))
     workers = default_workers()
     keys = {"data_root": str(info.root), "resolution_nm": 4, "classes": CLASSES, "convert": {"report_png": False}}
 
