@@ -31,8 +31,13 @@ def test_block_rule_by_hand() -> None:
 
 
 @pytest.mark.parametrize("factor", [(2, 2, 2), (1, 2, 2), (4, 4, 4), (3, 1, 2)])
-def test_fast_path_equals_the_plain_rule(factor: tuple[int, int, int]) -> None:
-    """pool_ids (uniform blocks skipped) == pool_labels(lut[ids]) on smooth and on noisy maps."""
+@pytest.mark.parametrize("cache_bytes", [1 << 19, 64])
+def test_fast_path_equals_the_plain_rule(factor: tuple[int, int, int], cache_bytes: int,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """pool_ids (uniform blocks skipped, in cache-sized z slabs) == pool_labels(lut[ids]), smooth and noisy maps."""
+    import stages.convert.pooling as pooling
+
+    monkeypatch.setattr(pooling, "CACHE_BYTES", cache_bytes)
     rng = np.random.default_rng(sum(factor))
     lut = np.zeros(256, np.uint8)
     lut[[1, 2, 3, 28]] = [1, 2, 3, 14]

@@ -96,6 +96,7 @@ def _mode_rows(codes: np.ndarray, unknown: int) -> np.ndarray:
 
 
 _WORD = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+CACHE_BYTES = 1 << 19  # input handled at a time by pool_ids (fits in L2: the mixed-block gathers stay cached)
 
 
 def pool_ids(ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: int = 255) -> np.ndarray:
@@ -110,6 +111,17 @@ def pool_ids(ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: i
     f = tuple(int(v) for v in factor)
     if f == (1, 1, 1):
         return np.take(lut, ids)
+    nz = ids.shape[0] // f[0]
+    step = max(1, CACHE_BYTES // max(1, f[0] * ids.shape[1] * ids.shape[2]))
+    if nz > step:
+        out = np.empty((nz, ids.shape[1] // f[1], ids.shape[2] // f[2]), np.uint8)
+        for j in range(0, nz, step):
+            out[j: j + step] = _pool_ids(ids[j * f[0]: (j + step) * f[0]], f, lut, unknown)  # type: ignore[arg-type]
+        return out
+    return _pool_ids(ids, f, lut, unknown)  # type: ignore[arg-type]
+
+
+def _pool_ids(ids: np.ndarray, f: tuple[int, int, int], lut: np.ndarray, unknown: int) -> np.ndarray:
     fz, fy, fx = f
     word = _WORD.get(fx)
     if word is not None and ids.flags.c_contiguous:
