@@ -76,6 +76,26 @@ def test_no_crop_converted_exits_1_with_report(synth: SyntheticInfo, tmp_path: P
     assert read_json(tmp_path / "w/reports/convert.json")["counts"]["failed"] == 2
 
 
+def test_plan_writes_nothing_and_the_budget_fails_the_stage(synth: SyntheticInfo, tmp_path: Path) -> None:
+    import json
+
+    wd = tmp_path / "w"
+    plan = _cli("--work-dir", str(wd), "--data-root", str(synth.root), "--plan", "--plan-json", "-")
+    assert plan.returncode == 0, plan.stderr
+    rows = {r["crop"]: r for r in json.loads(plan.stdout)["crops"]}
+    assert rows["1"]["status"] == "convert" and rows["1"]["em_factor"] == [2, 2, 2] and rows["1"]["label_factor"] == [4, 4, 4]
+    assert rows["5"]["status"] == "failed" and "never fetched" in rows["5"]["reason"]
+    assert rows["3"]["status"] == "skipped"
+    assert not wd.exists()  # no work dir, no pipeline.yaml, no log
+    table = _cli("--work-dir", str(wd), "--data-root", str(synth.root), "--plan")
+    assert table.returncode == 0 and "OVER the 2 % budget" in table.stdout and "jrc_synth-1_crop1 " in table.stdout
+    assert not wd.exists()
+    res = _cli("--work-dir", str(wd), "--data-root", str(synth.root), "--workers", "1")
+    assert res.returncode == 1, res.stderr
+    assert "convert.max_failed_fraction 2 %" in res.stderr and "crop8: off-grid" in res.stdout
+    assert (wd / "nifti_data" / "datalist.json").is_file()
+
+
 # ---- shards -----------------------------------------------------------------------------
 def test_shards_then_merge_equal_one_run(synth: SyntheticInfo, tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"

@@ -253,7 +253,8 @@ def test_sample_of_off_grid_crops_voxel_for_voxel_at_8_and_4_nm(sample: RealGeom
 
 @pytest.mark.slow
 def test_whole_real_train_geometry_converts_at_8nm(tmp_path: Path) -> None:
-    """Every eligible train crop (245, shapes shrunk): >= 98 % convert, each equal to the independent expectation."""
+    """Every eligible train crop (245, shapes shrunk): >= 98 % convert at 8 nm and all that EM s0 allows at
+    4 nm, each equal to the independent expectation."""
     info = make_realgeom_tree(tmp_path / "data")
     assert len(info.crops) == 245
     wd, summary = _convert(info, tmp_path, "w", workers=2, resolution_nm=8)
@@ -261,3 +262,10 @@ def test_whole_real_train_geometry_converts_at_8nm(tmp_path: Path) -> None:
     assert _check_converted(info, wd, summary.records, 8.0) == summary.count("converted")
     rep = read_json(wd.reports_dir / "convert.json")
     assert sum(v["converted"] for v in rep["by_dataset"].values()) == summary.count("converted")
+    assert rep["split"]["leaks"] == []
+    # 4 nm on the same tree: every crop with label s0 <= 4 nm in a dataset whose EM s0 allows it
+    wd4, s4 = _convert(info, tmp_path, "w4", workers=2, resolution_nm=4)
+    want4 = {c.crop for c in info.crops.values() if max(c.voxel_size) <= 4 and info.em[c.dataset][0][1] <= 4}
+    assert len(want4) == 134 and {r["crop"] for r in s4.records if r["status"] == "converted"} == want4
+    assert s4.count("failed") == 0
+    assert _check_converted(info, wd4, s4.records, 4.0) == 134
