@@ -18,6 +18,7 @@ so callers can put it in a report as the reason.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ import numpy as np
 
 from common.errors import PipelineError
 
+# errnos that say the storage or the permissions are broken (not one crop's data):
+# whoever meets one stops the stage instead of failing a single crop
+ENV_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EACCES, errno.EPERM, errno.EROFS, errno.EDQUOT})
 GRID_TOL = 1e-3  # cut indices must be integers within this (in voxels)
 SCALE_RTOL = 1e-6  # voxel sizes are "equal" within this relative tolerance
 AXES = ("z", "y", "x")
@@ -82,7 +86,11 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
         raise NgffError(f"{path.parent}: missing {path.name} ({what})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno in ENV_ERRNOS:  # the storage, not this file's content: callers stop
+            raise
+        raise NgffError(f"{path}: unreadable {what} ({exc})") from None
+    except ValueError as exc:
         raise NgffError(f"{path}: unreadable {what} ({exc})") from None
     if not isinstance(data, dict):
         raise NgffError(f"{path}: {what} is not a JSON object")
@@ -148,6 +156,9 @@ def read_multiscales(group_path: str | Path) -> list[Level]:
         path = str(ds.get("path", "")) if isinstance(ds, dict) else ""
         if not path:
             raise NgffError(f"{group}: a multiscales dataset has no path")
+        inside = group.resolve()
+        if (group / path).resolve().parent != inside or "\n" in path:  # never another crop's array
+            raise NgffError(f"{group}: multiscales dataset path {path!r} is not an array of this group")
         where = f"{group}/{path}"
         s, t = _transforms(ds.get("coordinateTransformations"), where)
         zarray = _read_json(group / path / ".zarray", "array metadata")

@@ -151,6 +151,20 @@ def _remove_own_tmp(directory: Path, refs: list[CropRef], sep: str = "_") -> Non
             p.unlink(missing_ok=True)
 
 
+def die_with_parent() -> None:
+    """Worker initializer: the kernel kills this worker when the convert process dies (Linux prctl)."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: workers exit when the call queue breaks
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(1)
+
+
 def _convert_all(refs: list[CropRef], st: Settings, records_dir: Path, workers: int, progress: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Convert ``refs`` (reusing up-to-date records); returns records by case and new cases."""
     previous = {r.case: _read_record(records_dir / f"{r.case}.json") for r in refs}
@@ -171,7 +185,8 @@ def _convert_all(refs: list[CropRef], st: Settings, records_dir: Path, workers: 
             bar.update()
     else:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(refs)), mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=min(workers, len(refs)), mp_context=ctx,
+                                 initializer=die_with_parent) as pool:
             futs = [pool.submit(convert_crop, r, st, previous[r.case]) for r in refs]
             for fut in as_completed(futs):
                 done(fut.result())

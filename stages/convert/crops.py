@@ -20,8 +20,10 @@ from typing import Any
 import numpy as np
 import zarr
 
-from common.classes import INSTANCE_CLASSES, SOURCE_UNKNOWN, LabelMapping
+from common.classes import ID_TO_NAME, INSTANCE_CLASSES, SOURCE_UNKNOWN, LabelMapping
+from common.errors import StageFailed
 from common.ngff import (
+    ENV_ERRNOS,
     SCALE_RTOL,
     Level,
     NeverFetchedError,
@@ -47,7 +49,7 @@ log = logging.getLogger("cellmap.convert")
 CONVERTER_VERSION = 3  # bump when the outputs of identical inputs change
 EM_GROUP = "recon-1/em/fibsem-uint8"
 GT_GROUP = "recon-1/labels/groundtruth"
-_CROP_RE = re.compile(r"^crop(\d+)$")
+_CROP_RE = re.compile(r"crop([0-9]+)")  # fullmatch: "crop1\n" is not a crop
 _UNKNOWN = 255  # internal unknown code, remapped to the configured unknown_label at the end
 
 CONVERTED, SKIPPED, FAILED = "converted", "skipped", "failed"
@@ -93,6 +95,29 @@ class Settings:
         d.pop("out_dir")
         d["converter_version"] = CONVERTER_VERSION
         return d
+
+
+class StorageFailure(StageFailed):
+    """A storage or permission error (ENOSPC, EIO, EACCES, ...): the stage stops (exit 1)."""
+
+
+def environment_error(exc: BaseException) -> OSError | None:
+    """The storage-level ``OSError`` behind ``exc`` (itself or its cause/context), if any."""
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            return None
+        if isinstance(seen, OSError) and seen.errno in ENV_ERRNOS:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _stop_if_environment(exc: BaseException, ref: CropRef) -> None:
+    err = environment_error(exc)
+    if err is not None:
+        raise StorageFailure(f"{ref.case}: {err.strerror or err} ({err.filename or 'storage'}): "
+                             "a storage or permission error stops the stage") from None
 
 
 class CropProblem(Exception):
@@ -147,7 +172,7 @@ def discover_crops(data_root: Path, datasets: list[str] | None = None, crops: li
         if not gt.is_dir():
             continue
         for c in gt.iterdir():
-            m = _CROP_RE.match(c.name)
+            m = _CROP_RE.fullmatch(c.name)
             if m and c.is_dir() and (not crops or m.group(1) in crops):
                 out.append(CropRef(ds_dir.name, m.group(1), str(ds_dir / f"{ds_dir.name}.zarr")))
     return sorted(out, key=CropRef.sort_key)
@@ -229,11 +254,16 @@ def plan_crop(ref: CropRef, st: Settings) -> Plan:
         chosen[name] = m
     try:
         em_levels = _em_levels(str(ref.em_group), (ref.em_group / ".zattrs").stat().st_mtime_ns)
-    except OSError:
+    except OSError as exc:
+        _stop_if_environment(exc, ref)
         raise CropProblem(FAILED, f"EM: {EM_GROUP}: missing .zattrs") from None
     except NgffError as exc:
         raise CropProblem(FAILED, "EM: " + _short(str(exc), ref)) from None
     red = plan_geometry(lab, em_levels, st.resolution_zyx)
+    need, have = memory_needed(red), available_memory()
+    if have is not None and need > MEMORY_SHARE * have:
+        raise CropProblem(FAILED, f"too large: converting needs ~{need / 2**30:.1f} GiB in memory "
+                                  f"(output {red.out.shape}), {have / 2**30:.1f} GiB available")
     warnings = [f"EM {w}" for w in pyramid_issues(em_levels)]
     # instance vs semantic matters only when composing from class arrays
     inst = {} if "all" in levels else {name: _is_instance(ref.group / name, name) for name in annotated}
@@ -299,6 +329,29 @@ def inputs_digest(plan: Plan, st: Settings, em_arr: Any) -> str:
     ])
 
 
+MEMORY_SHARE = 0.5  # a crop may plan on half the available memory (workers run side by side)
+
+
+def memory_needed(red: Reduction) -> int:
+    """Bytes one crop holds at most: both uint8 outputs plus one EM and one label slab (ids, codes, masks)."""
+    out = int(np.prod(red.out.shape, dtype=np.int64))
+    em_in = int(np.prod([c.stop - c.start for c in red.em_cut], dtype=np.int64))
+    label_in = int(np.prod([c.stop - c.start for c in red.label_cut], dtype=np.int64))
+    return 2 * out + 6 * min(SLAB_VOXELS, max(em_in, label_in))
+
+
+def available_memory() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` in bytes (``None`` where unknown)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 SLAB_VOXELS = 1 << 25  # input voxels read and reduced at a time (bounded memory for 6.5 G-voxel crops)
 
 
@@ -310,16 +363,47 @@ def _slabs(n_out: int, factor: int, plane_voxels: int) -> list[tuple[int, int]]:
 
 def _open_label(ref: CropRef, name: str, level: Level) -> Any:
     try:
-        return zarr.open_array(str(ref.group / name / level.path), mode="r")
+        arr = zarr.open_array(str(ref.group / name / level.path), mode="r")
     except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for bad metadata
+        _stop_if_environment(exc, ref)
         raise CropProblem(FAILED, f"unreadable array {name}/{level.path}: {type(exc).__name__}: {exc}") from None
+    if arr.dtype.kind != "u":  # the encodings are unsigned: 0 absent, 1 present / ids, 255 unknown
+        raise CropProblem(FAILED, f"{name}/{level.path}: dtype {arr.dtype}, expected unsigned integers")
+    return arr
 
 
-def _read(arr: Any, name: str, level: Level, region: tuple[slice, ...]) -> np.ndarray:
+def _read(arr: Any, name: str, level: Level, region: tuple[slice, ...], ref: CropRef | None = None) -> np.ndarray:
     try:
         return np.asarray(arr[region])
     except Exception as exc:  # noqa: BLE001 - zarr/numcodecs raise many kinds for bad chunks
+        if ref is not None:
+            _stop_if_environment(exc, ref)
         raise CropProblem(FAILED, f"unreadable chunk in {name}/{level.path}: {type(exc).__name__}: {exc}") from None
+
+
+# `all` ids a crop may hold: 0, the declared unknown 255 and the class table
+_KNOWN_IDS = np.zeros(256, bool)
+_KNOWN_IDS[[0, SOURCE_UNKNOWN, *ID_TO_NAME]] = True
+
+
+def _check_all_ids(a: np.ndarray, where: str) -> None:
+    """Fail on ``all`` ids outside the class table (a wider dtype's ids > 255 included)."""
+    if a.dtype != np.uint8 and a.size and int(a.max()) > 255:
+        bad = np.unique(a[a > 255])[:5].tolist()
+        raise CropProblem(FAILED, f"{where}: ids outside the class table: {bad}")
+    present = np.flatnonzero(np.bincount(a.ravel().astype(np.uint8, copy=False), minlength=256))
+    bad = [int(v) for v in present if not _KNOWN_IDS[v]]
+    if bad:
+        raise CropProblem(FAILED, f"{where}: ids outside the class table: {bad[:5]}")
+
+
+def _check_semantic(a: np.ndarray, where: str) -> None:
+    """Fail on semantic values outside the encoding {0 absent, 1 present, 255 unknown}."""
+    flat = a.ravel() if a.dtype == np.uint8 else np.minimum(a.ravel(), 256).astype(np.uint16)
+    present = np.flatnonzero(np.bincount(flat, minlength=257))
+    bad = [int(v) for v in present if v not in (0, 1, SOURCE_UNKNOWN)]
+    if bad:
+        raise CropProblem(FAILED, f"{where}: values outside the semantic encoding {{0, 1, 255}}: {bad[:5]}")
 
 
 def _ids_u8(a: np.ndarray) -> np.ndarray:
@@ -353,15 +437,18 @@ def build_label(plan: Plan, st: Settings) -> np.ndarray:
     for j0, j1 in _slabs(red.out.shape[0], rz, (cy.stop - cy.start) * (cx.stop - cx.start)):
         region = (slice(j0 * rz, j1 * rz), cy, cx)
         if use_all:
-            ids = _ids_u8(_read(arrs["all"], "all", plan.arrays["all"], region))
-            out[j0:j1] = pool_ids(ids, red.label_factor, lut, _UNKNOWN)
+            raw = _read(arrs["all"], "all", plan.arrays["all"], region, ref)
+            _check_all_ids(raw, f"all/{plan.arrays['all'].path}")
+            out[j0:j1] = pool_ids(_ids_u8(raw), red.label_factor, lut, _UNKNOWN)
         else:
             shape = tuple(sl.stop - sl.start for sl in region)
             codes = np.full(shape, _UNKNOWN if unannotated else 0, np.uint8)
             hits = np.zeros(shape, np.uint8)
             unknown = np.zeros(shape, bool)
             for name in names:
-                arr = _read(arrs[name], name, plan.arrays[name], region)
+                arr = _read(arrs[name], name, plan.arrays[name], region, ref)
+                if not plan.instance.get(name):
+                    _check_semantic(arr, f"{name}/{plan.arrays[name].path}")
                 present = arr > 0 if plan.instance.get(name) else arr == 1
                 if not plan.instance.get(name):
                     unknown |= arr == SOURCE_UNKNOWN
@@ -450,6 +537,7 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
         except CropProblem:
             raise
         except Exception as exc:  # noqa: BLE001 - corrupt EM chunk
+            _stop_if_environment(exc, ref)
             raise CropProblem(FAILED, f"unreadable chunk in EM {plan.em_level.path}: {type(exc).__name__}: {exc}") from None
         lab = plan.red.out
         affine = zyx_to_affine(lab.scale, lab.translation)
@@ -477,6 +565,7 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
         rec.update(status=exc.status, reason=exc.reason)
         return rec
     except Exception as exc:  # noqa: BLE001 - one bad crop must not stop the others
+        _stop_if_environment(exc, ref)
         log.exception("%s: unexpected error", ref.case)
         rec.update(status=FAILED, reason=f"{type(exc).__name__}: {exc}".splitlines()[0])
         return rec
