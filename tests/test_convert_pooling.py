@@ -56,3 +56,16 @@ def test_block_mean_rounds_half_up() -> None:
     np.testing.assert_array_equal(block_mean_u8(a, (1, 2, 2)), [[[126, 129]]])
     big = np.full((4, 4, 4), 255, np.uint8)  # 64-voxel sums do not overflow
     assert block_mean_u8(big, (4, 4, 4)).item() == 255
+
+
+@pytest.mark.parametrize("factor", [(1, 1, 1), (2, 2, 2), (3, 1, 2)])
+def test_an_invalid_id_is_found_even_as_a_minority_voxel(factor: tuple[int, int, int]) -> None:
+    from stages.convert.pooling import InvalidIds
+
+    lut = np.arange(256, dtype=np.uint8)
+    lut[200] = 254
+    ids = np.ones(tuple(4 * f for f in factor), np.uint8)
+    pool_ids(ids, factor, lut, U, invalid=254)  # clean: no error
+    ids[1, 2, 3] = 200  # one voxel of a block that is otherwise 1
+    with pytest.raises(InvalidIds):
+        pool_ids(ids, factor, lut, U, invalid=254)

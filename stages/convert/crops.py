@@ -41,7 +41,7 @@ from common.ngff import (
 )
 from common.nifti import zyx_to_affine
 from common.workdir import digest
-from stages.convert.pooling import pool_ids, pool_labels
+from stages.convert.pooling import InvalidIds, pool_ids, pool_labels
 from stages.convert.writer import write_nifti_gz
 
 log = logging.getLogger("cellmap.convert")
@@ -386,15 +386,13 @@ _KNOWN_IDS = np.zeros(256, bool)
 _KNOWN_IDS[[0, SOURCE_UNKNOWN, *ID_TO_NAME]] = True
 
 
-def _check_all_ids(a: np.ndarray, where: str) -> None:
-    """Fail on ``all`` ids outside the class table (a wider dtype's ids > 255 included)."""
-    if a.dtype != np.uint8 and a.size and int(a.max()) > 255:
-        bad = np.unique(a[a > 255])[:5].tolist()
-        raise CropProblem(FAILED, f"{where}: ids outside the class table: {bad}")
-    present = np.flatnonzero(np.bincount(a.ravel().astype(np.uint8, copy=False), minlength=256))
-    bad = [int(v) for v in present if not _KNOWN_IDS[v]]
-    if bad:
-        raise CropProblem(FAILED, f"{where}: ids outside the class table: {bad[:5]}")
+_INVALID = 254  # internal code of ids outside the class table (never a class value: classes < 254)
+
+
+def _bad_ids(a: np.ndarray) -> list[int]:
+    """``all`` ids outside the class table (slow path: only once a crop is known to hold some)."""
+    vals = np.unique(a)
+    return [int(v) for v in vals if v > 255 or not _KNOWN_IDS[int(v)]][:5]
 
 
 def _check_semantic(a: np.ndarray, where: str) -> None:
@@ -428,6 +426,7 @@ def build_label(plan: Plan, st: Settings) -> np.ndarray:
     lut = mapping.lookup_table()
     if unannotated:  # a 0 in `all` is no annotation for the classes this crop lacks
         lut[0] = _UNKNOWN
+    lut[~_KNOWN_IDS] = _INVALID  # ids outside the class table fail the crop (pool_ids sees every voxel)
     cz, cy, cx = red.label_cut
     rz = red.label_factor[0]
     out = np.empty(red.out.shape, np.uint8)
@@ -438,8 +437,13 @@ def build_label(plan: Plan, st: Settings) -> np.ndarray:
         region = (slice(j0 * rz, j1 * rz), cy, cx)
         if use_all:
             raw = _read(arrs["all"], "all", plan.arrays["all"], region, ref)
-            _check_all_ids(raw, f"all/{plan.arrays['all'].path}")
-            out[j0:j1] = pool_ids(_ids_u8(raw), red.label_factor, lut, _UNKNOWN)
+            where = f"all/{plan.arrays['all'].path}"
+            if raw.dtype != np.uint8 and raw.size and int(raw.max()) > 255:
+                raise CropProblem(FAILED, f"{where}: ids outside the class table: {_bad_ids(raw)}")
+            try:
+                out[j0:j1] = pool_ids(_ids_u8(raw), red.label_factor, lut, _UNKNOWN, _INVALID)
+            except InvalidIds:
+                raise CropProblem(FAILED, f"{where}: ids outside the class table: {_bad_ids(raw)}") from None
         else:
             shape = tuple(sl.stop - sl.start for sl in region)
             codes = np.full(shape, _UNKNOWN if unannotated else 0, np.uint8)

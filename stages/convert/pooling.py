@@ -99,7 +99,12 @@ _WORD = {2: np.uint16, 4: np.uint32, 8: np.uint64}
 CACHE_BYTES = 1 << 19  # input handled at a time by pool_ids (fits in L2: the mixed-block gathers stay cached)
 
 
-def pool_ids(ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: int = 255) -> np.ndarray:
+class InvalidIds(ValueError):
+    """Source ids that ``lut`` maps to the ``invalid`` code were found."""
+
+
+def pool_ids(ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: int = 255,
+             invalid: int | None = None) -> np.ndarray:
     """Map uint8 source ids through ``lut`` to codes and apply the block rule, without mapping every voxel.
 
     Equal to ``pool_labels(lut[ids], factor, unknown)`` (a test checks it): a block whose
@@ -107,21 +112,32 @@ def pool_ids(ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: i
     the other blocks are gathered, mapped and counted. The ``fx`` voxels of a block row
     are read as one 2/4/8-byte word where possible, and the ``fz fy`` rows as strided
     views, so no transposed copy of the input is made.
+
+    ``invalid``: a code ``lut`` gives to ids that must not occur; any such voxel (also a
+    minority one inside a mixed block) raises :class:`InvalidIds`. Every voxel is seen:
+    a uniform block through its first voxel, a mixed one through all of them.
     """
     f = tuple(int(v) for v in factor)
     if f == (1, 1, 1):
-        return np.take(lut, ids)
+        return _checked(np.take(lut, ids), invalid)
     nz = ids.shape[0] // f[0]
     step = max(1, CACHE_BYTES // max(1, f[0] * ids.shape[1] * ids.shape[2]))
     if nz > step:
         out = np.empty((nz, ids.shape[1] // f[1], ids.shape[2] // f[2]), np.uint8)
         for j in range(0, nz, step):
-            out[j: j + step] = _pool_ids(ids[j * f[0]: (j + step) * f[0]], f, lut, unknown)  # type: ignore[arg-type]
+            out[j: j + step] = _pool_ids(ids[j * f[0]: (j + step) * f[0]], f, lut, unknown, invalid)  # type: ignore[arg-type]
         return out
-    return _pool_ids(ids, f, lut, unknown)  # type: ignore[arg-type]
+    return _pool_ids(ids, f, lut, unknown, invalid)  # type: ignore[arg-type]
 
 
-def _pool_ids(ids: np.ndarray, f: tuple[int, int, int], lut: np.ndarray, unknown: int) -> np.ndarray:
+def _checked(codes: np.ndarray, invalid: int | None) -> np.ndarray:
+    if invalid is not None and (codes == invalid).any():
+        raise InvalidIds("invalid ids")
+    return codes
+
+
+def _pool_ids(ids: np.ndarray, f: tuple[int, int, int], lut: np.ndarray, unknown: int,
+              invalid: int | None = None) -> np.ndarray:
     fz, fy, fx = f
     word = _WORD.get(fx)
     if word is not None and ids.flags.c_contiguous:
@@ -133,7 +149,7 @@ def _pool_ids(ids: np.ndarray, f: tuple[int, int, int], lut: np.ndarray, unknown
         uniform = first_word == lo.astype(word) * rep
         for sub in subs[1:]:
             uniform &= sub == first_word
-        out = np.take(lut, lo)
+        out = _checked(np.take(lut, lo), invalid)
         mixed = np.flatnonzero(~uniform)
         if mixed.size:
             bz, rem = np.divmod(mixed, uniform.shape[1] * uniform.shape[2])
@@ -143,16 +159,16 @@ def _pool_ids(ids: np.ndarray, f: tuple[int, int, int], lut: np.ndarray, unknown
             flat = w.reshape(-1)
             rows = np.concatenate([np.take(flat, base + dz * zs + dy * ys).view(np.uint8).reshape(-1, fx)
                                    for dz in range(fz) for dy in range(fy)], axis=1)
-            out.reshape(-1)[mixed] = _mode_rows(np.take(lut, rows), unknown)
+            out.reshape(-1)[mixed] = _mode_rows(_checked(np.take(lut, rows), invalid), unknown)
         return out
     subs = [ids[dz::fz, dy::fy, dx::fx] for dz in range(fz) for dy in range(fy) for dx in range(fx)]
     first = subs[0]
     uniform = np.ones(first.shape, bool)
     for sub in subs[1:]:
         uniform &= sub == first
-    out = np.take(lut, first)
+    out = _checked(np.take(lut, first), invalid)
     rest = np.nonzero(~uniform)
     if rest[0].size:
         rows = np.stack([sub[rest] for sub in subs], axis=1)  # (m, n) source ids of the mixed blocks
-        out[rest] = _mode_rows(np.take(lut, rows), unknown)
+        out[rest] = _mode_rows(_checked(np.take(lut, rows), invalid), unknown)
     return out
