@@ -20,13 +20,43 @@ import yaml
 TMP_MARK = ".tmp-"
 
 
+def current_umask() -> int:
+    """The process umask (from /proc on Linux: setting it, even briefly, races other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def fsync_dir(directory: str | os.PathLike[str]) -> None:
+    """Make a rename inside ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems (and platforms) refuse fsync on a directory
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], durable: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; move it into place on success.
 
     The temporary name keeps the final suffix (``x.nii.gz`` -> ``.tmp-x-abc.nii.gz``)
     because some writers (nibabel) choose the format from it. On any exception the
-    temporary file is removed and the final file is left untouched.
+    temporary file is removed and the final file is left untouched. ``durable``: also
+    fsync the file and, after the rename, its directory (checkpoints: a power cut or a
+    node crash must not leave the new name pointing at unwritten blocks).
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -35,9 +65,20 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f"{TMP_MARK}{stem}-", suffix=suffix, dir=final.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    # mkstemp creates 0600 whatever the umask; give the file the mode open() would have
+    # (0666 & ~umask) so group members on shared storage can read what the pipeline wrote
+    os.chmod(tmp, 0o666 & ~current_umask())
     try:
         yield tmp
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         os.replace(tmp, final)
+        if durable:
+            fsync_dir(final.parent)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
