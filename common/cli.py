@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from common.errors import EXIT_FAILED, PipelineError, RequeueRequested
+from common.errors import EXIT_FAILED, EXIT_USAGE, PipelineError, RequeueRequested
 
 T = TypeVar("T")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -65,32 +66,62 @@ def select_shard(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
     return [it for k, it in enumerate(items) if k % n == i]
 
 
-def stage_command(stage: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap a click callback: one-line errors, documented exit codes.
+def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], lock_wd: Path | None,
+               wait: bool) -> int:
+    """Run one stage callback under its work-dir locks; the exit code of the contract."""
+    try:
+        if lock_wd is not None:
+            from common.lock import hold_locks, stage_lock_names
+
+            with hold_locks(lock_wd, stage_lock_names(stage, kwargs, lock_wd), wait=wait):
+                rc = fn(*args, **kwargs)
+        else:
+            rc = fn(*args, **kwargs)
+    except PipelineError as exc:
+        click.echo(f"error: {stage}: {exc}", err=True)
+        return exc.exit_code
+    except RequeueRequested as exc:
+        click.echo(f"{stage}: stopped for requeue: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo(f"error: {stage}: interrupted", err=True)
+        return 130
+    except Exception:  # noqa: BLE001 - the last line of defence, logged in full
+        logging.getLogger(f"cellmap.{stage}").exception("%s crashed", stage)
+        return EXIT_FAILED
+    return int(rc or 0)
+
+
+def stage_command(stage: str, lock: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a click callback: one-line errors, documented exit codes, one writer per work dir.
 
     ``PipelineError`` -> ``error: <message>`` and its exit code (2 or 1);
     ``RequeueRequested`` -> exit 75; anything else -> logged traceback, exit 1.
+
+    With ``lock`` (every stage), the run holds ``<work_dir>/locks/<stage>.lock`` (per shard,
+    per bundle for train: :func:`common.lock.stage_lock_names`) while it runs; a second run
+    says who holds it and exits 2, or waits with the ``--wait`` flag this adds.
     """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                rc = fn(*args, **kwargs)
-            except PipelineError as exc:
-                click.echo(f"error: {stage}: {exc}", err=True)
-                sys.exit(exc.exit_code)
-            except RequeueRequested as exc:
-                click.echo(f"{stage}: stopped for requeue: {exc}", err=True)
-                sys.exit(exc.exit_code)
-            except KeyboardInterrupt:
-                click.echo(f"error: {stage}: interrupted", err=True)
-                sys.exit(130)
-            except Exception:  # noqa: BLE001 - the last line of defence, logged in full
-                logging.getLogger(f"cellmap.{stage}").exception("%s crashed", stage)
-                sys.exit(EXIT_FAILED)
-            sys.exit(int(rc or 0))
+            wait = bool(kwargs.pop("wait_for_lock", False)) if lock else False
+            wd = Path(kwargs["work_dir"]).expanduser().resolve() if kwargs.get("work_dir") is not None else None
+            had_config = wd is None or (wd / "pipeline.yaml").exists()
+            rc = _run_stage(stage, fn, args, kwargs, wd if lock else None, wait)
+            if rc in (EXIT_FAILED, EXIT_USAGE) and not had_config and wd is not None:
+                # a run that failed must not leave its settings (a mistyped flag) as the work
+                # dir's pipeline.yaml, which every later run would silently reuse
+                with contextlib.suppress(OSError):
+                    (wd / "pipeline.yaml").unlink(missing_ok=True)
+            sys.exit(rc)
 
+        if lock:
+            wrapper = click.option(
+                "--wait", "wait_for_lock", is_flag=True,
+                help="If another run of this stage holds the work dir, wait for it instead of exiting 2.",
+            )(wrapper)
         return wrapper
 
     return deco
