@@ -463,6 +463,20 @@ def check_train_overrides(train: dict[str, Any], hyper_parameters: dict[str, Any
             raise ConfigError(f"{src}: 'train.{k}' must be a {_kind(have)} like the bundle's {have!r}, got {v!r}")
 
 
+def bundle_hyper_parameters(bundle: str | os.PathLike[str]) -> dict[str, Any]:
+    """Every top-level key of a bundle's ``configs/*.yaml`` (builtin: hyper_parameters.yaml;
+    official templates spread theirs over several files)."""
+    out: dict[str, Any] = {}
+    for f in sorted(Path(bundle, "configs").glob("*.yaml")):
+        try:
+            data = safe_load_limited(f.read_text(encoding="utf-8"), str(f))
+        except (OSError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict):
+            out.update(data)
+    return out
+
+
 def _apply_split(split: SplitConfig, value: Any, src: str) -> None:
     _check_type("split", value, (dict,), src)
     known = {f.name for f in dataclasses.fields(SplitConfig)}
