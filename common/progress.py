@@ -144,3 +144,39 @@ def progress(it: Iterable[T], desc: str, total: int | None = None, every_s: floa
         else:
             return tqdm(it, desc=desc, total=total, leave=False, file=stream)
     return _PlainProgress(it, desc, total, every_s, log or logging.getLogger("cellmap.progress"))
+
+
+class EventLog:
+    """TensorBoard event files beside ``metrics.jsonl`` (``<model_dir>/events/``), when the
+    ``tensorboard`` package is installed; otherwise nothing (metrics.jsonl stays the record)."""
+
+    def __init__(self, model_dir: Path, enabled: bool = True) -> None:
+        self.writer: Any = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except (ImportError, ModuleNotFoundError):
+            return
+        try:
+            self.writer = SummaryWriter(log_dir=str(Path(model_dir) / "events"))
+        except OSError as exc:
+            logging.getLogger("cellmap.progress").warning("no TensorBoard events: %s", exc)
+
+    def log_epoch(self, row: dict[str, Any]) -> None:
+        """One metrics row: train loss, lr, epoch time, mean and per-class Dice."""
+        if self.writer is None:
+            return
+        step = int(row["epoch"])
+        for key in ("train_loss", "lr", "epoch_time_s", "samples_per_s", "mean_dice"):
+            if isinstance(row.get(key), (int, float)):
+                self.writer.add_scalar(key, float(row[key]), step)
+        for name, v in (row.get("dice") or {}).items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(f"dice/{name}", float(v), step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
