@@ -131,3 +131,40 @@ def test_running_fold_status_torn_resume_and_signal_after_end(analysed: Path, tm
     out = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0, out[-3000:]
     assert json.loads(marker.read_text())["status"] == "done"
+
+
+def test_copied_work_dir_is_refused_then_rebased(analysed: Path, tmp_path: Path) -> None:  # noqa: F811
+    """Today a copied work dir trains into the original (bundles hold absolute paths)."""
+    import shutil
+
+    import yaml
+
+    orig = make_work(analysed, tmp_path / "orig", ["segresnet"], dict(TINY_TRAIN))
+    copy = tmp_path / "copy"
+    shutil.copytree(orig, copy)
+    for stage, args in (("train", ["--algo", "segresnet", "--fold", "0"]), ("ensemble", [])):
+        res = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--work-dir", str(copy), *args], cwd=ROOT,
+                             env=_env(), capture_output=True, text=True, timeout=300)
+        errs = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert res.returncode == 2 and len(errs) == 1, res.stderr[-2000:]
+        assert f"generated for work dir {orig}" in errs[0] and "a copied work dir" in errs[0]
+        assert f"python -m stages.bundlegen --work-dir {copy} --rebase" in errs[0]
+    assert not (orig / "segresnet_0" / "model").exists()  # nothing trained into the original
+
+    res = subprocess.run([sys.executable, "-m", "stages.bundlegen", "--work-dir", str(copy), "--rebase"], cwd=ROOT,
+                         env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    hp = yaml.safe_load((copy / "segresnet_0" / "configs" / "hyper_parameters.yaml").read_text())
+    assert hp["bundle_root"] == str(copy / "segresnet_0") and hp["data_list_file_path"].startswith(str(copy) + "/")
+    assert str(orig) + "/" not in (copy / "segresnet_0" / "algo_object.json").read_text()
+    assert str(orig) + "/" not in (copy / "input.yaml").read_text()
+    from common.workdir import WorkDir, check_bundle_location, rebase_work_dir
+
+    check_bundle_location(WorkDir.at(copy), copy / "segresnet_0")
+    assert rebase_work_dir(WorkDir.at(copy))["files"] == []  # idempotent
+    moved = tmp_path / "moved"
+    orig.rename(moved)
+    from common.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="a moved work dir"):
+        check_bundle_location(WorkDir.at(moved), moved / "segresnet_0")

@@ -39,7 +39,7 @@ from common.config import PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from common.nifti import save_nifti
-from common.workdir import WorkDir, digest, file_fingerprint
+from common.workdir import WorkDir, check_bundle_location, digest, file_fingerprint
 from stages.ensemble.scoring import confusion_matrix, summarize
 
 log = logging.getLogger("cellmap.ensemble")
@@ -112,6 +112,7 @@ def find_trained_bundles(wd: WorkDir) -> tuple[list[Member], list[str]]:
         m = _BUNDLE_RE.match(d.name)
         if not m or not (d / "algo_object.json").is_file():
             continue
+        check_bundle_location(wd, d)  # a copied work dir must not predict with the original's paths
         marker = wd.marker(f"train.{d.name}")
         data = marker.read()
         if data is None:
