@@ -109,7 +109,7 @@ class EnsembleOptions:
         prob_dtype: stored member probabilities, ``float16`` or ``uint8``.
         members: bundle names to choose from (list or comma-separated); empty = all trained.
         infer_params: keyword arguments of the bundles' ``get_inferer``.
-        export_at: resolution of the challenge export: ``training`` or ``native``.
+        export_at: grid of the challenge export: ``training`` (the model's resolution) or ``manifest``.
     """
 
     method: str = "best_n"
@@ -199,7 +199,7 @@ SECTION_TYPES: dict[str, type[Section]] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "ensemble.method": ("best_n", "best_by_fold"), "ensemble.mode": ("mean", "vote"),
-    "ensemble.prob_dtype": ("float16", "uint8"), "ensemble.export_at": ("training", "native"),
+    "ensemble.prob_dtype": ("float16", "uint8"), "ensemble.export_at": ("training", "manifest"),
 }
 _RANGES: dict[str, tuple[float, float]] = {
     "convert.compress_level": (0, 9), "analyze.workers": (1, 4096), "analyze.hist_bins": (2, 1 << 24),

@@ -126,10 +126,13 @@ class _PlainProgress:
 
 
 def progress(it: Iterable[T], desc: str, total: int | None = None, every_s: float = 30.0,
-             log: logging.Logger | None = None, enabled: bool = True, stream: Any = None) -> Iterable[T]:
+             log: logging.Logger | None = None, enabled: bool = True, stream: Any = None,
+             unit: str = "it", leave: bool = False) -> Iterable[T]:
     """Wrap a long loop: a tqdm bar on a terminal, a plain log line every ``every_s`` otherwise.
 
-    SLURM logs are files, where tqdm's carriage returns pile up into one huge line.
+    SLURM logs are files, where tqdm's carriage returns pile up into one huge line. The
+    arguments mirror tqdm's (``desc``, ``total``, ``unit``, ``leave``), so a loop changes
+    ``tqdm(items, desc=...)`` into ``progress(items, desc=...)``.
     """
     if not enabled:
         return it
@@ -142,8 +145,47 @@ def progress(it: Iterable[T], desc: str, total: int | None = None, every_s: floa
         except ImportError:
             pass
         else:
-            return tqdm(it, desc=desc, total=total, leave=False, file=stream)
+            return tqdm(it, desc=desc, total=total, leave=leave, file=stream, unit=unit)
     return _PlainProgress(it, desc, total, every_s, log or logging.getLogger("cellmap.progress"))
+
+
+class _PlainBar:
+    """tqdm's ``update``/``close`` as plain log lines (loops that count by hand)."""
+
+    def __init__(self, total: int | None, desc: str, every_s: float, log: logging.Logger) -> None:
+        self.total, self.desc, self.every_s, self.log = total, desc, every_s, log
+        self.n = 0
+        self.t0 = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        now = time.monotonic()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.log.info("%s: %s", self.desc, _PlainProgress._text(self, self.n, now - self.t0))  # type: ignore[arg-type]
+
+    def set_postfix(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.n:
+            self.log.info("%s: %s (done)", self.desc,
+                          _PlainProgress._text(self, self.n, time.monotonic() - self.t0))  # type: ignore[arg-type]
+
+
+def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, every_s: float = 30.0,
+                 stream: Any = None, **tqdm_kwargs: Any) -> Any:
+    """A bar updated by hand (``bar.update(); bar.close()``): tqdm on a terminal, plain lines otherwise."""
+    stream = stream if stream is not None else sys.stderr
+    if enabled and getattr(stream, "isatty", lambda: False)():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, file=stream, **tqdm_kwargs)
+    if not enabled:
+        from tqdm import tqdm
+
+        return tqdm(total=total, disable=True)
+    return _PlainBar(total, desc, every_s, logging.getLogger("cellmap.progress"))
 
 
 class EventLog:

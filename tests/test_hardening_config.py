@@ -22,16 +22,16 @@ from common.workdir import digest
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
-BOMB = """a: &a ["x","x","x","x","x","x","x","x","x"]
-b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
-c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
-d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
-e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
-f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
-g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
-h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
-train: {x: *h}
-"""
+BOMB = """train:
+  a: &a ["x","x","x","x","x","x","x","x","x"]
+  b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+  c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+  d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+  e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+  f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+  g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+  h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+"""  # today: convert hangs (killed by `timeout 30`, rc 124)
 
 
 def _load_error(tmp_path: Path, text: str | bytes) -> str:
@@ -80,7 +80,7 @@ def test_cli_alias_bomb_and_bad_type_exit_2_one_line(tmp_path: Path) -> None:
         cfg = tmp_path / "c.yaml"
         cfg.write_text(text)
         wd = tmp_path / f"w{len(text)}"
-        res = subprocess.run([sys.executable, "-m", "stages.analyze", "--work-dir", str(wd), "--config", str(cfg)],
+        res = subprocess.run([sys.executable, "-m", "stages.convert", "--work-dir", str(wd), "--config", str(cfg)],
                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
         assert res.returncode == 2, res.stderr
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
