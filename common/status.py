@@ -119,7 +119,7 @@ def read_jobs(wd: WorkDir) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _slurm_query() -> Callable[[str], dict[str, str] | None] | None:
+def _slurm_query() -> Callable[..., dict[str, str] | None] | None:
     """The SLURM job query (``slurm.jobs.job_state``) when the ``slurm`` package is present.
 
     ``common`` stays scheduler-free: every SLURM command lives in ``slurm/``; status only
@@ -256,7 +256,7 @@ def collect_status(
             row.cluster = job.get("cluster")
         if row.job_id and query is not None:
             if row.job_id not in state_cache:
-                state_cache[row.job_id] = query(row.job_id)
+                state_cache[row.job_id] = query(row.job_id, wd.logs_dir / "slurm", name)
             info = state_cache[row.job_id]
             row.job = dict(info or {})
             row.job_state = info["state"] if info else None
@@ -300,6 +300,8 @@ def _job_words(row: StatusRow) -> str:
     for key, label in (("exit_code", "exit"), ("max_rss", "MaxRSS"), ("elapsed", "after")):
         if j.get(key):
             words.append(f"{label} {j[key]}")
+    if row.job_state == "OUT_OF_MEMORY" and j.get("reason") and "slurmstepd" in j["reason"]:
+        words.append(f"log: {j['reason'].split('error:', 1)[-1].strip()}")
     return ", ".join(words)
 
 

@@ -119,14 +119,49 @@ def sacct_state(job_id: str) -> dict[str, str] | None:
             "max_rss": _rss_text(max(rss)) if rss else "", "elapsed": main[4], "source": "sacct"}
 
 
-def job_state(job_id: str) -> dict[str, str] | None:
+# what slurmstepd writes into a job's output file when it kills the job for memory: cgroup
+# ("oom-kill event") and jobacct_gather ("Exceeded job memory limit") enforcement
+_MEMORY_KILL = re.compile(r"(exceeded (job|step) memory limit|oom[-_ ]kill|out of memory|Out Of Memory)", re.I)
+
+
+def memory_kill_line(log_files: list[Path]) -> str | None:
+    """The slurmstepd line saying a job was killed for memory, from the tail of its logs."""
+    for f in log_files:
+        try:
+            with open(f, "rb") as fh:
+                fh.seek(0, 2)
+                fh.seek(max(0, fh.tell() - 65536))
+                tail = fh.read().decode("utf-8", "replace")
+        except OSError:
+            continue
+        for line in reversed(tail.splitlines()):
+            if "slurmstepd" in line and _MEMORY_KILL.search(line):
+                return line.strip()[:200]
+    return None
+
+
+def job_state(job_id: str, logs_dir: Path | None = None, name: str | None = None) -> dict[str, str] | None:
     """State of one job: ``squeue``/``scontrol`` while SLURM holds it, then ``sacct``.
 
     Returns ``{"state", "exit_code", "reason", "restarts", "start_time", "end_time",
     "max_rss", "elapsed", "source"}`` (empty strings where the source does not say), or
     ``None`` when no SLURM tool knows the job or none is installed. An array job's tasks are
-    folded into one state by :func:`pick_state`.
+    folded into one state by :func:`pick_state`. With ``logs_dir`` and ``name`` (the job's
+    ``<logs_dir>/<name>-<id>*.out``), a job that ended badly and whose log holds slurmstepd's
+    memory-kill line is reported as ``OUT_OF_MEMORY`` (sites that enforce memory without
+    cgroups report ``FAILED``), with that line as ``reason``.
     """
+    info = _job_state(job_id)
+    if info is None or logs_dir is None or not name or info["state"] in LIVE or info["state"] == "COMPLETED":
+        return info
+    jid = str(job_id).split(";")[0].strip().split("_")[0]
+    line = memory_kill_line(sorted(Path(logs_dir).glob(f"{name}-{jid}*.out")))
+    if line is not None:
+        info = {**info, "state": "OUT_OF_MEMORY", "reason": line}
+    return info
+
+
+def _job_state(job_id: str) -> dict[str, str] | None:
     jid = str(job_id).split(";")[0].strip()  # --parsable may print "id;cluster"
     if not jid:
         return None

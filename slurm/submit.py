@@ -429,7 +429,7 @@ def preflight_problems(wd: WorkDir, cfg: PipelineConfig, jobs: list[Job], from_s
 @click.option("--dry-run", is_flag=True, help="Print the scripts, sbatch lines and a summary table; submit and write nothing.")
 @click.option("--no-preflight", is_flag=True, help="Submit even when images, account, data_root or earlier stages look wrong.")
 @click.option("--status", "show_status", is_flag=True, help="Print the recorded jobs with their SLURM state and marker, then exit.")
-@stage_command("slurm")
+@stage_command("slurm", lock=False)
 def main(work_dir: Path, config_file: Path | None, profile: str, cpu_profile: str | None, from_stage: str | None,
          algos: str | None, convert_shards: int | None, side: str, dry_run: bool, no_preflight: bool,
          show_status: bool) -> int:
