@@ -16,6 +16,7 @@ Layout (MONAI's own names are kept so its tools work on our work_dir)::
       markers/<name>.json           done markers (see :class:`Marker`)
       logs/                         stage and job logs
       slurm/                        generated sbatch scripts and job ids
+      locks/<name>.lock             who runs a stage now (common/lock.py; removed at the end)
 """
 
 from __future__ import annotations

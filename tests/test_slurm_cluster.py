@@ -104,13 +104,13 @@ def _profiles(tmp: Path, app: Path, py: Path, train_time: str = "00:30:00") -> t
     cpu.write_text(
         f"cluster: local\nrunner: native\npython: {py}\nrequeue_margin_s: 60\n"
         "wait: {poll_s: 1, timeout_h: 1}\n"
-        "defaults: {partition: batch, cpus: 1, mem: 1G, time: '00:30:00'}\n"
+        "defaults: {partition: batch, cpus: 1, mem: 3G, time: '00:30:00'}\n"
     )
     gpu = tmp / "local-gpu.yaml"
     gpu.write_text(
         f"cluster: local-gpu\nrunner: apptainer\napptainer: {app}\nimage_dir: /images/a3ds\n"
         "env: {OMP_NUM_THREADS: '1'}\nrequeue_margin_s: 60\nwait: {poll_s: 1, timeout_h: 1}\n"
-        "defaults: {partition: batch, cpus: 1, mem: 1G, time: '00:30:00'}\n"
+        "defaults: {partition: batch, cpus: 1, mem: 3G, time: '00:30:00'}\n"
         f"stages: {{train: {{partition: gpu, gpus: 1, stage_gpus: 0, time: '{train_time}'}}, ensemble: {{gpus: 0}}}}\n"
     )
     return cpu, gpu
