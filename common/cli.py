@@ -66,17 +66,37 @@ def select_shard(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
     return [it for k, it in enumerate(items) if k % n == i]
 
 
-def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], lock_wd: Path | None,
-               wait: bool) -> int:
-    """Run one stage callback under its work-dir locks; the exit code of the contract."""
-    try:
-        if lock_wd is not None:
-            from common.lock import hold_locks, stage_lock_names
+def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], wd: Path | None,
+               lock: bool, wait: bool) -> int:
+    """Run one stage callback under its work-dir locks; the exit code of the contract.
 
-            with hold_locks(lock_wd, stage_lock_names(stage, kwargs, lock_wd), wait=wait):
-                rc = fn(*args, **kwargs)
-        else:
-            rc = fn(*args, **kwargs)
+    A run that fails (exit 1 or 2) after creating the work dir's ``pipeline.yaml`` removes it
+    again: its settings (a mistyped flag) must not become what every later run reuses. The
+    check happens under the lock, so a file another run wrote is never touched.
+    """
+    from common.lock import LockHeld, hold_locks, stage_lock_names
+
+    cfg_file = wd / "pipeline.yaml" if wd is not None else None
+    had_config = True
+    try:
+        with contextlib.ExitStack() as stack:
+            if lock and wd is not None:
+                stack.enter_context(hold_locks(wd, stage_lock_names(stage, kwargs, wd), wait=wait))
+            had_config = cfg_file is None or cfg_file.exists()
+            try:
+                rc = int(fn(*args, **kwargs) or 0)
+            except (PipelineError, Exception) as exc:  # noqa: BLE001 - classified below
+                if not had_config and cfg_file is not None and getattr(exc, "exit_code", EXIT_FAILED) in (
+                        EXIT_FAILED, EXIT_USAGE):
+                    with contextlib.suppress(OSError):
+                        cfg_file.unlink(missing_ok=True)
+                raise
+            if rc in (EXIT_FAILED, EXIT_USAGE) and not had_config and cfg_file is not None:
+                with contextlib.suppress(OSError):
+                    cfg_file.unlink(missing_ok=True)
+    except LockHeld as exc:
+        click.echo(f"error: {stage}: {exc}", err=True)
+        return exc.exit_code
     except PipelineError as exc:
         click.echo(f"error: {stage}: {exc}", err=True)
         return exc.exit_code
@@ -89,7 +109,7 @@ def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, 
     except Exception:  # noqa: BLE001 - the last line of defence, logged in full
         logging.getLogger(f"cellmap.{stage}").exception("%s crashed", stage)
         return EXIT_FAILED
-    return int(rc or 0)
+    return rc
 
 
 def stage_command(stage: str, lock: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -108,14 +128,7 @@ def stage_command(stage: str, lock: bool = True) -> Callable[[Callable[..., Any]
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             wait = bool(kwargs.pop("wait_for_lock", False)) if lock else False
             wd = Path(kwargs["work_dir"]).expanduser().resolve() if kwargs.get("work_dir") is not None else None
-            had_config = wd is None or (wd / "pipeline.yaml").exists()
-            rc = _run_stage(stage, fn, args, kwargs, wd if lock else None, wait)
-            if rc in (EXIT_FAILED, EXIT_USAGE) and not had_config and wd is not None:
-                # a run that failed must not leave its settings (a mistyped flag) as the work
-                # dir's pipeline.yaml, which every later run would silently reuse
-                with contextlib.suppress(OSError):
-                    (wd / "pipeline.yaml").unlink(missing_ok=True)
-            sys.exit(rc)
+            sys.exit(_run_stage(stage, fn, args, kwargs, wd, lock, wait))
 
         if lock:
             wrapper = click.option(
