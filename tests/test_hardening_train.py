@@ -133,6 +133,7 @@ def test_running_fold_status_torn_resume_and_signal_after_end(analysed: Path, tm
     assert json.loads(marker.read_text())["status"] == "done"
 
 
+@pytest.mark.slow
 def test_copied_work_dir_is_refused_then_rebased(analysed: Path, tmp_path: Path) -> None:  # noqa: F811
     """Today a copied work dir trains into the original (bundles hold absolute paths)."""
     import shutil
