@@ -73,14 +73,14 @@ def run(work: Path) -> dict[str, Any]:
                         "defaults: {partition: batch, cpus: 1, mem: 1G, time: '00:10:00'}\n")
         wd = _wd(work / "chain")
         t0 = time.perf_counter()
-        submit_chain(wd, str(prof), from_stage="analyze", echo=lambda s: None)
+        submit_chain(wd, str(prof), from_stage="analyze", echo=lambda s: None, preflight=False)
         states = _wait(names, wd)
         slurm_s = time.perf_counter() - t0
         ok = all(s["state"] == "COMPLETED" for s in states.values())
         # requeue delay: checkpoint -> rerun of the same job id
         rq = _wd(work / "requeue")
         (rq / "fake_train.json").write_text(json.dumps({"steps": 20, "step_s": 0.25}))
-        ids = submit_chain(rq, str(prof), from_stage="train", algos=["segresnet"], echo=lambda s: None)
+        ids = submit_chain(rq, str(prof), from_stage="train", algos=["segresnet"], echo=lambda s: None, preflight=False)
         log = rq / "fake_runs.log"
         while "resume step=0" not in (log.read_text() if log.exists() else ""):
             time.sleep(0.1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import sys
@@ -11,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from common.errors import EXIT_FAILED, PipelineError, RequeueRequested
+from common.errors import EXIT_FAILED, EXIT_USAGE, PipelineError, RequeueRequested
 
 T = TypeVar("T")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -65,32 +66,75 @@ def select_shard(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
     return [it for k, it in enumerate(items) if k % n == i]
 
 
-def stage_command(stage: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """Wrap a click callback: one-line errors, documented exit codes.
+def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], wd: Path | None,
+               lock: bool, wait: bool) -> int:
+    """Run one stage callback under its work-dir locks; the exit code of the contract.
+
+    A run that fails (exit 1 or 2) after creating the work dir's ``pipeline.yaml`` removes it
+    again: its settings (a mistyped flag) must not become what every later run reuses. The
+    check happens under the lock, so a file another run wrote is never touched.
+    """
+    from common.lock import LockHeld, hold_locks, stage_lock_names
+
+    cfg_file = wd / "pipeline.yaml" if wd is not None else None
+    had_config = True
+    try:
+        with contextlib.ExitStack() as stack:
+            if lock and wd is not None:
+                stack.enter_context(hold_locks(wd, stage_lock_names(stage, kwargs, wd), wait=wait))
+            had_config = cfg_file is None or cfg_file.exists()
+            try:
+                rc = int(fn(*args, **kwargs) or 0)
+            except (PipelineError, Exception) as exc:  # noqa: BLE001 - classified below
+                if not had_config and cfg_file is not None and getattr(exc, "exit_code", EXIT_FAILED) in (
+                        EXIT_FAILED, EXIT_USAGE):
+                    with contextlib.suppress(OSError):
+                        cfg_file.unlink(missing_ok=True)
+                raise
+            if rc in (EXIT_FAILED, EXIT_USAGE) and not had_config and cfg_file is not None:
+                with contextlib.suppress(OSError):
+                    cfg_file.unlink(missing_ok=True)
+    except LockHeld as exc:
+        click.echo(f"error: {stage}: {exc}", err=True)
+        return exc.exit_code
+    except PipelineError as exc:
+        click.echo(f"error: {stage}: {exc}", err=True)
+        return exc.exit_code
+    except RequeueRequested as exc:
+        click.echo(f"{stage}: stopped for requeue: {exc}", err=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        click.echo(f"error: {stage}: interrupted", err=True)
+        return 130
+    except Exception:  # noqa: BLE001 - the last line of defence, logged in full
+        logging.getLogger(f"cellmap.{stage}").exception("%s crashed", stage)
+        return EXIT_FAILED
+    return rc
+
+
+def stage_command(stage: str, lock: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Wrap a click callback: one-line errors, documented exit codes, one writer per work dir.
 
     ``PipelineError`` -> ``error: <message>`` and its exit code (2 or 1);
     ``RequeueRequested`` -> exit 75; anything else -> logged traceback, exit 1.
+
+    With ``lock`` (every stage), the run holds ``<work_dir>/locks/<stage>.lock`` (per shard,
+    per bundle for train: :func:`common.lock.stage_lock_names`) while it runs; a second run
+    says who holds it and exits 2, or waits with the ``--wait`` flag this adds.
     """
 
     def deco(fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            try:
-                rc = fn(*args, **kwargs)
-            except PipelineError as exc:
-                click.echo(f"error: {stage}: {exc}", err=True)
-                sys.exit(exc.exit_code)
-            except RequeueRequested as exc:
-                click.echo(f"{stage}: stopped for requeue: {exc}", err=True)
-                sys.exit(exc.exit_code)
-            except KeyboardInterrupt:
-                click.echo(f"error: {stage}: interrupted", err=True)
-                sys.exit(130)
-            except Exception:  # noqa: BLE001 - the last line of defence, logged in full
-                logging.getLogger(f"cellmap.{stage}").exception("%s crashed", stage)
-                sys.exit(EXIT_FAILED)
-            sys.exit(int(rc or 0))
+            wait = bool(kwargs.pop("wait_for_lock", False)) if lock else False
+            wd = Path(kwargs["work_dir"]).expanduser().resolve() if kwargs.get("work_dir") is not None else None
+            sys.exit(_run_stage(stage, fn, args, kwargs, wd, lock, wait))
 
+        if lock:
+            wrapper = click.option(
+                "--wait", "wait_for_lock", is_flag=True,
+                help="If another run of this stage holds the work dir, wait for it instead of exiting 2.",
+            )(wrapper)
         return wrapper
 
     return deco

@@ -11,7 +11,9 @@ Sources, all read-only:
 * ``<wd>/slurm/jobs.json``: a JSON list of ``{"name": "<marker name>", "job_id": "123",
   "stage": "train", "cluster": "...", "submitted": "<iso8601>"}`` (written by the SLURM
   submitter; the newest entry per name wins);
-* ``squeue`` / ``scontrol`` for the live job state, only when those commands exist.
+* the SLURM job state (``slurm.jobs.job_state``: ``scontrol``/``squeue`` while SLURM holds
+  the job, then ``sacct`` for State, ExitCode, MaxRSS, Elapsed), only when those commands exist;
+* a train fold's ``<bundle>/model/metrics.jsonl``: epoch k/N and the ETA.
 
 A marker that says ``running`` but has no live job (no live SLURM job, and its process is
 gone when it ran on this host) is reported as possibly killed.
@@ -22,10 +24,9 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 import socket
-import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,12 +44,13 @@ DONE = "done"
 FAILED = "failed"
 UNREADABLE = "unreadable"
 
-# SLURM states in which the job still exists and may write its marker.
+# SLURM states in which the job still exists and may write its marker (as slurm.jobs.LIVE).
 LIVE_JOB_STATES = frozenset(
     {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
      "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED"}
 )
-_SLURM_TIMEOUT_S = 10.0
+# end states in which SLURM (not the stage) ended the job
+KILLED_BY_SLURM = frozenset({"OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "CANCELLED", "PREEMPTED", "DEADLINE", "BOOT_FAIL"})
 
 
 @dataclass
@@ -67,7 +69,10 @@ class StatusRow:
         host, pid: where the marker was written.
         job_id, job_state, cluster: SLURM job from ``slurm/jobs.json`` (or the marker) and
             its live state (``None`` when it cannot be queried).
+        job: what SLURM says of the job (``exit_code``, ``max_rss``, ``elapsed``, ``source``:
+            scontrol, squeue or sacct).
         possibly_killed: running marker with no live job.
+        epochs_done, num_epochs, eta_s: a train fold's progress (from its ``metrics.jsonl``).
     """
 
     name: str
@@ -86,6 +91,10 @@ class StatusRow:
     cluster: str | None = None
     possibly_killed: bool = False
     details: dict[str, Any] = field(default_factory=dict)
+    job: dict[str, str] = field(default_factory=dict)
+    epochs_done: int | None = None
+    num_epochs: int | None = None
+    eta_s: float | None = None
 
 
 # ---- SLURM ---------------------------------------------------------------------------
@@ -110,41 +119,17 @@ def read_jobs(wd: WorkDir) -> dict[str, dict[str, Any]]:
     return out
 
 
-def slurm_job_state(job_id: str) -> str | None:
-    """Live state of a SLURM job (``RUNNING``, ``COMPLETED``...), or ``None`` if unknown.
+def _slurm_query() -> Callable[..., dict[str, str] | None] | None:
+    """The SLURM job query (``slurm.jobs.job_state``) when the ``slurm`` package is present.
 
-    Uses ``squeue`` (``-t all`` also lists recently finished jobs), then ``scontrol``.
-    Returns ``None`` when neither command exists, the query fails or times out.
+    ``common`` stays scheduler-free: every SLURM command lives in ``slurm/``; status only
+    looks it up, and works without it (the stage images need not ship ``slurm/``).
     """
-    jid = str(job_id).split(";")[0].strip()  # --parsable may print "id;cluster"
-    if not jid:
+    try:
+        from slurm.jobs import job_state
+    except ImportError:
         return None
-    if shutil.which("squeue"):
-        try:
-            res = subprocess.run(
-                ["squeue", "-h", "-t", "all", "-j", jid, "-o", "%T"],
-                capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S, check=False,
-            )
-            lines = [ln.strip() for ln in res.stdout.splitlines() if ln.strip()]
-            if res.returncode == 0 and lines:
-                # an array job lists one line per task: show the "most alive" one
-                live = [s for s in lines if s in LIVE_JOB_STATES]
-                return (live or lines)[0]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    if shutil.which("scontrol"):
-        try:
-            res = subprocess.run(
-                ["scontrol", "show", "job", "-o", jid],
-                capture_output=True, text=True, timeout=_SLURM_TIMEOUT_S, check=False,
-            )
-            if res.returncode == 0:
-                for tok in res.stdout.split():
-                    if tok.startswith("JobState="):
-                        return tok.split("=", 1)[1]
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return None
+    return job_state
 
 
 def _pid_alive(pid: int) -> bool:
@@ -254,7 +239,8 @@ def collect_status(
         names.insert(pos + 1, n)
 
     jobs = read_jobs(wd)
-    state_cache: dict[str, str | None] = {}
+    query = _slurm_query() if query_slurm else None
+    state_cache: dict[str, dict[str, str] | None] = {}
     this_host = socket.gethostname()
     rows = []
     for name in names:
@@ -268,11 +254,18 @@ def collect_status(
             # the submitted job is the newest attempt unless the marker names another one
             row.job_id = str(job["job_id"])
             row.cluster = job.get("cluster")
-        if row.job_id and query_slurm:
+        if row.job_id and query is not None:
             if row.job_id not in state_cache:
-                state_cache[row.job_id] = slurm_job_state(row.job_id)
-            row.job_state = state_cache[row.job_id]
-        if row.state == RUNNING and row.end is None:
+                state_cache[row.job_id] = query(row.job_id, wd.logs_dir / "slurm", name)
+            info = state_cache[row.job_id]
+            row.job = dict(info or {})
+            row.job_state = info["state"] if info else None
+        if row.stage == "train" and row.state in (RUNNING, FAILED, DONE) and "." in name:
+            _add_progress(row, wd, cfg)
+        if row.state == RUNNING and row.end is None and row.job_state in KILLED_BY_SLURM:
+            row.possibly_killed = True
+            row.note = f"killed by SLURM: {_job_words(row)}; rerun the stage (it resumes)"
+        elif row.state == RUNNING and row.end is None:
             job_live = row.job_state in LIVE_JOB_STATES if row.job_state else None
             pid_live = (
                 _pid_alive(int(row.pid)) if row.host == this_host and isinstance(row.pid, int) else None
@@ -290,14 +283,33 @@ def collect_status(
     return rows
 
 
+def _add_progress(row: StatusRow, wd: WorkDir, cfg: PipelineConfig | None) -> None:
+    from common.progress import fold_progress
+
+    bundle = wd.root / row.name.split(".", 1)[1]
+    prog = fold_progress(bundle, dict(cfg.train) if cfg is not None else None)
+    if prog is None:
+        return
+    row.epochs_done, row.num_epochs = prog["epochs_done"], prog["num_epochs"]
+    row.eta_s = prog["eta_s"] if row.state == RUNNING else None
+
+
+def _job_words(row: StatusRow) -> str:
+    j = row.job
+    words = [f"job {row.job_id} {row.job_state}"]
+    for key, label in (("exit_code", "exit"), ("max_rss", "MaxRSS"), ("elapsed", "after")):
+        if j.get(key):
+            words.append(f"{label} {j[key]}")
+    if row.job_state == "OUT_OF_MEMORY" and j.get("reason") and "slurmstepd" in j["reason"]:
+        words.append(f"log: {j['reason'].split('error:', 1)[-1].strip()}")
+    return ", ".join(words)
+
+
 # ---- rendering -----------------------------------------------------------------------
 def _fmt_duration(s: float | None) -> str:
-    if s is None:
-        return "-"
-    s = int(round(s))
-    h, rem = divmod(s, 3600)
-    m, sec = divmod(rem, 60)
-    return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
+    from common.progress import fmt_duration
+
+    return fmt_duration(s)
 
 
 def _fmt_when(row: StatusRow) -> str:
@@ -307,7 +319,7 @@ def _fmt_when(row: StatusRow) -> str:
 
 def format_table(rows: list[StatusRow]) -> str:
     """The status rows as a fixed-width text table."""
-    header = ["name", "state", "when (UTC)", "took", "best", "job", "reason / note"]
+    header = ["name", "state", "when (UTC)", "took", "epoch", "ETA", "best", "job", "reason / note"]
     lines = []
     for r in rows:
         state = r.state + ("?" if r.possibly_killed else "")
@@ -315,8 +327,12 @@ def format_table(rows: list[StatusRow]) -> str:
         if r.job_id:
             job = r.job_id + (f" {r.job_state}" if r.job_state else "")
         best = "-" if r.best_metric is None else f"{r.best_metric:.4f}"
-        lines.append([r.name, state, _fmt_when(r), _fmt_duration(r.duration_s), best, job,
-                      r.reason or r.note or ""])
+        epoch = f"{r.epochs_done}/{r.num_epochs}" if r.epochs_done is not None else "-"
+        eta = _fmt_duration(r.eta_s) if r.eta_s is not None else "-"
+        note = r.reason or r.note or ""
+        if r.state == FAILED and r.job_state in KILLED_BY_SLURM:
+            note = f"{note} ({_job_words(r)})" if note else _job_words(r)
+        lines.append([r.name, state, _fmt_when(r), _fmt_duration(r.duration_s), epoch, eta, best, job, note])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     out = []
     for i, cells in enumerate([header, *lines]):

@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import signal
 import sys
@@ -42,8 +43,10 @@ import numpy as np
 import torch
 import yaml
 
-from common.errors import RequeueRequested
-from common.io import atomic_path, atomic_write_text, atomic_write_yaml, read_json, read_yaml, remove_stale_tmp
+from common.errors import RequeueRequested, StageFailed
+from common.io import (atomic_write_text, atomic_write_yaml, read_json, read_yaml, remove_sealed, remove_stale_tmp,
+                       sealed_candidates, sealed_path)
+from common.progress import EventLog, eta_seconds, format_epoch_line
 from common.training.autoconfig import HYPER_PARAMETERS
 from common.training.losses import MaskedSegLoss, dice_per_class
 from common.training.networks import build_network, fit_roi
@@ -312,14 +315,67 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: Path, obj: dict[str, Any]) -> None:
-    """``torch.save`` to a temporary file, then rename: never a partial checkpoint."""
-    with atomic_path(path) as tmp:
+    """``torch.save`` to a temporary file, fsync, rename, fsync the directory, then a
+    size/sha256 sidecar: never a partial checkpoint under the final name, and a torn one is
+    detected. ``checkpoint_latest.pt`` keeps the previous good one (``.prev``) until the new
+    one is durable."""
+    with sealed_path(path, keep_previous=path.name == CKPT_LATEST) as tmp:
         torch.save(obj, tmp)
 
 
+def ignore_stop_signals(why: str) -> None:
+    """From here on SIGUSR1/SIGTERM do not kill the process: after the final marker this fold
+    is done, and dying now (exit 143) would make SLURM cancel the dependants of a finished
+    fold. The signal is remembered (``EARLY``), so a next fold in the same run stops after
+    its first step with a checkpoint, as a signal during start-up does."""
+    import threading
+
+    def handler(signum: int, _frame: Any) -> None:
+        EARLY.append(signum)
+        log.warning("signal %d after the end: %s; not stopping", signum, why)
+
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, handler)
+
+
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load one of our checkpoints without unpickling arbitrary objects."""
-    return torch.load(path, map_location=map_location, weights_only=True)
+    """Load one of our checkpoints without unpickling arbitrary objects.
+
+    A torn or corrupt file (its size/sha256 sidecar disagrees, or torch cannot read it) falls
+    back to the previous good version (``<name>.prev``) with one warning line.
+
+    Raises:
+        StageFailed: neither the file nor its previous version can be loaded (one line).
+    """
+    problems = []
+    for cand, why in sealed_candidates(path):
+        if why is None:
+            try:
+                ck = torch.load(cand, map_location=map_location, weights_only=True)
+            except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+                why = " ".join(str(exc).split())[:160] or type(exc).__name__
+            else:
+                if problems:
+                    log.warning("%s: %s; resuming from the previous good checkpoint %s", path, problems[-1], cand.name)
+                return ck
+        problems.append(f"{cand.name} unusable: {why}")
+    raise StageFailed(f"{path}: no usable checkpoint ({'; '.join(problems) or 'missing'})")
+
+
+def load_resumable(path: Path) -> dict[str, Any] | None:
+    """The checkpoint to resume from, or ``None`` to start the fold afresh: when no version
+    of ``path`` can be loaded, the unusable files are set aside (``*.torn``) with one line."""
+    if not sealed_candidates(path):
+        return None
+    try:
+        return load_checkpoint(path, "cpu")  # RNG states must stay CPU tensors
+    except StageFailed as exc:
+        for cand, _ in sealed_candidates(path):
+            with contextlib.suppress(FileNotFoundError):  # another rank set it aside first
+                os.replace(cand, cand.with_name(cand.name + ".torn"))
+        log.warning("%s; set aside as *.torn, the fold starts again from epoch 0", exc)
+        return None
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -499,8 +555,8 @@ def train_bundle(
     best, best_epoch, stale = -1.0, -1, 0
     resume_rng = None
     latest = model_dir / CKPT_LATEST
-    if latest.is_file():
-        ck = load_checkpoint(latest, "cpu")  # RNG states must stay CPU tensors
+    ck = load_resumable(latest)
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -536,6 +592,7 @@ def train_bundle(
     from common.training.tracking import Tracker
 
     tracker = Tracker(plain_cfg, model_dir, enabled=rank == 0 and bool(cfg.get("mlflow", False)))
+    events = EventLog(model_dir, enabled=rank == 0)
     try:
         stopped_early = False
         with stop_on_signals() as stop:
@@ -598,8 +655,9 @@ def train_bundle(
                     _write_metrics(model_dir / METRICS, rows)
                     tracker.log_epoch(row)
                     plot_progress(rows, model_dir / PROGRESS_PNG, class_names)
-                    log.info("%s epoch %d/%d loss %.4f mean Dice %s lr %.2e", cfg["algo"], epoch + 1, num_epochs,
-                             row["train_loss"], row.get("mean_dice"), lr)
+                    events.log_epoch(row)
+                    log.info("%s", format_epoch_line(cfg["algo"], epoch + 1, num_epochs, row["train_loss"], row.get("mean_dice"), lr,
+                                                     row["epoch_time_s"], eta_seconds([r["epoch_time_s"] for r in rows], epoch + 1, num_epochs)))
                 if patience and stale >= patience:
                     log.info("early stop: no improvement in %d validations", patience)
                     stopped_early = True
@@ -624,9 +682,11 @@ def train_bundle(
             "best_avg_dice_score_class": best_row.get("dice"), "epochs_trained": int(epochs),
             "early_stopped": stopped_early,
         }])
+        ignore_stop_signals("the fold is finished (progress.yaml written)")
         if not bool(cfg.get("keep_latest", False)):
-            (model_dir / CKPT_LATEST).unlink(missing_ok=True)
+            remove_sealed(model_dir / CKPT_LATEST)
         tracker.finish(best)
+        events.close()
     if world > 1:
         torch.distributed.barrier()
     return TrainResult("finished", float(best), int(best_epoch), int(epochs), model_dir)

@@ -16,6 +16,7 @@ Layout (MONAI's own names are kept so its tools work on our work_dir)::
       markers/<name>.json           done markers (see :class:`Marker`)
       logs/                         stage and job logs
       slurm/                        generated sbatch scripts and job ids
+      locks/<name>.lock             who runs a stage now (common/lock.py; removed at the end)
 """
 
 from __future__ import annotations
@@ -254,3 +255,99 @@ class Marker:
     def fail(self, reason: str, **details: Any) -> None:
         """Record a failure with a one-line reason."""
         self._finish(MARKER_FAILED, reason.splitlines()[0] if reason else "failed", details)
+
+
+# ---- a copied or moved work dir ------------------------------------------------------
+# Auto3DSeg bundles hold absolute paths (bundle_root, ckpt_path, the datalist, the templates):
+# a copied work dir would train into, and read from, the original one.
+REBASE_FILES = ("configs/*.yaml", "configs/*.json", "algo_object.json")
+
+
+def bundle_dirs(wd: WorkDir) -> list[Path]:
+    """Every generated bundle ``<algo>_<fold>/`` (a folder with ``configs/``), sorted."""
+    out = []
+    for p in sorted(wd.root.glob("*_*")):
+        head, _, tail = p.name.rpartition("_")
+        if head and tail.isdigit() and (p / "configs").is_dir():
+            out.append(p)
+    return out
+
+
+def recorded_work_dir(bundle: Path) -> Path | None:
+    """The work dir a bundle was generated for: the parent of its ``bundle_root``."""
+    import yaml
+
+    hp = bundle / "configs" / "hyper_parameters.yaml"
+    try:
+        data = yaml.safe_load(hp.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    root = data.get("bundle_root") if isinstance(data, dict) else None
+    return Path(str(root)).parent if root else None
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:
+        return a.exists() and os.path.samefile(a, b)  # one dir under two mount paths or a symlink
+    except OSError:
+        return False
+
+
+def check_bundle_location(wd: WorkDir, bundle: Path) -> None:
+    """Refuse a bundle made for another work dir (the work dir was copied or moved).
+
+    Raises:
+        PipelineError: one line with the command that fixes it.
+    """
+    made_for = recorded_work_dir(bundle)
+    if made_for is None or _same_dir(made_for, wd.root):
+        return
+    how = "copied" if made_for.exists() else "moved"
+    raise PipelineError(
+        f"{bundle.name}: generated for work dir {made_for}, but this is {wd.root} (a {how} work dir "
+        f"would use the other one's paths); run: python -m stages.bundlegen --work-dir {wd.root} --rebase")
+
+
+def rebase_work_dir(wd: WorkDir) -> dict[str, Any]:
+    """Rewrite the absolute paths of a copied or moved work dir to point into itself.
+
+    Every bundle's ``configs/*`` and ``algo_object.json`` and the root ``input.yaml`` get the
+    old work-dir prefix replaced by the new one (atomic writes). Idempotent.
+
+    Returns:
+        ``{"from": [old roots], "to": root, "files": [changed files]}``.
+
+    Raises:
+        PipelineError: the bundles were made for two different work dirs.
+    """
+    from common.io import atomic_write_text
+
+    olds = {recorded_work_dir(b) for b in bundle_dirs(wd)} - {None}
+    olds = {o for o in olds if o is not None and not _same_dir(o, wd.root)}
+    changed: list[str] = []
+    if not olds:
+        return {"from": [], "to": str(wd.root), "files": changed}
+    if len(olds) > 1:
+        raise PipelineError(f"{wd.root}: bundles were made for several work dirs ({', '.join(map(str, sorted(olds)))}); "
+                            "regenerate them: python -m stages.bundlegen --force")
+    old = str(next(iter(olds)))
+    files = [wd.input_yaml] + [f for b in bundle_dirs(wd) for pat in REBASE_FILES for f in sorted(b.glob(pat))]
+    for f in files:
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            continue
+        # whole path components only: /runs/r1 must not rewrite /runs/r10
+        new_text = _replace_prefix(text, old, str(wd.root))
+        if new_text != text:
+            atomic_write_text(f, new_text)
+            changed.append(str(f.relative_to(wd.root)))
+    return {"from": [old], "to": str(wd.root), "files": changed}
+
+
+def _replace_prefix(text: str, old: str, new: str) -> str:
+    import re
+
+    return re.sub(re.escape(old) + r"(?=[/\"'\s,\]}]|$)", lambda _m: new, text, flags=re.MULTILINE)

@@ -5,7 +5,8 @@ It keeps the stage contract the SLURM scripts rely on: real done markers
 (:class:`common.workdir.Marker`), exit 0/1, and for ``train`` a SIGUSR1 handler that writes
 an atomic checkpoint and exits 75, resuming from it on the next run. Behaviour is steered by
 files in the work dir: ``fail_<marker name>`` makes that stage fail (exit 1),
-``fake_train.json`` (``{"steps": 10, "step_s": 0.2}``) sets the training length. Every run
+``fake_train.json`` (``{"steps": 10, "step_s": 0.2, "hog_mb": 0}``) sets the training length
+(and memory grabbed per step). Every run
 appends one line to ``<wd>/fake_runs.log``.
 """
 
@@ -71,7 +72,10 @@ def _train(wd: WorkDir, name: str, algo: str, fold: int, marker) -> int:  # noqa
     stop = {"flag": False}
     signal.signal(signal.SIGUSR1, lambda *_: stop.update(flag=True))
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    hog: list[bytes] = []  # "hog_mb": touched memory per step, for the memory-kill test
     while step < spec["steps"]:
+        if spec.get("hog_mb"):
+            hog.append(b"x" * (int(spec["hog_mb"]) << 20))
         if stop["flag"]:
             atomic_write_json(ckpt, {"step": step})
             _log(wd, f"{name} checkpoint step={step} exit 75")

@@ -26,6 +26,7 @@ from slurm.jobs import TERMINAL, job_state, read_jobs
 from slurm.submit import submit_chain
 
 ROOT = Path(__file__).resolve().parents[1]
+# the stand-in apptainer runs images that do not exist: submit preflight is tested in test_hardening_ops
 SCRIPT = ROOT / "slurm" / "localcluster.sh"
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -103,13 +104,13 @@ def _profiles(tmp: Path, app: Path, py: Path, train_time: str = "00:30:00") -> t
     cpu.write_text(
         f"cluster: local\nrunner: native\npython: {py}\nrequeue_margin_s: 60\n"
         "wait: {poll_s: 1, timeout_h: 1}\n"
-        "defaults: {partition: batch, cpus: 1, mem: 1G, time: '00:30:00'}\n"
+        "defaults: {partition: batch, cpus: 1, mem: 3G, time: '00:30:00'}\n"
     )
     gpu = tmp / "local-gpu.yaml"
     gpu.write_text(
         f"cluster: local-gpu\nrunner: apptainer\napptainer: {app}\nimage_dir: /images/a3ds\n"
         "env: {OMP_NUM_THREADS: '1'}\nrequeue_margin_s: 60\nwait: {poll_s: 1, timeout_h: 1}\n"
-        "defaults: {partition: batch, cpus: 1, mem: 1G, time: '00:30:00'}\n"
+        "defaults: {partition: batch, cpus: 1, mem: 3G, time: '00:30:00'}\n"
         f"stages: {{train: {{partition: gpu, gpus: 1, stage_gpus: 0, time: '{train_time}'}}, ensemble: {{gpus: 0}}}}\n"
     )
     return cpu, gpu
@@ -184,7 +185,7 @@ def test_full_chain_two_clusters_with_requeue(slurm_cluster: dict[str, str], tmp
         "train: {num_epochs: 2, roi_size: [32, 32, 16], batch_size: 1, num_workers: 0}\n"
         "convert: {max_failed_fraction: 1.0}\n"  # the fixture's 7 malformed crops are deliberate
     )
-    ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), convert_shards=2, echo=lambda s: None)
+    ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), convert_shards=2, echo=lambda s: None, preflight=False)
     assert list(ids) == ["convert.shards", "convert", "analyze", "bundlegen", "wait.bundlegen",
                          "train.segresnet_0", "ensemble"]
     # signal the train job once its first epoch is logged (the second one takes >10 s here)
@@ -221,7 +222,7 @@ def test_failure_cancels_dependants_then_resubmit_skips_done(slurm_cluster: dict
     wd = _blobs(tmp_path, "{}")
     (wd.root / "pipeline.yaml").write_text("classes: [ecs, mito_mem]\nalgos: [segresnet, dints]\n")
     (wd.root / "fail_bundlegen").write_text("")
-    ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None)
+    ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False)
     states = _wait_all(wd, timeout=120)
     got = {n: s["state"] for n, s in states.items()}
     assert got == {"analyze": "COMPLETED", "bundlegen": "FAILED", "wait.bundlegen": "FAILED",
@@ -235,7 +236,7 @@ def test_failure_cancels_dependants_then_resubmit_skips_done(slurm_cluster: dict
 
     # fix it and resubmit: analyze is done and is not submitted again
     (wd.root / "fail_bundlegen").unlink()
-    ids2 = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None)
+    ids2 = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False)
     assert list(ids2) == ["bundlegen", "wait.bundlegen", "train.segresnet_0", "train.dints_0", "ensemble"]
     states = _wait_all(wd, timeout=120)
     assert all(s["state"] == "COMPLETED" for s in states.values()), states
@@ -243,7 +244,7 @@ def test_failure_cancels_dependants_then_resubmit_skips_done(slurm_cluster: dict
     assert runs.count("analyze start") == 1
     assert read_jobs(wd)[0]["job_id"] == ids["analyze"]  # kept; the others replaced by name
     assert {j["name"]: j["job_id"] for j in read_jobs(wd)}["ensemble"] == ids2["ensemble"]
-    assert submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None) == {}
+    assert submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False) == {}
 
 
 def _read(p: Path) -> str:
@@ -262,7 +263,7 @@ def test_wait_job_ignores_stale_failures_requeues_and_follows_the_marker(
     old.start()
     old.fail("an earlier run")
     os.utime(old.path, (time.time() - 3600, time.time() - 3600))
-    ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", side="gpu", echo=lambda s: None)
+    ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", side="gpu", echo=lambda s: None, preflight=False)
     assert list(ids) == ["wait.bundlegen", "train.segresnet_0", "ensemble"]
     wait_id = ids["wait.bundlegen"]
     t0 = time.monotonic()
@@ -284,3 +285,31 @@ def test_wait_job_ignores_stale_failures_requeues_and_follows_the_marker(
     _assert_dependency_order(wd, states)
     log = _read(wd.logs_dir / "slurm" / f"wait.bundlegen-{wait_id}.out")
     assert "restart=1" in log and "bundlegen is done" in log, log
+
+
+def test_memory_kill_shows_in_status(slurm_cluster: dict[str, str], tmp_path: Path) -> None:
+    """A fold SLURM kills for memory reads `killed by SLURM ... OUT_OF_MEMORY` in status (today
+    `running?`). The local cluster enforces --mem with jobacct_gather (no cgroups), which ends
+    the job FAILED 0:9; the slurmstepd line in the job log tells it was memory."""
+    app, py = _stand_ins(tmp_path, fake=True)
+    cpu, gpu = _profiles(tmp_path, app, py)
+    gpu.write_text(gpu.read_text().replace("stage_gpus: 0,", "stage_gpus: 0, mem: 150M,"))
+    wd = _blobs(tmp_path, "{}")
+    for stage in ("convert", "analyze", "bundlegen"):
+        m = wd.marker(stage)
+        m.start()
+        m.done()
+    (wd.root / "fake_train.json").write_text('{"steps": 200, "step_s": 0.05, "hog_mb": 20}')
+    ids = submit_chain(wd.root, str(gpu), from_stage="train", echo=lambda s: None, preflight=False)
+    assert set(ids) == {"train.segresnet_0", "ensemble"}
+    _wait_all(wd, timeout=120)
+    rows = _status_rows(wd)
+    row = rows["train.segresnet_0"]
+    assert row["job_state"] == "OUT_OF_MEMORY", (row, _logs(wd))
+    assert row["state"] == "running" and row["possibly_killed"]
+    assert "killed by SLURM" in row["note"] and "memory limit" in row["note"], row["note"]
+    assert rows["ensemble"]["job_state"] == "CANCELLED"
+    table = subprocess.run([sys.executable, "-m", "slurm.submit", "--work-dir", str(wd.root), "--status"],
+                           capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    print(table)
+    assert "OUT_OF_MEMORY" in table and "running?" in table

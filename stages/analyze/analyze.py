@@ -225,14 +225,14 @@ def analyze_part(items: Sequence[CaseItem], s: AnalyzeSettings, progress: bool =
         dicts, label paths restored], "summary": MONAI's summary of this part or None}``.
     """
     import torch
-    from tqdm import tqdm
+    from common.progress import progress as progress_lines
 
     # One thread per process: parallelism comes from ``workers``, and torch's float32
     # reductions then give the same per-case numbers whatever the split (sharded == unsharded).
     torch.set_num_threads(1)
     own: list[dict[str, Any]] = []
     failed: dict[str, str] = {}
-    for it in tqdm(items, desc="analyze: reading cases", disable=not progress, leave=False):
+    for it in progress_lines(items, desc="analyze: reading cases", enabled=progress):
         try:
             own.append(case_stats(it, s))
         except Exception as exc:  # noqa: BLE001 - any unreadable case is reported by name

@@ -16,10 +16,17 @@ from common.cli import config_option, setup_logging, stage_command, work_dir_opt
 @click.option("--target-gpu-mem-gb", type=float, default=None,
               help="GPU memory the bundles are sized for (default: config, 48 = L40S).")
 @click.option("--force", is_flag=True, help="Regenerate bundles that are already done.")
+@click.option("--rebase", is_flag=True, help="Only rewrite the bundles' absolute paths after the work dir was copied or moved.")
 @stage_command("bundlegen")
 def main(work_dir: Path, config_file: Path | None, algos: str | None, target_gpu_mem_gb: float | None,
-         force: bool) -> int:
+         force: bool, rebase: bool) -> int:
     """Write input.yaml and one bundle per algorithm and fold (<algo>_<fold>/)."""
+    if rebase:  # common.workdir.rebase_work_dir: paths of a copied/moved work dir
+        from common.workdir import WorkDir, rebase_work_dir
+
+        res = rebase_work_dir(WorkDir.at(work_dir))
+        click.echo(f"rebased {len(res['files'])} files from {res['from'] or '(nothing to do)'} to {res['to']}")
+        return 0
     from stages.bundlegen.bundlegen import run_bundlegen_entry
 
     setup_logging("bundlegen", Path(work_dir).expanduser().resolve() / "logs")

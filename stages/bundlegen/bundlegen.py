@@ -282,7 +282,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
                       digests: dict[tuple[str, int], str], inp: dict[str, Any], interpreter: str) -> None:
     from monai.apps.auto3dseg import BundleGen
     from monai.auto3dseg.utils import algo_to_json
-    from tqdm import tqdm
+    from common.progress import progress
 
     algos = sorted({a for a, _ in todo})
     # MONAI copies the templates to <wd>/algorithm_templates and builds one algo object each
@@ -293,7 +293,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
     log.info("templates %s (%s) -> %s; GPU probes sized for %g GB: %s", kind, src, wd.templates_dir,
              cfg.target_gpu_mem_gb, ", ".join(patched) or "none loaded")
     n = cfg.output_classes
-    for algo_name, fold in tqdm(todo, desc="bundlegen", leave=False):
+    for algo_name, fold in progress(todo, desc="bundlegen"):
         name = f"{algo_name}_{fold}"
         bundle = wd.bundle(algo_name, fold)
         marker = wd.marker(f"{STAGE}.{name}")

@@ -33,13 +33,13 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from tqdm import tqdm
 
 from common.config import PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from common.nifti import save_nifti
-from common.workdir import WorkDir, digest, file_fingerprint
+from common.progress import progress
+from common.workdir import WorkDir, check_bundle_location, digest, file_fingerprint
 from stages.ensemble.scoring import confusion_matrix, summarize
 
 log = logging.getLogger("cellmap.ensemble")
@@ -112,6 +112,7 @@ def find_trained_bundles(wd: WorkDir) -> tuple[list[Member], list[str]]:
         m = _BUNDLE_RE.match(d.name)
         if not m or not (d / "algo_object.json").is_file():
             continue
+        check_bundle_location(wd, d)  # a copied work dir must not predict with the original's paths
         marker = wd.marker(f"train.{d.name}")
         data = marker.read()
         if data is None:
@@ -310,7 +311,7 @@ def predict_member(
     except Exception as exc:  # noqa: BLE001 - any load failure is this member's failure
         raise StageFailed(f"{member.bundle_dir}: cannot load the trained bundle: {exc}") from exc
     try:
-        for case in tqdm(todo, desc=f"predict {member.name}", unit="case"):
+        for case in progress(todo, desc=f"predict {member.name}", unit="case"):
             prob = _to_numpy(predictor(case.image))
             shape = _image_shape(case.image)
             if prob.ndim != 4 or tuple(prob.shape[1:]) != shape or prob.shape[0] != cfg.output_classes:
@@ -579,7 +580,7 @@ def _run(
         predict_member(m, todo, predictor_factory, wd, cfg, prob_root, prob_dtype)
 
     # 2. per case: combine one member map at a time, write the labels, keep the counts
-    for c in tqdm(todo, desc="ensemble", unit="case"):
+    for c in progress(todo, desc="ensemble", unit="case"):
         gt = None
         if c.label is not None:
             gt = np.asarray(nib.load(str(c.label)).dataobj)

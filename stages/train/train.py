@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from common.cli import setup_logging
-from common.config import PipelineConfig, load_config
+from common.config import PipelineConfig, bundle_hyper_parameters, check_train_overrides, load_config
 from common.errors import EXIT_REQUEUE, PipelineError, RequeueRequested, StageFailed
 from common.io import read_json, read_yaml
-from common.workdir import WorkDir, digest, file_fingerprint
+from common.workdir import WorkDir, check_bundle_location, digest, file_fingerprint
 
 log = logging.getLogger("cellmap.train")
 
@@ -196,6 +196,8 @@ def train_fold(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int, gpus: int
     hp = bundle / "configs" / HP
     if not hp.is_file() or not (bundle / "algo_object.json").is_file():
         raise PipelineError(f"{bundle}: bundle not generated (run bundlegen for {algo} first)")
+    check_bundle_location(wd, bundle)  # a copied work dir must not train into the original
+    check_train_overrides(dict(cfg.train), bundle_hyper_parameters(bundle), f"{wd.config_file} or --config")
     kind = bundle_kind(bundle)
     marker = wd.marker(f"{STAGE}.{name}")
     inputs = digest([kind, cfg.train, file_fingerprint(hp)])
