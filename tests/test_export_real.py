@@ -84,10 +84,10 @@ def fraction_predictor(label_fn, n: int, ss: int = 4):  # noqa: ANN001, ANN201
     return predict
 
 
-def make_wd(tmp: Path, classes: list[str], res: list[float], data_root: Path, extra: str = "") -> WorkDir:
+def make_wd(tmp: Path, classes: list[str], res: list[float], data_root: Path, block: int = 16) -> WorkDir:
     wd = WorkDir.at(tmp / "work").ensure()
     wd.config_file.write_text(f"classes: [{', '.join(classes)}]\ndata_root: {data_root}\n"
-                              f"resolution_nm: 16\nensemble: {{export_block: 16, export_halo: 2{extra}}}\n")
+                              f"resolution_nm: 16\nensemble: {{export_block: {block}, export_halo: 2}}\n")
     for name, score in (("segresnet_0", 0.9), ("dints_0", 0.8)):
         add_trained_bundle(wd, name, score)
         (wd.root / name / "cellmap_bundle.json").write_text(json.dumps({"resolution_nm": res}))
@@ -160,7 +160,7 @@ def test_every_real_test_row_written(real_tree, tmp_path: Path) -> None:  # noqa
     def label_fn(z, y, x):  # noqa: ANN001, ANN202
         return ((z // 40).astype(np.int64) + 3 * (y // 48).astype(np.int64) + 7 * (x // 56).astype(np.int64)) % n
 
-    wd = make_wd(tmp_path, classes, [8.0], root)
+    wd = make_wd(tmp_path, classes, [8.0], root, block=32)
     s = run_export(load_config(wd.root), wd, manifest,
                    array_predictor_factory=lambda m, w, c: onehot_predictor(label_fn, n))
     assert s["failed"] == {} and s["untrained"] == {}
@@ -210,37 +210,21 @@ def test_perfect_predictor_scores_on_finer_and_coarser_crops(real_tree, tmp_path
     coarse32 = shrink(real["985"], 800)  # 32 nm, 4x
     sel = [fine, coarse, coarse32]
     tree = build_tree(tmp_path / "data", sel)
-    manifest = tmp_path / "m.csv"
-    write_manifest(manifest, sel, lambda c: classes)
     wd = make_wd(tmp_path, classes, [8.0], tree)
     plans = {c.crop: plan_em(tree, ManifestRow(c.crop, c.dataset, "ecs", c.voxel_size, c.translation, c.shape),
                              (None, 8.0, 8.0)) for c in sel}
 
-    def label_fn(z, y, x):  # noqa: ANN001, ANN202
-        # cells of 4 training voxels (the coarse crops' own voxels for 980/985) in each crop's phase
-        out = np.zeros(np.broadcast_shapes(z.shape, y.shape, x.shape), dtype=np.int64)
-        for p in plans.values():
-            g = p.grid
-            idx = [np.floor((v - (t - s / 2)) / (4 * s) + 1e-9).astype(np.int64)
-                   for v, t, s in zip((z, y, x), g.translation, g.scale)]
-            h = (idx[0] * 73856093 ^ idx[1] * 19349663 ^ idx[2] * 83492791) % 97
-            out = np.where(out == 0, h % n, out)
-        return out
-
-    # each crop is far from the others: one label function serves all (phase per crop)
+    # truth constant over training voxels (and over the coarse crops' voxels): regions cut by
+    # planes on multiples of 4 training voxels in each crop's own phase, 3 classes + background
     def per_crop_fn(c: Crop):  # noqa: ANN202
         g = plans[c.crop].grid
 
         def fn(z, y, x):  # noqa: ANN001, ANN202
-            idx = [np.floor((v - (t - s / 2)) / (4 * s) + 1e-9).astype(np.int64)
-                   for v, t, s in zip((z, y, x), g.translation, g.scale)]
-            return ((idx[0] * 7 + idx[1] * 13 + idx[2] * 29 + (idx[0] * idx[1]) % 5) % n)
+            iz, iy, ix = (np.floor((v - (t - s / 2)) / s + 1e-9).astype(np.int64)
+                          for v, t, s in zip((z, y, x), g.translation, g.scale))
+            out = np.where(ix < 16, 1, np.where(iy < 20, 2, np.where((iz >= 8) & (iz < 28), 3, 0)))
+            return np.where((ix >= 28) & (iy >= 28), 1, out)
         return fn
-
-    def dispatch(z, y, x):  # noqa: ANN001, ANN202
-        zc = float(np.mean(z))
-        c = min(sel, key=lambda c: abs(c.translation[0] - zc) if c.dataset == sel[0].dataset else 1e18)
-        return per_crop_fn(c)(z, y, x)
 
     scores = {}
     for c in sel:
@@ -259,7 +243,6 @@ def test_perfect_predictor_scores_on_finer_and_coarser_crops(real_tree, tmp_path
             scores[(c.crop, cls)] = _iou(got, truth == k)
     print("perfect-predictor IoU:", {f"{a}/{b}": round(v, 4) for (a, b), v in scores.items()})
     assert min(scores.values()) >= 0.99, scores
-    del label_fn, dispatch
 
 
 def test_interpolation_and_footprint_beat_nearest(real_tree, tmp_path: Path) -> None:  # noqa: ANN001
@@ -268,13 +251,12 @@ def test_interpolation_and_footprint_beat_nearest(real_tree, tmp_path: Path) -> 
     the footprint average beats one sub-voxel on a coarser crop."""
     real = {c.crop: c for c in real_test_crops()}
     fine = shrink(real["557"], 240)
-    coarse = shrink(real["985"], 1200)
+    coarse = shrink(real["985"], 480)
     rng = np.random.default_rng(0)
 
-    def spheres(c: Crop, r_nm: tuple[float, float]):  # noqa: ANN202
+    def spheres(c: Crop, r_nm: tuple[float, float], k: int):  # noqa: ANN202
         lo = np.array(c.translation)
         hi = lo + np.array(c.shape) * np.array(c.voxel_size)
-        k = 40
         cen = lo + rng.random((k, 3)) * (hi - lo)
         rad = r_nm[0] + rng.random(k) * (r_nm[1] - r_nm[0])
         cls = rng.integers(1, 3, k)
@@ -289,15 +271,15 @@ def test_interpolation_and_footprint_beat_nearest(real_tree, tmp_path: Path) -> 
     classes = ["ecs", "pm"]
     n = 3
     results = {}
-    for c, radii in ((fine, (12.0, 40.0)), (coarse, (60.0, 200.0))):
+    for c, radii, k_sph, ss in ((fine, (12.0, 40.0), 30, 4), (coarse, (40.0, 120.0), 12, 2)):
         tree = build_tree(tmp_path / f"data{c.crop}", [c])
         wd = make_wd(tmp_path / c.crop, classes, [8.0], tree)
-        fn = spheres(c, radii)
+        fn = spheres(c, radii, k_sph)
         m = tmp_path / f"m{c.crop}.csv"
         write_manifest(m, [c], lambda _: classes)
         out = tmp_path / f"out{c.crop}"
         s = run_export(load_config(wd.root), wd, m, out_dir=out,
-                       array_predictor_factory=lambda mm, w, cc: fraction_predictor(fn, n))
+                       array_predictor_factory=lambda mm, w, cc: fraction_predictor(fn, n, ss))
         assert s["n_written"] == 2
         row = read_manifest(m)[0]
         plan = plan_em(tree, row, (None, 8.0, 8.0))
@@ -305,7 +287,7 @@ def test_interpolation_and_footprint_beat_nearest(real_tree, tmp_path: Path) -> 
         rng_t = [needed_range(o, ot, 0, k, ts, tt) for o, ot, k, ts, tt in
                  zip(row.voxel_size, row.translation, row.shape, g.scale, g.translation)]
         win = g.window(tuple(a for a, _ in rng_t), tuple(b for _, b in rng_t))
-        prob_t = fraction_predictor(fn, n)(np.zeros(win.shape, np.float32), win)
+        prob_t = fraction_predictor(fn, n, ss)(np.zeros(win.shape, np.float32), win)
         lab_t = prob_t.argmax(0)
         # nearest training voxel of each manifest voxel centre ("one sub-voxel" when coarser)
         idx = [np.clip(np.floor((t + np.arange(k) * o - (wt - ws / 2)) / ws).astype(int), 0, w - 1)
@@ -315,7 +297,7 @@ def test_interpolation_and_footprint_beat_nearest(real_tree, tmp_path: Path) -> 
         if c is fine:
             truth = _truth_at(fn, row)
         else:  # coarse truth: the majority over each voxel's footprint (how a coarse label is made)
-            truth = fraction_predictor(fn, n, ss=8)(np.zeros(row.shape, np.float32), row.box).argmax(0)
+            truth = fraction_predictor(fn, n, ss=4)(np.zeros(row.shape, np.float32), row.box).argmax(0)
         store = zarr.open_group(str(out / "submission.zarr"), mode="r")
         for k, cls in enumerate(classes, start=1):
             got = store[f"crop{c.crop}"][cls][...].astype(bool)
@@ -369,16 +351,26 @@ def test_members_disagreeing_on_resolution_and_unrecorded(tmp_path: Path) -> Non
         run_export(load_config(wd.root), wd, m, members=["dints_0"])
 
 
-@pytest.mark.parametrize("crop_name,cls", [
-    ("crop901/../../..", "ecs"), ("../901", "ecs"), ("901\n", "ecs"), ("901", "a/b"), ("901", ".."),
-    ("901", "ecs/../../x"), ("crop 901", "ecs"),
-])
-def test_path_traversal_refused_exit_2(tmp_path: Path, crop_name: str, cls: str) -> None:
-    m = tmp_path / "m.csv"
-    with open(m, "w", newline="") as fh:
+def _one_row_manifest(path: Path, crop_name: str, cls: str) -> Path:
+    with open(path, "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["crop_name", "dataset", "class_label", "voxel_size", "translation", "shape"])
         w.writerow([crop_name, "jrc_mus-kidney", cls, "[8;8;8]", "[4;4;4]", "[4;4;4]"])
+    return path
+
+
+@pytest.mark.parametrize("crop_name,cls", [
+    ("crop901/../../..", "ecs"), ("../901", "ecs"), ("901\n", "ecs"), ("901", "a/b"), ("901", ".."),
+    ("901", "ecs/../../x"), ("crop 901", "ecs"), ("/etc", "ecs"),
+])
+def test_path_traversal_refused(tmp_path: Path, crop_name: str, cls: str) -> None:
+    with pytest.raises(Exception, match="refused") as exc:
+        read_manifest(_one_row_manifest(tmp_path / "m.csv", crop_name, cls))
+    assert exc.value.exit_code == 2 and "\n" not in str(exc.value).replace(repr(crop_name), "")
+
+
+def test_path_traversal_cli_exit_2_writes_nothing(tmp_path: Path) -> None:
+    m = _one_row_manifest(tmp_path / "m.csv", "crop901/../../..", "ecs")
     wd = tmp_path / "w"
     wd.mkdir()
     victim = tmp_path / "victim.txt"
@@ -388,5 +380,39 @@ def test_path_traversal_refused_exit_2(tmp_path: Path, crop_name: str, cls: str)
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and "refused" in lines[0], res.stderr
+    assert len(lines) == 1 and "refused crop_name 'crop901/../../..'" in lines[0], res.stderr
     assert victim.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == ["m.csv", "victim.txt", "w"]
+
+
+def test_inside_refuses_escapes(tmp_path: Path) -> None:
+    from stages.ensemble.export import inside
+
+    assert inside(tmp_path, "crop1", "ecs") == (tmp_path / "crop1" / "ecs").resolve()
+    for bad in (("..",), ("crop1", "..", ".."), ("/etc",), (".",)):
+        with pytest.raises(Exception, match="outside"):
+            inside(tmp_path, *bad)
+
+
+def test_blockwise_instances_equal_whole_volume_components(tmp_path: Path) -> None:
+    from scipy import ndimage
+
+    from common.training.blockwise import BlockwiseInstances, iter_blocks
+
+    rng = np.random.default_rng(1)
+    mask = ndimage.binary_opening(rng.random((30, 41, 37)) > 0.55)
+    ref, _ = ndimage.label(mask)
+    sizes = np.bincount(ref.ravel())
+    keep = sizes >= 5
+    keep[0] = False
+    inst = BlockwiseInstances(tmp_path / "tmp.zarr", mask.shape, (8, 8, 8), min_voxels=5)
+    for sl in iter_blocks(mask.shape, (8, 11, 9)):  # blocks not aligned with the chunks
+        inst.add(sl, mask[sl])
+    out = zarr.open_array(str(tmp_path / "out.zarr"), mode="w", shape=mask.shape, chunks=(8, 8, 8), dtype=np.uint16)
+    k = inst.finish(lambda dtype: out if dtype == np.uint16 else None)
+    got = out[...]
+    assert k == int(keep.sum()) and got.max() == k and not (tmp_path / "tmp.zarr").exists()
+    # same partition: every kept reference component maps to exactly one id and back
+    kept = keep[ref]
+    assert ((got > 0) == kept).all()
+    pairs = {(a, b) for a, b in zip(ref[kept].ravel(), got[kept].ravel())}
+    assert len(pairs) == k == len({a for a, _ in pairs}) == len({b for _, b in pairs})

@@ -383,7 +383,7 @@ def em_reader(plan: EmPlan, row: ManifestRow) -> Callable[[tuple[int, int, int],
 # ---- writing --------------------------------------------------------------------------------
 def _zip_store(store_root: Path, zip_path: Path) -> None:
     with atomic_path(zip_path) as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             for f in sorted(store_root.rglob("*")):
                 if f.is_file():
                     zf.write(f, (Path(store_root.name) / f.relative_to(store_root)).as_posix())
