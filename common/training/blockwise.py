@@ -233,6 +233,105 @@ def predict_blocks(
     return stats
 
 
+def pooled_reader(
+    array: Any,
+    start: Sequence[int],
+    factors: Sequence[int],
+    core: Sequence[slice],
+    on_empty: Callable[[], Exception] | None = None,
+) -> Callable[[tuple[int, int, int], tuple[int, int, int]], np.ndarray]:
+    """``(lo, hi) -> float32`` source voxels pooled to a coarser grid in a given phase.
+
+    Training-grid voxel ``j`` is the mean of source voxels ``[start + j g, start + (j+1) g)``
+    per axis (``g`` = ``factors``). Outside the source array, and (for a zarr array) where
+    a halo would touch chunks that were never written, the read is limited to ``core``
+    (the region known to exist) and padded with edge values: context only.
+
+    Args:
+        array: a zarr v2 array or a numpy array (z, y, x).
+        start: source index of training voxel 0's first source voxel.
+        factors: source voxels per training voxel, per axis.
+        core: the source region that must be real data (e.g. the box).
+        on_empty: called to build the error raised when a read is entirely the fill value
+            (a never-fetched region); ``None`` accepts it.
+    """
+    from common.ngff import chunk_keys
+
+    is_zarr = hasattr(array, "chunks") and hasattr(array, "store")
+    store = (array.chunk_store if array.chunk_store is not None else array.store) if is_zarr else None
+    fill = (array.fill_value if array.fill_value is not None else 0) if is_zarr else None
+    shape = array.shape
+
+    def read(lo: tuple[int, int, int], hi: tuple[int, int, int]) -> np.ndarray:
+        want = [(s + a * g, s + b * g) for s, a, b, g in zip(start, lo, hi, factors)]
+        got = [(max(a, 0), min(b, n)) for (a, b), n in zip(want, shape)]
+        cut = tuple(slice(a, b) for a, b in got)
+        if store is not None and any(k not in store for k in chunk_keys(array, cut)):
+            got = [(max(a, c.start), min(b, c.stop)) for (a, b), c in zip(got, core)]
+            cut = tuple(slice(a, b) for a, b in got)
+        raw = np.asarray(array[cut])
+        if on_empty is not None and fill is not None and raw.size and (raw == fill).all():
+            raise on_empty()
+        pad = [(a - wa, wb - b) for (a, b), (wa, wb) in zip(got, want)]
+        if any(p != (0, 0) for p in pad):
+            raw = np.pad(raw, pad, mode="edge")
+        return block_mean(raw, factors)
+
+    return read
+
+
+def bundle_training_resolution(bundle_dir: Path, reports_dir: Path | None = None) -> tuple[tuple[float | None, float, float], str]:
+    """The voxel size (z or ``None``, y, x nm) a bundle was trained at, and where it is recorded.
+
+    From the bundle's ``cellmap_bundle.json`` ``resolution_nm`` (bundlegen writes it); for
+    older bundles from ``<reports_dir>/convert.json`` ``resolution_zyx`` (what the training
+    data was converted at). Never from the current ``pipeline.yaml``.
+
+    Raises:
+        ValueError: neither records it (the message names the file to fix).
+    """
+    import json
+
+    rec = Path(bundle_dir) / "cellmap_bundle.json"
+    try:
+        res = json.loads(rec.read_text(encoding="utf-8")).get("resolution_nm")
+    except (OSError, ValueError, AttributeError):
+        res = None
+    if isinstance(res, list) and res:
+        vals = [float(v) for v in res]
+        return ((None, vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1], vals[2])), str(rec)
+    conv = Path(reports_dir) / "convert.json" if reports_dir is not None else None
+    r = None
+    if conv is not None:
+        try:
+            r = json.loads(conv.read_text(encoding="utf-8")).get("resolution_zyx")
+        except (OSError, ValueError, AttributeError):
+            r = None
+    if isinstance(r, list) and len(r) == 3:
+        return (None if r[0] is None else float(r[0]), float(r[1]), float(r[2])), str(conv)
+    raise ValueError(
+        f"{Path(bundle_dir).name}: the training resolution is not recorded ({rec} has no resolution_nm"
+        + (f" and {conv} no resolution_zyx" if conv else "")
+        + f"): add \"resolution_nm\": [z, y, x] (what the bundle was trained at) to {rec}")
+
+
+def training_factors(train_res: Sequence[float | None], s0_scale: Sequence[float]) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+    """Training voxel (z, y, x nm) for a source whose finest voxel is ``s0_scale``, and the factors.
+
+    ``None`` z (only y/x trained) takes the source z times the y/x factor (the EM pyramid rule).
+
+    Raises:
+        ValueError: the training voxel is not a whole multiple of the source voxel.
+    """
+    f_yx = float(train_res[1]) / s0_scale[1]
+    t = (float(train_res[0]) if train_res[0] is not None else s0_scale[0] * f_yx, float(train_res[1]),
+         float(train_res[2]))
+    g = [v / e for v, e in zip(t, s0_scale)]
+    if not all(abs(x - round(x)) <= 1e-3 and round(x) >= 1 for x in g):
+        raise ValueError(f"training voxel {list(t)} nm is not a whole multiple of the source voxel {list(s0_scale)} nm")
+    return t, tuple(round(x) for x in g)  # type: ignore[return-value]
+
+
 # ---- instances over many blocks ---------------------------------------------------------
 class BlockwiseInstances:
     """Connected components (face connectivity) of a mask written block by block.

@@ -58,9 +58,10 @@ from common.training.blockwise import (
     BlockwiseInstances,
     TrainGrid,
     argmax0,
-    block_mean,
+    bundle_training_resolution,
     file_predictor,
     output_block,
+    pooled_reader,
     predict_blocks,
 )
 from common.workdir import WorkDir, digest
@@ -191,34 +192,11 @@ def inside(root: Path, *parts: str) -> Path:
 
 # ---- training resolution -----------------------------------------------------------------
 def bundle_resolution(member: Member, wd: WorkDir) -> tuple[tuple[float | None, float, float], str]:
-    """The voxel size (z or ``None``, y, x nm) a bundle was trained at, and where it is recorded.
-
-    Read from the bundle's ``cellmap_bundle.json`` (``resolution_nm``, written by
-    bundlegen); for bundles made before that key existed, from the work dir's
-    ``reports/convert.json`` (``resolution_zyx``, what the training data was converted
-    at). Never from the current ``pipeline.yaml``, which may have changed since.
-
-    Raises:
-        PipelineError: neither records it (with the command that fixes it).
-    """
-    rec = member.bundle_dir / BUNDLE_RECORD
+    """See :func:`common.training.blockwise.bundle_training_resolution` (bad input: exit 2)."""
     try:
-        res = read_json(rec).get("resolution_nm")
-    except (OSError, ValueError, AttributeError):
-        res = None
-    if isinstance(res, list) and res:
-        vals = [float(v) for v in res]
-        return ((None, vals[0], vals[0]) if len(vals) == 1 else (vals[0], vals[1], vals[2])), str(rec)
-    conv = wd.reports_dir / "convert.json"
-    try:
-        r = read_json(conv).get("resolution_zyx")
-    except (OSError, ValueError, AttributeError):
-        r = None
-    if isinstance(r, list) and len(r) == 3:
-        return (None if r[0] is None else float(r[0]), float(r[1]), float(r[2])), str(conv)
-    raise PipelineError(
-        f"{member.name}: the training resolution is not recorded ({rec} has no resolution_nm and {conv} "
-        f"no resolution_zyx): add \"resolution_nm\": [z, y, x] (what the bundle was trained at) to {rec}")
+        return bundle_training_resolution(member.bundle_dir, wd.reports_dir)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from None
 
 
 def training_resolution(members: Sequence[Member], wd: WorkDir) -> tuple[float | None, float, float]:
@@ -357,27 +335,9 @@ def em_reader(plan: EmPlan, row: ManifestRow) -> Callable[[tuple[int, int, int],
     Outside the volume, and in halo regions whose chunks were never fetched, the window
     is padded with its edge values (context only: the box itself was checked).
     """
-    arr = plan.array
-    fill = arr.fill_value if arr.fill_value is not None else 0
-    store = arr.chunk_store if arr.chunk_store is not None else arr.store
-
-    def read(lo: tuple[int, int, int], hi: tuple[int, int, int]) -> np.ndarray:
-        want = [(s + a * g, s + b * g) for s, a, b, g in zip(plan.start, lo, hi, plan.factors)]
-        got = [(max(a, 0), min(b, n)) for (a, b), n in zip(want, plan.level.shape)]
-        cut = tuple(slice(a, b) for a, b in got)
-        if any(k not in store for k in chunk_keys(arr, cut)):
-            got = [(max(a, c.start), min(b, c.stop)) for (a, b), c in zip(got, plan.core)]
-            cut = tuple(slice(a, b) for a, b in got)
-        raw = np.asarray(arr[cut])
-        if raw.size and (raw == fill).all():
-            raise NeverFetchedError(f"EM never fetched: {plan.group / plan.level.path} reads entirely the fill "
-                                    f"value {fill} under crop{row.crop}: {fetch_fix(row)}")
-        pad = [(a - wa, wb - b) for (a, b), (wa, wb) in zip(got, want)]
-        if any(p != (0, 0) for p in pad):
-            raw = np.pad(raw, pad, mode="edge")
-        return block_mean(raw, plan.factors)
-
-    return read
+    where = plan.group / plan.level.path
+    return pooled_reader(plan.array, plan.start, plan.factors, plan.core, on_empty=lambda: NeverFetchedError(
+        f"EM never fetched: {where} reads entirely the fill value under crop{row.crop}: {fetch_fix(row)}"))
 
 
 # ---- writing --------------------------------------------------------------------------------
