@@ -12,8 +12,9 @@ then runs the real ``run_export`` in a fresh process per size, twice:
   crop (``export_block`` larger than the crop).
 
 The predictor is a deterministic function of the EM (soft bands of intensity, 5 channels;
-no network, so the memory is the export's own). Peak RSS is ``ru_maxrss`` of the child
-minus its RSS just before the export (imports and a warm-up excluded).
+no network, so the memory is the export's own). Peak RSS is the child's ``VmHWM``
+minus its RSS just before the export (imports excluded); ``VmHWM``, not ``ru_maxrss``,
+which a forked child inherits from its parent.
 
 Result keys: per size ``blockwise_peak_mib`` / ``whole_peak_mib``; ``rss_growth_blockwise``
 (peak at the largest size / smallest; target ~1: bounded), ``rss_growth_whole``,
@@ -63,10 +64,18 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _hwm_bytes() -> int:
+    """This process's peak RSS (``VmHWM``: per address space, so not inherited through fork
+    from the parent, unlike ``ru_maxrss``)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def child(work: str, data: str, manifest: str, block: int) -> None:
     """Run one export in this process and print its peak RSS delta as JSON."""
-    import resource
-
     import numcodecs  # noqa: F401 - imported before measuring: their size is not the export's
     import scipy.ndimage  # noqa: F401
     import scipy.sparse.csgraph  # noqa: F401
@@ -86,7 +95,7 @@ def child(work: str, data: str, manifest: str, block: int) -> None:
     t0 = time.perf_counter()
     s = run_export(load_config(wd.root), wd, manifest, array_predictor_factory=band_factory)
     wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = _hwm_bytes()
     print(json.dumps({"peak_delta": max(0, peak - before), "wall_s": wall, "n_written": s["n_written"],
                       "failed": s["failed"]}))
 
