@@ -416,3 +416,16 @@ def test_blockwise_instances_equal_whole_volume_components(tmp_path: Path) -> No
     assert ((got > 0) == kept).all()
     pairs = {(a, b) for a, b in zip(ref[kept].ravel(), got[kept].ravel())}
     assert len(pairs) == k == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+
+
+def test_training_voxel_not_a_multiple_of_em_s0_fails_the_crop(tmp_path: Path) -> None:
+    real = {c.crop: c for c in real_test_crops()}
+    sel = [shrink(real["557"]), shrink(real["558"])]  # ctl EM s0 z 3.48 nm; kidney 8 nm
+    tree = build_tree(tmp_path / "data", sel)
+    m = tmp_path / "m.csv"
+    write_manifest(m, sel, lambda _: ["ecs"])
+    wd = make_wd(tmp_path, ["ecs"], [8.0, 8.0, 8.0], tree)  # isotropic 8 nm: 8 / 3.48 is not whole
+    s = run_export(load_config(wd.root), wd, m,
+                   array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 2, 2))
+    assert list(s["failed"]) == ["crop557/ecs"] and "not a whole multiple of EM s0" in s["failed"]["crop557/ecs"]
+    assert s["n_written"] == 1

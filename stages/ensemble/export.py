@@ -63,6 +63,7 @@ from common.training.blockwise import (
     output_block,
     pooled_reader,
     predict_blocks,
+    training_factors,
 )
 from common.workdir import WorkDir, digest
 from stages.ensemble.ensemble import (
@@ -289,13 +290,12 @@ def plan_em(data_root: Path, row: ManifestRow, train_res: Sequence[float | None]
     levels = read_multiscales(group)
     s0 = min(levels, key=lambda lv: lv.scale[1])
     em_cut(row.box, s0)  # the box must lie on EM s0 edges, inside the volume
-    f_yx = train_res[1] / s0.scale[1]
-    t_scale = (train_res[0] if train_res[0] is not None else s0.scale[0] * f_yx, train_res[1], train_res[2])
-    g0 = [t / e for t, e in zip(t_scale, s0.scale)]
-    if not all(_is_int(g) and round(g) >= 1 for g in g0):
+    try:
+        t_scale, _ = training_factors(train_res, s0.scale)
+    except ValueError:
         raise PipelineError(
-            f"training voxel {fmt_vec(t_scale)} nm is not a whole multiple of EM s0 {fmt_vec(s0.scale)} nm of "
-            f"{row.dataset}: cannot pool EM to it in the box's phase (train at a multiple of EM s0)")
+            f"training voxel {fmt_vec(train_res)} nm is not a whole multiple of EM s0 {fmt_vec(s0.scale)} nm of "
+            f"{row.dataset}: cannot pool EM to it in the box's phase (train at a multiple of EM s0)") from None
     candidates: list[tuple[Level, tuple[int, ...], tuple[int, ...]]] = []
     for lv in levels:
         g = [t / e for t, e in zip(t_scale, lv.scale)]
