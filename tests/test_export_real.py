@@ -429,3 +429,22 @@ def test_training_voxel_not_a_multiple_of_em_s0_fails_the_crop(tmp_path: Path) -
                    array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 2, 2))
     assert list(s["failed"]) == ["crop557/ecs"] and "not a whole multiple of EM s0" in s["failed"]["crop557/ecs"]
     assert s["n_written"] == 1
+
+
+def test_em_level_path_escaping_its_group_is_refused(tmp_path: Path) -> None:
+    import shutil
+
+    real = {c.crop: c for c in real_test_crops()}
+    sel = [shrink(real["558"])]
+    tree = build_tree(tmp_path / "data", sel)
+    group = tree / "jrc_mus-kidney" / "jrc_mus-kidney.zarr" / EM_GROUP
+    shutil.copytree(group / "s0", group.parent / "elsewhere" / "s0")  # real data, outside the group
+    attrs = json.loads((group / ".zattrs").read_text())
+    attrs["multiscales"][0]["datasets"][0]["path"] = "../elsewhere/s0"
+    (group / ".zattrs").write_text(json.dumps(attrs))
+    m = tmp_path / "m.csv"
+    write_manifest(m, sel, lambda _: ["ecs"])
+    wd = make_wd(tmp_path, ["ecs"], [8.0], tree)
+    s = run_export(load_config(wd.root), wd, m,
+                   array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 2, 2))
+    assert s["n_written"] == 0 and "resolves outside" in s["failed"]["crop558/ecs"]

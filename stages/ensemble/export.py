@@ -308,8 +308,9 @@ def plan_em(data_root: Path, row: ManifestRow, train_res: Sequence[float | None]
     candidates.sort(key=lambda c: (c[1] != (1, 1, 1), c[0].path != s0.path, -c[0].scale[1]))
     tried = []
     for lv, g, start in candidates:
+        level_dir = inside(group, *lv.path.split("/"))  # a .zattrs path like ../../x is refused
         try:
-            arr = zarr.open_array(str(group / lv.path), mode="r")
+            arr = zarr.open_array(str(level_dir), mode="r")
         except Exception as exc:  # noqa: BLE001 - any store problem is this crop's reason
             raise NgffError(f"{group / lv.path}: cannot open EM array ({exc})") from None
         end = [math.ceil((st + n * v / e) - 1e-3) for st, n, v, e in zip(start, row.shape, row.voxel_size, lv.scale)]
