@@ -189,9 +189,11 @@ def test_export_with_trained_bundles(trained_wd: WorkDir, tmp_path: Path) -> Non
     root = build_tree(tmp_path / "data", crops)
     manifest = tmp_path / "test_crop_manifest.csv"
     assert write_manifest(manifest, crops) == 413
+    extra = tmp_path / "export.yaml"  # small halo: the shrunk crops are ~20 training voxels wide
+    extra.write_text("ensemble: {export_block: 32, export_halo: 4}\n")
     res = subprocess.run(
         [sys.executable, "-m", "stages.ensemble", "--work-dir", str(trained_wd.root), "--skip-ensemble",
-         "--export-submission", str(manifest), "--data-root", str(root)],
+         "--config", str(extra), "--export-submission", str(manifest), "--data-root", str(root)],
         capture_output=True, text=True, cwd=ROOT, env=_env(),
     )
     assert res.returncode == 0, res.stderr[-3000:]
