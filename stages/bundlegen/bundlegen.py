@@ -317,6 +317,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
                 "template_source_dir": str(src),
                 "output_classes": n,
                 "class_names": list(cfg.classes),
+                "resolution_nm": list(cfg.resolution_nm),  # the training grid; export/predict read it here
                 "unknown_label": cfg.unknown_label,
                 "target_gpu_mem_gb": float(cfg.target_gpu_mem_gb),
                 "modality": inp["modality"],

@@ -35,18 +35,15 @@ def main(work_dir: Path, config_file: Path | None, method: str | None, n_best: i
     from stages.ensemble.ensemble import render_markdown, run_ensemble_entry
 
     setup_logging("ensemble", WorkDir.at(work_dir).logs_dir)
+    only = [m.strip() for m in members.split(",") if m.strip()] if members else None
     if not skip_ensemble:
-        only = [m.strip() for m in members.split(",") if m.strip()] if members else None
         res = run_ensemble_entry(work_dir, config_file, method=method, n_best=n_best, mode=mode, on=on, only=only)
         click.echo(render_markdown(res.report))
     if manifest is not None:
-        from stages.ensemble.export import run_export_entry
+        from stages.ensemble.export import echo_summary, run_export_entry
 
-        summary = run_export_entry(work_dir, manifest, config_file, data_root=data_root,
-                                   method=method, n_best=n_best, mode=mode)
-        click.echo(f"submission: {summary['zip']} ({summary['n_written']} arrays, "
-                   f"{len(summary['failed'])} crops failed)")
-        return 1 if summary["failed"] else 0
+        return echo_summary(run_export_entry(work_dir, manifest, config_file, data_root=data_root,
+                                             method=method, n_best=n_best, mode=mode, members=only))
     return 0
 
 
