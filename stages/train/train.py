@@ -31,6 +31,7 @@ from common.config import PipelineConfig, load_config
 from common.errors import EXIT_REQUEUE, PipelineError, RequeueRequested, StageFailed
 from common.io import read_json, read_yaml
 from common.workdir import WorkDir, digest, file_fingerprint
+from stages.train.gpu import require_gpus
 
 log = logging.getLogger("cellmap.train")
 
@@ -235,11 +236,12 @@ def run_train(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int | None = No
         PipelineError: no such bundle (exit 2). StageFailed: training failed (exit 1).
         RequeueRequested: stopped by SIGUSR1/SIGTERM after a checkpoint (exit 75).
     """
+    if gpus is not None and gpus < 0:
+        raise PipelineError(f"--gpus must be >= 0, got {gpus}")
+    require_gpus(gpus)  # --gpus N >= 1 without usable CUDA: exit 2 now, not days of CPU training
     folds = [fold] if fold is not None else folds_of(wd, algo)
     if not folds:
         raise PipelineError(f"{wd.root}: no {algo}_<fold> bundle (run bundlegen first)")
-    if gpus is not None and gpus < 0:
-        raise PipelineError(f"--gpus must be >= 0, got {gpus}")
     return {f"{algo}_{k}": train_fold(wd, cfg, algo, k, gpus) for k in folds}
 
 
