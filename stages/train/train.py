@@ -30,6 +30,7 @@ from common.cli import setup_logging
 from common.config import PipelineConfig, load_config
 from common.errors import EXIT_REQUEUE, PipelineError, RequeueRequested, StageFailed
 from common.io import read_json, read_yaml
+from common.redact import redact
 from common.workdir import WorkDir, digest, file_fingerprint
 from stages.train.gpu import require_gpus
 
@@ -123,7 +124,7 @@ def run_streamed(argv: list[str], log_file: Path, env: dict[str, str], cwd: Path
     if EARLY:  # stopped before anything ran: nothing to save
         return EXIT_REQUEUE, EARLY[-1]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    log.info("running: %s (output -> %s)", " ".join(argv), log_file)
+    log.info("running: %s (output -> %s)", redact(" ".join(argv)), log_file)  # no URI credentials in logs
     with open(log_file, "a", encoding="utf-8") as fh:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1, cwd=cwd)
         assert proc.stdout is not None
