@@ -12,8 +12,9 @@ sizes them for ``target_gpu_mem_gb``), and per autocast precision (fp16 with a G
   are available (``CELLMAP_A3DS_OFFICIAL_TEMPLATES``, set in the train image);
 * a ``--gpus 2`` **DDP smoke** (torchrun, NCCL) when two GPUs are visible.
 
-Data: the bundles of ``--work-dir`` when given (e.g. a converted CellMap work dir), else a
-synthetic blob work dir made under ``bench/work/gpu``. ``--cpu`` is the reduced mode the tests
+Data: the bundles of ``--work-dir`` when given (a real work dir after bundlegen: real crops,
+real sizing), else a synthetic blob work dir made under ``--scratch``. The train image carries
+this module: ``apptainer exec --nv train.sif python -m bench.gpu --work-dir W --out W/gpu.json``. ``--cpu`` is the reduced mode the tests
 run (tiny network and patch, fp32 + bf16 on the CPU, no official/DDP runs): it checks the
 harness, not a GPU. JSON to ``bench/results/gpu.json`` plus a table (``gpu.md``) and a plot
 (``gpu.png``).
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -356,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     templates = os.environ.get("CELLMAP_A3DS_OFFICIAL_TEMPLATES")
     if ns.cpu or ns.no_official:
         result["official_segresnet_epoch"] = {"skipped": "--cpu" if ns.cpu else "--no-official"}
+    elif importlib.util.find_spec("stages.bundlegen") is None:
+        result["official_segresnet_epoch"] = {"skipped": "the bundlegen stage is not in this image: run natively"}
     elif not templates or not Path(templates).is_dir():
         result["official_segresnet_epoch"] = {"skipped": "CELLMAP_A3DS_OFFICIAL_TEMPLATES not set (it is in the train image)"}
     else:

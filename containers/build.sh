@@ -18,6 +18,7 @@
 #                        or cu126 (UNTESTED: CUDA 12.6 from download.pytorch.org, driver >= 525)
 #        SLIM            1 (default): drop triton, test suites, headers from the GPU images; 0 keeps them
 #        BUILD_ARGS      extra arguments for `build` (e.g. "--no-cache")
+#        DEBIAN_TAG      Debian base tag (default: ARG DEBIAN_TAG of the base Dockerfile)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -88,7 +89,7 @@ build() {  # build <target> <dockerfile> <context> [--build-arg ...]
 
 build_base() {  # build_base <base-cpu|base-cuda>
   local df="containers/$1/Dockerfile" tag digest debian base_args=()
-  tag="$(sed -n 's/^ARG DEBIAN_TAG=//p' "$df" | head -n 1)"
+  tag="${DEBIAN_TAG:-$(sed -n 's/^ARG DEBIAN_TAG=//p' "$df" | head -n 1)}"
   digest="$(sed -n 's/^ARG DEBIAN_DIGEST=//p' "$df" | head -n 1)"
   debian="docker.io/library/debian:$tag"
   if "$cli" pull -q "$debian@$digest" >/dev/null 2>&1; then
@@ -100,7 +101,7 @@ build_base() {  # build_base <base-cpu|base-cuda>
     if [[ "$cli" == podman ]] && ! image_exists "$debian"; then
       CONTAINER_CLI=podman "$root/containers/make-base.sh" "$tag"
     fi
-    base_args=(--build-arg "DEBIAN_REF=$debian"
+    base_args=(--build-arg "DEBIAN_TAG=$tag" --build-arg "DEBIAN_REF=$debian"
                --build-arg "BASE_DIGEST=$("$cli" image inspect --format '{{.Id}}' "$debian" 2>/dev/null || echo unknown)")
     echo "== $1: FROM $debian (local, no registry digest)"
   fi
@@ -143,7 +144,10 @@ build_stage() {
   ensure_base "$base"
   TORCH_FLAVOUR="$flavour" "$python" -m containers.wheelhouse "$stage"
   prepare_templates
-  ctx="$(make_context "$stage" common stages/__init__.py "stages/$stage" containers/fetch-templates.sh .whl/templates)"
+  local extra_paths=()
+  [[ "$stage" == train ]] && extra_paths=(bench/__init__.py bench/gpu.py)  # the GPU check rides along
+  ctx="$(make_context "$stage" common stages/__init__.py "stages/$stage" containers/fetch-templates.sh .whl/templates \
+    ${extra_paths[@]+"${extra_paths[@]}"})"
   # The lock and wheelhouse of the flavour, under the names the Dockerfile copies.
   mkdir -p "$ctx/containers/locks" "$ctx/.whl"
   cp -l "containers/locks/$name.txt" "$ctx/containers/locks/$stage.txt" 2>/dev/null \
