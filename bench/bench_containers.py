@@ -14,7 +14,9 @@ Needs podman + debootstrap.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -43,9 +45,9 @@ def _timed_targets(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[str
         raise RuntimeError(f"{' '.join(cmd)} failed: {(res.stdout + res.stderr)[-2000:]}")
     per = {}
     for line in res.stdout.splitlines():
-        if line.startswith("== built ") and line.endswith(" s"):
-            image, secs = line[len("== built "):-2].split(" in ")
-            per[image.split("/")[-1].split(":")[0]] = int(secs)
+        m = re.match(r"== built \S+/([\w-]+):\S+ in (\d+) s", line)
+        if m:
+            per[m.group(1)] = int(m.group(2))
     return round(time.perf_counter() - t0, 2), per
 
 
@@ -120,6 +122,24 @@ def training_only_mb() -> float:
     return round(total / 1e6, 1)
 
 
+def logged_builds(log: Path, targets: tuple[str, ...]) -> dict:
+    """The last cold (only FROM cached) and warm (every step cached) ``make images`` build of
+    each target, from build.sh's log: ``{target: {"cold_s": .., "warm_s": ..}}``."""
+    out: dict = {}
+    if not log.is_file():
+        return out
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        target = rec["image"].split("/")[-1].split(":")[0]
+        if target not in targets or not rec["steps"]:
+            continue
+        kind = "warm_s" if rec["cached_steps"] >= rec["steps"] - 1 else "cold_s" if rec["cached_steps"] <= 2 else None
+        if kind:
+            out.setdefault(target, {})[kind] = rec["seconds"]
+            out[target][kind.replace("_s", "_date")] = rec["date"]
+    return out
+
+
 def cuda_images(env: dict[str, str]) -> dict:
     """Cold and warm builds of base-cuda + train + ensemble (opt-in), else the existing sizes."""
     env = {k: v for k, v in env.items() if k not in ("DEBIAN_TAG", "IMAGE_PREFIX", "VERSION", "CELLMAP_A3DS_CACHE")}
@@ -129,6 +149,7 @@ def cuda_images(env: dict[str, str]) -> dict:
     out: dict = {"training_only_packages_mb": training_only_mb() if (ROOT / ".whl" / "train").is_dir() else None}
     if os.environ.get("BENCH_CUDA_IMAGES") != "1":
         out["sizes_mb"] = {t: _size_mb(f"cellmap-a3ds/{t}:{version}", env) for t in targets}
+        out["builds_logged"] = logged_builds(ROOT / "images" / "build-times.jsonl", targets)
         out["skipped"] = "set BENCH_CUDA_IMAGES=1 to time cold and warm builds (~2.8 GB wheels, tens of minutes)"
         return out
     env = dict(env, IMAGE_PREFIX=PREFIX, VERSION=VERSION, ALGO_TEMPLATES_SHA256=os.environ.get(

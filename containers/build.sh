@@ -56,6 +56,7 @@ if [[ "$cli" == podman ]]; then
   cli_args=(--isolation chroot)
 fi
 read -r -a extra <<<"${BUILD_ARGS:-}"
+images_dir="${IMAGES_DIR:-$root/images}"
 
 image_exists() { "$cli" image inspect "$1" >/dev/null 2>&1; }
 
@@ -79,12 +80,23 @@ make_context() {  # make_context <target> <path>...; prints the context dir
 build() {  # build <target> <dockerfile> <context> [--build-arg ...]
   local target="$1" dockerfile="$2" ctx="$3"
   shift 3
-  local t0=$SECONDS
+  local t0=$SECONDS out steps cached secs
   echo "== build $prefix/$target:$version ($cli, $dockerfile)"
+  out="$(mktemp)"
   "$cli" build ${cli_args[@]+"${cli_args[@]}"} ${extra[@]+"${extra[@]}"} \
     --build-arg "VERSION=$version" --build-arg "VCS_REF=$vcs_ref" --build-arg "BUILD_DATE=$build_date" \
-    "$@" -f "$ctx/$dockerfile" -t "$prefix/$target:$version" "$ctx"
-  echo "== built $prefix/$target:$version in $((SECONDS - t0)) s"
+    "$@" -f "$ctx/$dockerfile" -t "$prefix/$target:$version" "$ctx" 2>&1 | tee "$out"
+  secs=$((SECONDS - t0))
+  # One JSON line per build (read by bench/bench_containers.py): how long, and how many steps
+  # came from the layer cache (all = a warm rebuild, none but FROM = a cold one).
+  steps="$(grep -c 'STEP [0-9]*/[0-9]*:' "$out" || true)"
+  cached="$(grep -c 'Using cache' "$out" || true)"
+  mkdir -p "$images_dir"
+  printf '{"image": "%s", "seconds": %d, "steps": %d, "cached_steps": %d, "build_args": "%s", "date": "%s"}\n' \
+    "$prefix/$target:$version" "$secs" "$steps" "$cached" "${BUILD_ARGS:-}" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    >>"$images_dir/build-times.jsonl"
+  rm -f "$out"
+  echo "== built $prefix/$target:$version in $secs s ($cached of $steps steps cached)"
 }
 
 build_base() {  # build_base <base-cpu|base-cuda>
@@ -168,4 +180,4 @@ done
 
 echo "== image sizes"
 "$python" -m containers.sizes --cli "$cli" --prefix "$prefix" --version "$version" \
-  --out "${IMAGES_DIR:-$root/images}" "${targets[@]}"
+  --out "$images_dir" "${targets[@]}"

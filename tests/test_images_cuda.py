@@ -83,7 +83,8 @@ def test_train_image_contents(images: tuple[str, str]) -> None:
              "[m for m in ('triton', 'mlflow', 'tensorboard') if u.find_spec(m)])")
     got = {img: _podman(img, ["-c", probe], entrypoint="python") for img in images}
     assert got[train].returncode == 0, got[train].stderr
-    assert got[train].stdout.split(None, 3)[:3] == ["2.13.0", "13.0", "10001"]
+    # PyPI's plain torch==2.13.0 (the lock's pin) reports itself as the CUDA 13.0 build
+    assert got[train].stdout.split(None, 3)[:3] == ["2.13.0+cu130", "13.0", "10001"]
     assert got[train].stdout.split(None, 3)[3].strip() == "['mlflow', 'tensorboard']"
     assert got[ensemble].stdout.split(None, 3)[3].strip() == "[]", "no training-only packages in ensemble"
     algos = _podman(train, ["-c", f"ls {TEMPLATES}/*/scripts/algo.py; echo $CELLMAP_A3DS_OFFICIAL_TEMPLATES"],
