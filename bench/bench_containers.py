@@ -122,9 +122,16 @@ def training_only_mb() -> float:
     return round(total / 1e6, 1)
 
 
+def _from_steps(target: str) -> int:
+    """FROM lines of a target's Dockerfile (podman never reports them as cached)."""
+    df = ROOT / ("containers" if target.startswith("base-") else "stages") / target / "Dockerfile"
+    return sum(1 for ln in df.read_text().splitlines() if ln.startswith("FROM "))
+
+
 def logged_builds(log: Path, targets: tuple[str, ...]) -> dict:
-    """The last cold (only FROM cached) and warm (every step cached) ``make images`` build of
-    each target, from build.sh's log: ``{target: {"cold_s": .., "warm_s": ..}}``."""
+    """The last ``make images`` build of each kind per target, from build.sh's log:
+    ``warm`` (every step but FROM cached), ``cold`` (no step cached beyond a trivial one per
+    stage) or ``partial``: ``{target: {"warm": {"seconds", "steps", "cached_steps", "date"}}}``."""
     out: dict = {}
     if not log.is_file():
         return out
@@ -133,10 +140,10 @@ def logged_builds(log: Path, targets: tuple[str, ...]) -> dict:
         target = rec["image"].split("/")[-1].split(":")[0]
         if target not in targets or not rec["steps"]:
             continue
-        kind = "warm_s" if rec["cached_steps"] >= rec["steps"] - 1 else "cold_s" if rec["cached_steps"] <= 2 else None
-        if kind:
-            out.setdefault(target, {})[kind] = rec["seconds"]
-            out[target][kind.replace("_s", "_date")] = rec["date"]
+        froms = _from_steps(target)
+        kind = ("warm" if rec["cached_steps"] >= rec["steps"] - froms
+                else "cold" if rec["cached_steps"] <= froms else "partial")
+        out.setdefault(target, {})[kind] = {k: rec[k] for k in ("seconds", "steps", "cached_steps", "date")}
     return out
 
 

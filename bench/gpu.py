@@ -325,6 +325,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the synthetic work dir and the official/DDP runs go")
     ns = ap.parse_args(argv)
 
+    for d in (ns.out.parent, ns.scratch):  # fail now, not after the measurements (the image is read-only)
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            print(f"gpu-check: cannot write {d} ({exc.strerror}): pass --out and --scratch under the work dir",
+                  file=sys.stderr)
+            return 2
+
     import torch
 
     if not ns.cpu and not torch.cuda.is_available():
