@@ -13,7 +13,12 @@
 #        VERSION         image tag     (default: the version in pyproject.toml)
 #        PYTHON          Python 3.11 with pip, runs the wheelhouse (default: .venv/bin/python)
 #        ALGO_TEMPLATES_TARBALL  local copy of <hash>.tar.gz for offline bundlegen/train builds
+#        ALGO_TEMPLATES_SHA256   REQUIRED for bundlegen/train: sha256 of that archive (or `unverified`)
+#        TORCH_FLAVOUR   train/ensemble torch: cu130 (default, PyPI's CUDA 13.0 wheel, driver >= 580)
+#                        or cu126 (UNTESTED: CUDA 12.6 from download.pytorch.org, driver >= 525)
+#        SLIM            1 (default): drop triton, test suites, headers from the GPU images; 0 keeps them
 #        BUILD_ARGS      extra arguments for `build` (e.g. "--no-cache")
+#        DEBIAN_TAG      Debian base tag (default: ARG DEBIAN_TAG of the base Dockerfile)
 set -euo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -51,6 +56,7 @@ if [[ "$cli" == podman ]]; then
   cli_args=(--isolation chroot)
 fi
 read -r -a extra <<<"${BUILD_ARGS:-}"
+images_dir="${IMAGES_DIR:-$root/images}"
 
 image_exists() { "$cli" image inspect "$1" >/dev/null 2>&1; }
 
@@ -74,22 +80,44 @@ make_context() {  # make_context <target> <path>...; prints the context dir
 build() {  # build <target> <dockerfile> <context> [--build-arg ...]
   local target="$1" dockerfile="$2" ctx="$3"
   shift 3
-  local t0=$SECONDS
+  local t0=$SECONDS out steps cached secs
   echo "== build $prefix/$target:$version ($cli, $dockerfile)"
+  out="$(mktemp)"
   "$cli" build ${cli_args[@]+"${cli_args[@]}"} ${extra[@]+"${extra[@]}"} \
     --build-arg "VERSION=$version" --build-arg "VCS_REF=$vcs_ref" --build-arg "BUILD_DATE=$build_date" \
-    "$@" -f "$ctx/$dockerfile" -t "$prefix/$target:$version" "$ctx"
-  echo "== built $prefix/$target:$version in $((SECONDS - t0)) s"
+    "$@" -f "$ctx/$dockerfile" -t "$prefix/$target:$version" "$ctx" 2>&1 | tee "$out"
+  secs=$((SECONDS - t0))
+  # One JSON line per build (read by bench/bench_containers.py): how long, and how many steps
+  # came from the layer cache (all = a warm rebuild, none but FROM = a cold one).
+  steps="$(grep -c 'STEP [0-9]*/[0-9]*:' "$out" || true)"
+  cached="$(grep -c 'Using cache' "$out" || true)"
+  mkdir -p "$images_dir"
+  printf '{"image": "%s", "seconds": %d, "steps": %d, "cached_steps": %d, "build_args": "%s", "date": "%s"}\n' \
+    "$prefix/$target:$version" "$secs" "$steps" "$cached" "${BUILD_ARGS:-}" "$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
+    >>"$images_dir/build-times.jsonl"
+  rm -f "$out"
+  echo "== built $prefix/$target:$version in $secs s ($cached of $steps steps cached)"
 }
 
 build_base() {  # build_base <base-cpu|base-cuda>
-  local debian
-  debian="docker.io/library/debian:$(sed -n 's/^ARG DEBIAN_TAG=//p' "containers/$1/Dockerfile" | head -n 1)"
-  # Machines without registry access (dev/CI): debootstrap the Debian base locally instead.
-  if [[ "$cli" == podman ]] && ! image_exists "$debian" && ! "$cli" pull -q "$debian" >/dev/null 2>&1; then
-    CONTAINER_CLI=podman "$root/containers/make-base.sh" "${debian##*:}"
+  local df="containers/$1/Dockerfile" tag digest debian base_args=()
+  tag="${DEBIAN_TAG:-$(sed -n 's/^ARG DEBIAN_TAG=//p' "$df" | head -n 1)}"
+  digest="$(sed -n 's/^ARG DEBIAN_DIGEST=//p' "$df" | head -n 1)"
+  debian="docker.io/library/debian:$tag"
+  if "$cli" pull -q "$debian@$digest" >/dev/null 2>&1; then
+    # Registry reachable: FROM the tag pinned by its digest (the Dockerfile's default DEBIAN_REF).
+    base_args=(--build-arg "BASE_DIGEST=$digest")
+  else
+    # No registry (dev/CI): debootstrap the Debian base locally; it cannot have the registry's
+    # digest, so it is pinned by its local image id, recorded in the base.digest label.
+    if [[ "$cli" == podman ]] && ! image_exists "$debian"; then
+      CONTAINER_CLI=podman "$root/containers/make-base.sh" "$tag"
+    fi
+    base_args=(--build-arg "DEBIAN_TAG=$tag" --build-arg "DEBIAN_REF=$debian"
+               --build-arg "BASE_DIGEST=$("$cli" image inspect --format '{{.Id}}' "$debian" 2>/dev/null || echo unknown)")
+    echo "== $1: FROM $debian (local, no registry digest)"
   fi
-  build "$1" "containers/$1/Dockerfile" "$(make_context "$1" "containers/$1/Dockerfile")"
+  build "$1" "$df" "$(make_context "$1" "$df")" "${base_args[@]}"
 }
 
 ensure_base() {
@@ -107,18 +135,38 @@ prepare_templates() {
 }
 
 build_stage() {
-  local stage="$1" base ctx
+  local stage="$1" base ctx name flavour="" stage_args=()
   case "$stage" in
     convert | analyze | bundlegen) base="base-cpu" ;;
-    train | ensemble) base="base-cuda" ;;
+    train | ensemble) base="base-cuda"; flavour="${TORCH_FLAVOUR:-cu130}" ;;
     *) echo "build.sh: unknown target $stage" >&2; exit 2 ;;
   esac
+  if [[ "$stage" == bundlegen || "$stage" == train ]]; then
+    if [[ -z "${ALGO_TEMPLATES_SHA256:-}" ]]; then
+      echo "build.sh: $stage bakes the official templates: set ALGO_TEMPLATES_SHA256 to the sha256 of $algo_hash.tar.gz (check it once with sha256sum), or to 'unverified'" >&2
+      exit 2
+    fi
+    stage_args+=(--build-arg "ALGO_TEMPLATES_SHA256=$ALGO_TEMPLATES_SHA256")
+  fi
+  name="$stage"
+  if [[ -n "$flavour" ]]; then
+    stage_args+=(--build-arg "TORCH_FLAVOUR=$flavour" --build-arg "SLIM=${SLIM:-1}")
+    [[ "$flavour" == cu130 ]] || name="$stage-$flavour"  # e.g. locks/train-cu126.txt, .whl/train-cu126/
+  fi
   ensure_base "$base"
-  "$python" -m containers.wheelhouse "$stage"
+  TORCH_FLAVOUR="$flavour" "$python" -m containers.wheelhouse "$stage"
   prepare_templates
-  ctx="$(make_context "$stage" common stages/__init__.py "stages/$stage" "containers/locks/$stage.txt" \
-    containers/fetch-templates.sh ".whl/$stage" .whl/templates)"
-  build "$stage" "stages/$stage/Dockerfile" "$ctx" --build-arg "BASE_IMAGE=$prefix/$base:$version"
+  local extra_paths=()
+  [[ "$stage" == train ]] && extra_paths=(bench/__init__.py bench/gpu.py)  # the GPU check rides along
+  ctx="$(make_context "$stage" common stages/__init__.py "stages/$stage" containers/fetch-templates.sh .whl/templates \
+    ${extra_paths[@]+"${extra_paths[@]}"})"
+  # The lock and wheelhouse of the flavour, under the names the Dockerfile copies.
+  mkdir -p "$ctx/containers/locks" "$ctx/.whl"
+  cp -l "containers/locks/$name.txt" "$ctx/containers/locks/$stage.txt" 2>/dev/null \
+    || cp "containers/locks/$name.txt" "$ctx/containers/locks/$stage.txt"
+  cp -al ".whl/$name" "$ctx/.whl/$stage" 2>/dev/null || cp -R ".whl/$name" "$ctx/.whl/$stage"
+  build "$stage" "stages/$stage/Dockerfile" "$ctx" --build-arg "BASE_IMAGE=$prefix/$base:$version" \
+    ${stage_args[@]+"${stage_args[@]}"}
 }
 
 targets=("$@")
@@ -132,4 +180,4 @@ done
 
 echo "== image sizes"
 "$python" -m containers.sizes --cli "$cli" --prefix "$prefix" --version "$version" \
-  --out "${IMAGES_DIR:-$root/images}" "${targets[@]}"
+  --out "$images_dir" "${targets[@]}"

@@ -4,11 +4,22 @@
 # algorithms (segresnet, segresnet2d, dints, swinunetr). Uses <local_dir>/<hash>.tar.gz when the
 # build context carries one (offline builds), else downloads <url>. Nothing is fetched at run time.
 #
-# usage: fetch-templates.sh HASH URL LOCAL_DIR DEST [SHA256]
+# The archive's sha256 is REQUIRED (a release asset can be replaced; the image would silently bake
+# other code): pass it as SHA256, or the word `unverified` to accept any archive (printed loudly).
+#
+# usage: fetch-templates.sh HASH URL LOCAL_DIR DEST SHA256|unverified
 set -euo pipefail
 
 hash="$1" url="$2" local_dir="$3" dest="$4" sha="${5:-}"
 tarball="$local_dir/$hash.tar.gz"
+if [[ -z "$sha" ]]; then
+  echo "fetch-templates: no sha256 for $hash.tar.gz: pass ALGO_TEMPLATES_SHA256=<sha256 of the archive> (check it once with sha256sum), or ALGO_TEMPLATES_SHA256=unverified to accept any archive" >&2
+  exit 2
+fi
+if [[ "$sha" != unverified && ! "$sha" =~ ^[0-9a-f]{64}$ ]]; then
+  echo "fetch-templates: ALGO_TEMPLATES_SHA256 must be 64 hex digits or 'unverified', got '$sha'" >&2
+  exit 2
+fi
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 
@@ -18,10 +29,10 @@ if [[ ! -s "$tarball" ]]; then
   python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' \
     "$url" "$tarball"
 fi
-if [[ -n "$sha" ]]; then
-  echo "$sha  $tarball" | sha256sum --check --strict
+if [[ "$sha" == unverified ]]; then
+  echo "fetch-templates: WARNING: archive NOT verified; its sha256 is $(sha256sum "$tarball" | cut -d' ' -f1)" >&2
 else
-  echo "fetch-templates: sha256 $(sha256sum "$tarball" | cut -d' ' -f1) (pass ALGO_TEMPLATES_SHA256 to check it)"
+  echo "$sha  $tarball" | sha256sum --check --strict
 fi
 
 mkdir -p "$work/x"

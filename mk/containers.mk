@@ -1,5 +1,5 @@
 # Container images (issue 6). See README "Containers" and containers/*.sh.
-.PHONY: images images-base save sif images-lint test-images
+.PHONY: images images-base save sif images-lint test-images test-images-cuda gpu-check
 
 ## images        build all images (docker or podman), offline from the wheelhouse; prints sizes
 images: setup
@@ -24,3 +24,11 @@ images-lint: setup
 ## test-images   the container tests, including the real podman build of the convert image
 test-images: setup
 	$(PY) -m pytest -q tests/test_containers.py tests/test_containers_podman.py
+
+## test-images-cuda  the built train/ensemble images proven on CPU (make images IMAGES="train ensemble" first)
+test-images-cuda: setup
+	$(PY) -m pytest -q tests/test_images_cuda.py
+
+## gpu-check     per-algorithm GPU steps/s, peak memory, busy % -> bench/results/gpu.json (GPU_CHECK_ARGS=--cpu: reduced CPU mode)
+gpu-check: setup
+	$(PY) -m bench.gpu $(GPU_CHECK_ARGS)

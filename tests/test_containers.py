@@ -78,6 +78,7 @@ def test_dockerfile_structure(stage: str) -> None:
     deps = instrs[: instrs.index(final[0])]
     assert f"containers/locks/{stage}.txt /tmp/lock.txt" in [a for k, a in deps if k == "COPY"]
     assert any("--no-index" in a for k, a in deps if k == "RUN"), "installs offline from the wheelhouse"
+    assert any("--require-hashes" in a for k, a in deps if k == "RUN"), "every wheel checked against the lock"
     text = path.read_text()
     assert ("/opt/monai-algo-templates" in text) == (stage in WITH_TEMPLATES)
     if stage in WITH_TEMPLATES:
@@ -91,7 +92,12 @@ def test_base_dockerfiles(base: str) -> None:
     instrs = parse_dockerfile(ROOT / "containers" / base / "Dockerfile")
     tag = [a.split("=", 1)[1] for k, a in instrs if k == "ARG" and a.startswith("DEBIAN_TAG=")][0]
     assert re.fullmatch(r"bookworm-\d{8}-slim", tag), tag
-    assert [a for k, a in instrs if k == "FROM"] == ["debian:${DEBIAN_TAG}"]
+    args = {a.split("=", 1)[0]: a.split("=", 1)[1] for k, a in instrs if k == "ARG" and "=" in a}
+    assert re.fullmatch(r"sha256:[0-9a-f]{64}", args["DEBIAN_DIGEST"]), "base pinned by its registry digest"
+    assert args["DEBIAN_REF"] == "debian:${DEBIAN_TAG}@${DEBIAN_DIGEST}"
+    assert [a for k, a in instrs if k == "FROM"] == ["${DEBIAN_REF}"]
+    labels = " ".join(a for k, a in instrs if k == "LABEL")
+    assert 'org.opencontainers.image.base.digest="${BASE_DIGEST}"' in labels
     env = " ".join(a for k, a in instrs if k == "ENV")
     for var in ("PYTHONNOUSERSITE=1", "OMP_NUM_THREADS=1", "MKL_NUM_THREADS=1", "PATH=/opt/venv/bin"):
         assert var in env
@@ -156,7 +162,7 @@ def _allowed_dists(stage: str) -> set[str]:
     """Distributions in the image: its lock, else the dependency group and what it requires."""
     lock = ROOT / "containers" / "locks" / f"{stage}.txt"
     if lock.exists():
-        return {ln.split("==")[0] for ln in lock.read_text().splitlines() if ln and not ln.startswith("#")}
+        return set(wheelhouse.read_lock(lock))
     todo = [re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0] for r in wheelhouse.stage_requirements(stage)]
     seen: set[str] = set()
     while todo:
@@ -196,30 +202,57 @@ def test_stage_imports_are_in_its_image(stage: str) -> None:
 
 
 def test_locks_follow_constraints() -> None:
-    """Every lock pins what constraints.txt pins to the same version, and torch only where needed."""
+    """Every lock pins what constraints.txt pins to the same version, with a sha256 per wheel, and
+    the right torch: none for convert, ``+cpu`` for analyze/bundlegen, PyPI's plain 2.13.0 (the
+    CUDA 13.0 build, with its nvidia-*-cu13 wheels) for train/ensemble."""
     pins = {}
     for ln in (ROOT / "constraints.txt").read_text().splitlines():
         if "==" in ln and not ln.startswith("#"):
             name, ver = ln.split("==")
-            pins[name.strip().lower()] = ver.strip()
+            pins[name.strip().lower().replace("_", "-")] = ver.strip()
     locks = sorted((ROOT / "containers" / "locks").glob("*.txt"))
-    assert {p.stem for p in locks} >= {"convert", "analyze", "bundlegen"}
+    assert {p.stem for p in locks} >= set(STAGES)
     for lock in locks:
-        got = dict(ln.split("==") for ln in lock.read_text().splitlines() if ln and not ln.startswith("#"))
-        for name, ver in got.items():
+        stage, _, flavour = lock.stem.partition("-")
+        flavour = flavour or wheelhouse.TORCH_FLAVOUR[stage]
+        got = wheelhouse.read_lock(lock)
+        lines = [ln for ln in lock.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+        assert len(lines) == len(got)
+        for name, (ver, hashes) in got.items():
+            assert len(hashes) >= 1 and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), f"{lock.name}: {name}"
             if name in pins:
                 assert ver.split("+")[0] == pins[name], f"{lock.name}: {name}=={ver} vs constraints {pins[name]}"
         wanted = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-")
-                  for r in wheelhouse.stage_requirements(lock.stem)}
+                  for r in wheelhouse.stage_requirements(stage)}
         stale = sorted(wanted - set(got))
-        assert not stale, (f"{lock.name} lacks {stale} from pyproject [{lock.stem}]: rerun "
-                           f"python -m containers.wheelhouse {lock.stem} --relock")
-        flavour = wheelhouse.TORCH_FLAVOUR[lock.stem]
+        assert not stale, (f"{lock.name} lacks {stale} from pyproject [{stage}]: rerun "
+                           f"python -m containers.wheelhouse {stage} --relock")
         if not flavour:
             assert "torch" not in got and "monai" not in got, f"{lock.name} must not carry torch/MONAI"
         else:
-            assert got["torch"] == f"2.13.0+{flavour}", f"{lock.name}: torch {got['torch']}"
+            assert "torch==" + got["torch"][0] == wheelhouse.TORCH_PIN[flavour], f"{lock.name}: torch {got['torch']}"
+        if flavour == "cu130":
+            assert {"nvidia-cudnn-cu13", "nvidia-nccl-cu13", "cuda-toolkit"} <= set(got), lock.name
+        if flavour == "cpu":
+            assert not [n for n in got if n.startswith("nvidia-")], f"{lock.name}: CUDA wheels in a CPU image"
     assert "torch" not in wheelhouse.stage_requirements("convert")
+    train, ens = wheelhouse.read_lock(ROOT / "containers" / "locks" / "train.txt"), wheelhouse.read_lock(
+        ROOT / "containers" / "locks" / "ensemble.txt")
+    assert not {"mlflow", "tensorboard", "pandas", "pyarrow"} & set(ens), "training-only packages in ensemble"
+    assert train["torch"] == ens["torch"], "train and ensemble share one torch wheel"
+
+
+def test_torch_flavour_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCH_FLAVOUR picks the GPU stages' torch (cu130 default, cu126 untested) and its lock name;
+    CPU stages ignore it; anything else is refused."""
+    monkeypatch.delenv("TORCH_FLAVOUR", raising=False)
+    assert wheelhouse.flavour_of("train") == "cu130" and wheelhouse.lock_name("train") == "train"
+    monkeypatch.setenv("TORCH_FLAVOUR", "cu126")
+    assert wheelhouse.lock_name("ensemble") == "ensemble-cu126" and wheelhouse.lock_name("analyze") == "analyze"
+    assert wheelhouse.TORCH_INDEX["cu126"].startswith("https://download.pytorch.org/")
+    monkeypatch.setenv("TORCH_FLAVOUR", "cu999")
+    with pytest.raises(SystemExit, match="TORCH_FLAVOUR"):
+        wheelhouse.flavour_of("train")
 
 
 def test_lint_clean() -> None:
@@ -293,8 +326,9 @@ def _templates_tarball(path: Path, with_algo: bool = True) -> Path:
 
 
 def test_fetch_templates_offline(tmp_path: Path) -> None:
-    """The image-build helper unpacks a local copy into <dest>/<hash>, checks the sha256 when
-    given and refuses an archive without algorithms (an offline build never downloads)."""
+    """The image-build helper unpacks a local copy into <dest>/<hash>, checks its sha256 (required
+    unless `unverified` is said) and refuses an archive without algorithms (an offline build never
+    downloads)."""
     import hashlib
 
     script = ROOT / "containers" / "fetch-templates.sh"
@@ -312,9 +346,16 @@ def test_fetch_templates_offline(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0, "a wrong sha256 must fail the build"
     _templates_tarball(local / "21ed8e5.tar.gz", with_algo=False)
-    res = subprocess.run(["bash", str(script), "21ed8e5", url, str(local), str(tmp_path / "opt2")],
+    res = subprocess.run(["bash", str(script), "21ed8e5", url, str(local), str(tmp_path / "opt2"), "unverified"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0 and "no <algo>/scripts/algo.py" in res.stderr
+    assert "NOT verified" in res.stderr
+    # The checksum is required by default: no sha256 is a one-line refusal, before any download.
+    for bad in ([], ["not-a-sha"]):
+        res = subprocess.run(["bash", str(script), "21ed8e5", url, str(local), str(tmp_path / "opt3"), *bad],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "ALGO_TEMPLATES_SHA256" in res.stderr and not (tmp_path / "opt3").exists()
 
 
 def test_optional_imports_are_recognised() -> None:
@@ -330,7 +371,8 @@ def test_optional_imports_are_recognised() -> None:
 def test_wheelhouse_completeness_check(tmp_path: Path) -> None:
     """A complete wheelhouse is used as is (offline rebuilds); gaps are named."""
     lock = tmp_path / "lock.txt"
-    lock.write_text("# header\nPyYAML==6.0.3\ntorch==2.13.0+cpu\nzarr==2.18.7\n")
+    lock.write_text("# header\nPyYAML==6.0.3 --hash=sha256:" + "a" * 64 + "\ntorch==2.13.0+cpu --hash=sha256:"
+                    + "b" * 64 + "\nzarr==2.18.7 --hash=sha256:" + "c" * 64 + "\n")
     (tmp_path / "pyyaml-6.0.3-cp311-cp311-manylinux2014_x86_64.whl").write_bytes(b"")
     (tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
     (tmp_path / "zarr-2.18.6-py3-none-any.whl").write_bytes(b"")  # wrong version

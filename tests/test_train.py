@@ -61,6 +61,7 @@ def make_work(analysed: Path, dest: Path, algos: list[str], train: dict[str, Any
 
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    env["CELLMAP_A3DS_ALLOW_CPU"] = "1"  # --gpus 2 runs as 2 CPU ranks (else: exit 2, no CUDA)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 

@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from common.redact import redact
+
 log = logging.getLogger(__name__)
 
 RUN_ID_FILE = "mlflow_run_id"
@@ -58,9 +60,9 @@ class Tracker:
                 mlflow.log_params({k: str(cfg[k])[:500] for k in PARAM_KEYS if k in cfg})
                 mlflow.set_tags({"bundle": bundle.name, "class_names": ",".join(cfg.get("class_names") or [])})
             self._mlflow = mlflow
-            log.info("mlflow: tracking run %s in %s", run.info.run_id, uri)
+            log.info("mlflow: tracking run %s in %s", run.info.run_id, redact(uri))
         except Exception as exc:  # noqa: BLE001 - tracking must never stop a training
-            log.warning("mlflow: tracking off after an error: %s", exc)
+            log.warning("mlflow: tracking off after an error: %s", redact(str(exc)))
             self._end(failed=True)
 
     def log_epoch(self, row: dict[str, Any]) -> None:

@@ -30,7 +30,9 @@ from common.cli import setup_logging
 from common.config import PipelineConfig, bundle_hyper_parameters, check_train_overrides, load_config
 from common.errors import EXIT_REQUEUE, PipelineError, RequeueRequested, StageFailed
 from common.io import read_json, read_yaml
+from common.redact import redact
 from common.workdir import WorkDir, check_bundle_location, digest, file_fingerprint
+from stages.train.gpu import require_gpus
 
 log = logging.getLogger("cellmap.train")
 
@@ -122,7 +124,7 @@ def run_streamed(argv: list[str], log_file: Path, env: dict[str, str], cwd: Path
     if EARLY:  # stopped before anything ran: nothing to save
         return EXIT_REQUEUE, EARLY[-1]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    log.info("running: %s (output -> %s)", " ".join(argv), log_file)
+    log.info("running: %s (output -> %s)", redact(" ".join(argv)), log_file)  # no URI credentials in logs
     with open(log_file, "a", encoding="utf-8") as fh:
         proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1, cwd=cwd)
         assert proc.stdout is not None
@@ -237,11 +239,12 @@ def run_train(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int | None = No
         PipelineError: no such bundle (exit 2). StageFailed: training failed (exit 1).
         RequeueRequested: stopped by SIGUSR1/SIGTERM after a checkpoint (exit 75).
     """
+    if gpus is not None and gpus < 0:
+        raise PipelineError(f"--gpus must be >= 0, got {gpus}")
+    require_gpus(gpus)  # --gpus N >= 1 without usable CUDA: exit 2 now, not days of CPU training
     folds = [fold] if fold is not None else folds_of(wd, algo)
     if not folds:
         raise PipelineError(f"{wd.root}: no {algo}_<fold> bundle (run bundlegen first)")
-    if gpus is not None and gpus < 0:
-        raise PipelineError(f"--gpus must be >= 0, got {gpus}")
     return {f"{algo}_{k}": train_fold(wd, cfg, algo, k, gpus) for k in folds}
 
 
