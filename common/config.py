@@ -60,10 +60,13 @@ class ConvertOptions:
     Attributes:
         compress_level: gzip level of the NIfTI files, 0..9.
         report_png: write reports/convert.png.
+        max_failed_fraction: share of eligible crops that may fail before the stage fails
+            (exit 1, with a table of reasons).
     """
 
     compress_level: int = 1
     report_png: bool = True
+    max_failed_fraction: float = 0.02
 
 
 @dataclass
@@ -112,7 +115,9 @@ class EnsembleOptions:
         prob_dtype: stored member probabilities, ``float16`` or ``uint8``.
         members: bundle names to choose from (list or comma-separated); empty = all trained.
         infer_params: keyword arguments of the bundles' ``get_inferer``.
-        export_at: grid of the challenge export: ``training`` (the model's resolution) or ``manifest``.
+        export_block: training voxels per block edge of the block-wise export/predict (>= 8).
+        export_halo: training voxels of context around each block (>= 0).
+        min_instance_voxels: smallest instance kept by the export, in training voxels.
     """
 
     method: str = "best_n"
@@ -122,7 +127,9 @@ class EnsembleOptions:
     prob_dtype: str = "float16"
     members: list[str] | str | None = None
     infer_params: dict[str, Any] | None = None
-    export_at: str = "training"
+    export_block: int = 96
+    export_halo: int = 16
+    min_instance_voxels: float = 8.0
 
 
 @dataclass
@@ -202,10 +209,12 @@ SECTION_TYPES: dict[str, type[Section]] = {
 }
 _CHOICES: dict[str, tuple[str, ...]] = {
     "ensemble.method": ("best_n", "best_by_fold"), "ensemble.mode": ("mean", "vote"),
-    "ensemble.prob_dtype": ("float16", "uint8"), "ensemble.export_at": ("training", "manifest"),
+    "ensemble.prob_dtype": ("float16", "uint8"),
 }
 _RANGES: dict[str, tuple[float, float]] = {
-    "convert.compress_level": (0, 9), "analyze.workers": (1, 4096), "analyze.hist_bins": (2, 1 << 24),
+    "convert.compress_level": (0, 9), "convert.max_failed_fraction": (0, 1),
+    "ensemble.export_block": (8, 1 << 16), "ensemble.export_halo": (0, 1 << 16),
+    "ensemble.min_instance_voxels": (0, 1 << 40), "analyze.workers": (1, 4096), "analyze.hist_bins": (2, 1 << 24),
     "analyze.top_unknown": (0, 1 << 20), "ensemble.n_best": (1, 1 << 10), "train.num_epochs": (1, 1 << 24),
     "train.batch_size": (1, 1 << 16), "train.val_every": (1, 1 << 24), "train.num_workers": (0, 1024),
 }

@@ -29,7 +29,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,8 +157,14 @@ def slurm_ids() -> dict[str, str]:
 
 
 def digest(items: Iterable[Any]) -> str:
-    """A stable sha256 over JSON-serialisable items (config parts, file stats)."""
+    """A stable sha256 over JSON-serialisable items (config parts, file stats).
+
+    A mapping is hashed whole (keys and values): iterating it would hash its keys only, so
+    two configs differing in a value would collide.
+    """
     h = hashlib.sha256()
+    if isinstance(items, Mapping):
+        items = [items]
     for it in items:
         h.update(json.dumps(it, sort_keys=True, default=str).encode())
         h.update(b"\0")

@@ -22,13 +22,13 @@ from typing import Any
 
 import click
 import zarr
-from tqdm import tqdm
 
 from common.cli import select_shard, setup_logging
 from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, PipelineError, StageFailed
 from common.io import TMP_MARK, atomic_path, atomic_write_text, read_json, remove_stale_tmp
 from common.ngff import chunk_keys, fmt_vec
+from common.progress import progress_bar
 from common.workdir import WorkDir, digest
 from stages.convert.crops import (
     CONVERTED,
@@ -178,7 +178,7 @@ def _convert_all(refs: list[CropRef], st: Settings, records_dir: Path, workers: 
         _write_json_if_changed(records_dir / f"{rec['case']}.json", rec, sync=False)
         records[rec["case"]] = rec
 
-    bar = tqdm(total=len(refs), desc="convert", unit="crop", disable=not progress, mininterval=0.5)
+    bar = progress_bar(total=len(refs), desc="convert", unit="crop", enabled=progress)
     if workers <= 1 or len(refs) <= 1:
         for r in refs:
             done(convert_crop(r, st, previous[r.case]))
@@ -213,7 +213,7 @@ def run_convert(
             records (no datalist, no report).
         merge: write the datalist and report from every crop's record, converting any
             crop still missing (same as an unsharded run; kept for clarity in job chains).
-        progress: show a tqdm bar.
+        progress: show progress (a bar on a terminal, plain lines in a log).
 
     Raises:
         PipelineError: no data_root, data_root missing, no crops found (exit 2).
