@@ -144,3 +144,97 @@ def test_pooled_not_averaged_over_cases() -> None:
     m = M.confusion_matrix(p1, g1, 2, 0) + M.confusion_matrix(p2, g2, 2, 0)
     assert M.pooled_dice(m)[0] == pytest.approx(0.4)
     assert M.summarize(m, ["ecs"])["mean_iou"] == pytest.approx(0.25)
+
+
+# ---- the evaluate stage on zarr stores ------------------------------------------------------
+def _truth_zarr(root: Path, arrays: dict[tuple[str, str], np.ndarray]) -> Path:
+    """The challenge's groundtruth layout: <ds>.zarr/recon-1/labels/groundtruth/crop<id>/<class>/s0."""
+    import zarr
+
+    path = root / "jrc_test.zarr"
+    g = zarr.open_group(str(path), mode="w")
+    gt = g.require_group("recon-1/labels/groundtruth")
+    g.require_group("recon-1/em/fibsem-uint8")  # not a crop: skipped by the walk
+    for (crop, cls), a in arrays.items():
+        cg = gt.require_group(crop).require_group(cls)
+        cg.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n, "type": "space", "unit": "nanometer"}
+                                                                for n in "zyx"],
+                                    "datasets": [{"path": "s0", "coordinateTransformations": [
+                                        {"type": "scale", "scale": list(VS)},
+                                        {"type": "translation", "translation": [1.0, 2.0, 2.0]}]}]}]
+        cg.create_dataset("s0", data=a, chunks=(16, 16, 16))
+    return path
+
+
+def _submission(path: Path, arrays: dict[tuple[str, str], np.ndarray]) -> Path:
+    """The challenge's submission: submission.zarr/crop<id>/<class> plain arrays (zip or directory)."""
+    import zarr
+
+    store = zarr.ZipStore(str(path), mode="w") if path.suffix == ".zip" else zarr.DirectoryStore(str(path / "submission.zarr"))
+    g = zarr.group(store=store)
+    for (crop, cls), a in arrays.items():
+        arr = g.require_group(crop).create_dataset(cls, data=a, chunks=(16, 16, 16))
+        arr.attrs.update(voxel_size=list(VS), translation=[1.0, 2.0, 2.0], shape=list(a.shape))
+    if hasattr(store, "close"):
+        store.close()
+    return path
+
+
+def test_evaluate_stage_reproduces_hand_computed_scores(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stages.evaluate.__main__ import main as evaluate_cli
+
+    ecs1, ecs1_pred = box(0, 4, 1), box(1, 5, 1)  # shifted: TP 48, FP 16, FN 16
+    ecs1[20:24, 8:12, 8:12] = 255  # unknown truth ...
+    ecs1_pred[20:24, 8:12, 8:12] = 1  # ... where a prediction is not a false positive
+    nuc1 = box(0, 4, 1)
+    box(5, 9, 2, nuc1)  # two objects, merged in the prediction
+    mito2 = box(0, 4, 3)
+    box(8, 12, 9, mito2)
+    truth = _truth_zarr(tmp_path, {("crop1", "ecs"): ecs1, ("crop1", "nuc"): nuc1,
+                                   ("crop2", "ecs"): box(0, 4, 1), ("crop2", "mito"): mito2})
+    pred = {("crop1", "ecs"): ecs1_pred.astype(np.uint8), ("crop1", "nuc"): box(0, 9, 1).astype(np.uint32),
+            ("crop2", "ecs"): box(0, 4, 1).astype(np.uint8)}  # crop2/mito is missing
+    sub_zip = _submission(tmp_path / "submission.zip", pred)
+    res = CliRunner().invoke(evaluate_cli, ["--truth", str(truth), "--submission", str(sub_zip),
+                                            "--out", str(tmp_path / "out")])
+    assert res.exit_code == 0, res.output
+    r = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+
+    # by hand: ecs pooled over both crops TP 48+64, FP 16, FN 16
+    assert (r["semantic"]["ecs"]["tp"], r["semantic"]["ecs"]["fp"], r["semantic"]["ecs"]["fn"]) == (112, 16, 16)
+    assert r["semantic"]["ecs"]["iou"] == pytest.approx(112 / 144)
+    nuc_combined = math.sqrt(2 / 3 * (h(20.0) + h(CAP)) / 2)  # the merged case
+    assert r["instance"]["nuc"]["combined"] == pytest.approx(nuc_combined)
+    # missing mito: both objects false negatives at the cap
+    assert (r["instance"]["mito"]["tp"], r["instance"]["mito"]["fn"]) == (0, 2) and r["instance"]["mito"]["combined"] == 0
+    assert r["missing_in_submission"] == ["crop2/mito"]
+    assert r["overall"] == pytest.approx(math.sqrt(112 / 144 * (nuc_combined + 0.0) / 2))
+    md = (tmp_path / "out" / "evaluation.md").read_text()
+    assert "| nuc | instance |" in md and "crop2/mito" in md
+    assert (tmp_path / "out" / "evaluation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with zipfile.ZipFile(sub_zip) as z:  # the submission really is a zarr inside a zip
+        assert "crop1/ecs/.zarray" in z.namelist()
+
+    # the same predictions as a folder holding submission.zarr score the same
+    folder = _submission(tmp_path / "pred_folder", pred)
+    res = CliRunner().invoke(evaluate_cli, ["--truth", str(truth), "--submission", str(folder),
+                                            "--out", str(tmp_path / "out2")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "out2" / "evaluation.json").read_text())["overall"] == r["overall"]
+
+
+def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from stages.evaluate.__main__ import main as evaluate_cli
+
+    truth = _truth_zarr(tmp_path, {("crop1", "ecs"): box(0, 4, 1)})
+    wrong = _submission(tmp_path / "s.zip", {("crop1", "ecs"): np.zeros((8, 8, 8), np.uint8)})
+    for sub, needle in ((wrong, "has shape [8, 8, 8], the truth [32, 16, 16]"), (tmp_path / "nope.zip", "not found")):
+        res = CliRunner().invoke(evaluate_cli, ["--truth", str(truth), "--submission", str(sub),
+                                                "--out", str(tmp_path / "o")])
+        assert res.exit_code == 2
+        lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], res.output
