@@ -1,9 +1,17 @@
 # ensemble stage, challenge export and the status command (issue 5). See README "ensemble" and "status".
-.PHONY: test-ensemble bench-ensemble status
+.PHONY: test-ensemble bench-ensemble status evaluate test-evaluate
 
 ## test-ensemble the ensemble, export and status tests (incl. three briefly trained builtin bundles)
 test-ensemble: setup
 	$(PY) -m pytest -q tests/test_ensemble.py tests/test_ensemble_bundles.py tests/test_export.py tests/test_status.py
+
+## test-evaluate the challenge metric on hand-computed cases and the evaluate stage (docs/evaluation.md)
+test-evaluate: setup
+	$(PY) -m pytest -q tests/test_evaluate.py
+
+## evaluate      score a submission: make evaluate TRUTH=<truth.zarr> SUB=<submission.zip|zarr> [OUT=eval_out]
+evaluate: setup
+	$(PY) -m stages.evaluate --truth $(TRUTH) --submission $(SUB) --out $(or $(OUT),eval_out)
 
 ## bench-ensemble peak memory and time of the ensemble, 1 vs 3 members (bench/results/ensemble.json)
 bench-ensemble: setup
