@@ -238,3 +238,42 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
         assert res.exit_code == 2
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], res.output
+
+
+def test_trainer_validation_is_the_pooled_score(tmp_path: Path) -> None:
+    """common.trainer.validate selects on pooled per-class Dice, not the mean of per-case Dice."""
+    import torch
+
+    from common.nifti import save_nifti, spacing_affine
+    from common.trainer import validate
+
+    class Oracle(torch.nn.Module):
+        """Predicts the class whose value the (range-scaled) image holds: the image is the prediction."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            v = x * 3.0
+            return torch.cat([-((v - c) ** 2) for c in range(3)], dim=1) * 10.0
+
+    aff = spacing_affine((8.0, 8.0, 8.0), (0.0, 0.0, 0.0))
+    # case A: class 1 (512 voxels) right, class 2 (8 voxels) missed; unknown voxels predicted as 1
+    lab_a = np.zeros((16, 16, 16), np.uint8)
+    lab_a[0:8, 0:8, 0:8] = 1
+    lab_a[12:14, 12:14, 12:14] = 2
+    lab_a[:, :, 15] = 255
+    img_a = np.where(lab_a == 1, 1, 0).astype(np.float32)
+    img_a[:, :, 15] = 1
+    # case B: class 2 (100 voxels) right, no class 1 anywhere
+    lab_b = np.zeros((16, 16, 16), np.uint8)
+    lab_b[0:4, 0:5, 0:5] = 2
+    img_b = np.where(lab_b == 2, 2, 0).astype(np.float32)
+    items = []
+    for name, img, lab in (("a", img_a, lab_a), ("b", img_b, lab_b)):
+        save_nifti(tmp_path / f"{name}_image.nii.gz", img, aff)
+        save_nifti(tmp_path / f"{name}_label.nii.gz", lab, aff)
+        items.append({"image": str(tmp_path / f"{name}_image.nii.gz"), "label": str(tmp_path / f"{name}_label.nii.gz")})
+    cfg = {"intensity_bounds": [0.0, 3.0], "unknown_label": 255, "roi_size": [16, 16, 16], "output_classes": 3,
+           "amp": False, "sw_batch_size": 1, "sw_overlap": 0.25}
+    dice = validate(Oracle(), cfg, items, torch.device("cpu"))
+    # pooled by hand: class 1 TP 512 (unknown voxels excluded); class 2 TP 100, FN 8 -> 200 / 208
+    assert dice[0] == pytest.approx(1.0)
+    assert dice[1] == pytest.approx(200 / 208)  # the per-case mean would be (0 + 1) / 2 = 0.5
