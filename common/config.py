@@ -111,7 +111,8 @@ class EnsembleOptions:
         method: ``best_n`` or ``best_by_fold``.
         n_best: members for ``best_n``.
         mode: ``mean`` of probabilities then argmax, or majority ``vote``.
-        on: ``validation``, ``testing`` or comma-separated image paths.
+        on: ``heldout`` (labelled ``testing`` items, else the validation folds, said so in the
+            report), ``validation``, ``testing`` or comma-separated image paths.
         prob_dtype: stored member probabilities, ``float16`` or ``uint8``.
         members: bundle names to choose from (list or comma-separated); empty = all trained.
         infer_params: keyword arguments of the bundles' ``get_inferer``.
@@ -123,7 +124,7 @@ class EnsembleOptions:
     method: str = "best_n"
     n_best: int = 3
     mode: str = "mean"
-    on: str = "validation"
+    on: str = "heldout"
     prob_dtype: str = "float16"
     members: list[str] | str | None = None
     infer_params: dict[str, Any] | None = None

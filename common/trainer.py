@@ -48,7 +48,7 @@ from common.io import (atomic_write_text, atomic_write_yaml, read_json, read_yam
                        sealed_candidates, sealed_path)
 from common.progress import EventLog, eta_seconds, format_epoch_line
 from common.training.autoconfig import HYPER_PARAMETERS
-from common.training.losses import MaskedSegLoss, dice_per_class
+from common.training.losses import MaskedSegLoss
 from common.training.networks import build_network, fit_roi
 from common.training.signals import EARLY, STOP_SIGNALS, catch_stop_signals_early
 
@@ -452,14 +452,19 @@ def _write_metrics(path: Path, rows: list[dict[str, Any]]) -> None:
 # ---- validation ---------------------------------------------------------------------
 @torch.no_grad()
 def validate(model: torch.nn.Module, cfg: dict[str, Any], items: list[dict[str, str]], device: torch.device) -> np.ndarray:
-    """Mean per-class Dice (NaN: class absent everywhere) over this rank's validation cases."""
+    """Per-class Dice pooled over the validation fold (the challenge's score; NaN: class absent everywhere).
+
+    TP/FP/FN are summed over every validation case (all ranks) before the ratio, unknown voxels
+    excluded (:func:`common.metrics.confusion_matrix`); the mean over classes is the selection metric.
+    """
     from monai.inferers import sliding_window_inference
+
+    from common.metrics import confusion_matrix, pooled_dice
 
     rank, world = _dist()
     xf = _transforms(cfg, train=False)
     n_cls = int(cfg["output_classes"])
-    sums = torch.zeros(n_cls - 1, dtype=torch.float64)
-    counts = torch.zeros(n_cls - 1, dtype=torch.float64)
+    matrix = np.zeros((n_cls, n_cls), dtype=np.int64)
     model.eval()
     amp = bool(cfg.get("amp", True)) and device.type == "cuda"
     for it in items[rank::world]:
@@ -470,20 +475,15 @@ def validate(model: torch.nn.Module, cfg: dict[str, Any], items: list[dict[str, 
                 img, [int(r) for r in cfg["roi_size"]], int(cfg.get("sw_batch_size", 1)), model,
                 overlap=float(cfg.get("sw_overlap", 0.25)), mode="gaussian",
             )
-        pred = logits.argmax(1).cpu()
-        dice = dice_per_class(pred, d["label"], n_cls, int(cfg.get("unknown_label", 0)))
-        ok = ~torch.isnan(dice)
-        sums[ok] += dice[ok].double()
-        counts[ok] += 1
+        pred = logits.argmax(1).cpu().numpy()
+        label = np.asarray(d["label"]).astype(np.int64).reshape(pred.shape)
+        matrix += confusion_matrix(pred, label, n_cls, int(cfg.get("unknown_label", 0)))
     if world > 1:
-        both = torch.cat([sums, counts]).to(device)
+        both = torch.as_tensor(matrix, dtype=torch.float64).to(device)
         torch.distributed.all_reduce(both)
-        sums, counts = both[: n_cls - 1].cpu(), both[n_cls - 1 :].cpu()
+        matrix = both.cpu().numpy().astype(np.int64)
     model.train()
-    out = torch.full_like(sums, float("nan"))
-    ok = counts > 0
-    out[ok] = sums[ok] / counts[ok]
-    return out.numpy()
+    return pooled_dice(matrix)
 
 
 # ---- training -----------------------------------------------------------------------

@@ -1,5 +1,5 @@
 # ensemble stage, challenge export and the status command (issue 5). See README "ensemble" and "status".
-.PHONY: test-ensemble bench-ensemble bench-export bench-predict status
+.PHONY: test-ensemble bench-ensemble bench-export bench-predict status evaluate test-evaluate
 
 ## test-ensemble the ensemble, export and status tests (incl. three briefly trained builtin bundles)
 test-ensemble: setup
@@ -13,6 +13,14 @@ bench-export: setup
 ## bench-predict  predict peak memory vs the block budget, throughput (bench/results/predict.json)
 bench-predict: setup
 	$(PY) -m bench.run --out bench/results --only predict
+
+## test-evaluate the challenge metric on hand-computed cases and the evaluate stage (docs/evaluation.md)
+test-evaluate: setup
+	$(PY) -m pytest -q tests/test_evaluate.py
+
+## evaluate      score a submission: make evaluate TRUTH=<truth.zarr> SUB=<submission.zip|zarr> [OUT=eval_out]
+evaluate: setup
+	$(PY) -m stages.evaluate --truth $(TRUTH) --submission $(SUB) --out $(or $(OUT),eval_out)
 
 ## bench-ensemble peak memory and time of the ensemble, 1 vs 3 members (bench/results/ensemble.json)
 bench-ensemble: setup

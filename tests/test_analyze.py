@@ -53,14 +53,16 @@ def test_analyze_writes_monai_stats_without_unknown(blobs_work_dir: Path) -> Non
     # MONAI's foreground percentiles exclude unknown voxels: compare with numpy per case
     pairs = _labels_images(wd)
     lows = [np.percentile(img[(lab >= 1) & (lab <= 3)], 0.5) for img, lab in pairs]
-    fg = summary["image_foreground_stats"]["intensity"]
-    assert fg["percentile_00_5"] == pytest.approx(np.mean(lows), rel=1e-3)
+    ours = yaml.safe_load((wd / "datastats.yaml").read_text())["cellmap_stats"]
+    assert ours["monai_foreground_percentiles"][0] == pytest.approx(np.mean(lows), rel=1e-3)
+    fg = summary["image_foreground_stats"]["intensity"]  # replaced by the pooled clip below
 
     report = json.loads((wd / "reports" / "analysis.json").read_text())
     pooled = np.concatenate([img[(lab >= 1) & (lab <= 3)] for img, lab in pairs])
     lo, hi = report["recommended"]["intensity_clip"]
     assert lo == pytest.approx(np.percentile(pooled, 0.5), abs=1.0)  # 1-unit histogram bins
     assert hi == pytest.approx(np.percentile(pooled, 99.5), abs=1.0)
+    assert [fg["percentile_00_5"], fg["percentile_99_5"]] == [lo, hi]  # what every template reads
     assert report["unknown"]["voxels"] == sum(int((lab == 255).sum()) for _, lab in pairs)
     for name in ("analysis_classes.png", "analysis_intensity.png", "analysis_geometry.png"):
         assert (wd / "reports" / name).read_bytes()[:8] == PNG
@@ -172,3 +174,34 @@ def test_merge_without_shards_and_bad_flags_are_one_line_errors(blobs_work_dir: 
     r = runner.invoke(analyze_cli, ["--work-dir", str(empty)])
     assert r.exit_code == 2 and "datalist.json: datalist not found" in r.stderr
     shutil.rmtree(empty)
+
+
+def test_foreground_empty_case_does_not_move_the_clip_and_is_named(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A case without class voxels: MONAI's mean of per-case percentiles drops, ours does not."""
+    yaml_text = "classes: [ecs, pm, mito_mem]\nunknown_label: 255\n"
+    ref, with_empty = tmp_path / "ref", tmp_path / "empty"
+    # same seed: the first three cases are identical, the fourth holds background and unknown only
+    make_blobs_dataset(ref, n_cases=3, shape=(24, 24, 16), n_classes=3, n_val=1, seed=5)
+    make_blobs_dataset(with_empty, n_cases=4, shape=(24, 24, 16), n_classes=3, n_val=1, seed=5,
+                       missing={3: (1, 2, 3)})
+    for wd in (ref, with_empty):
+        (wd / "pipeline.yaml").write_text(yaml_text)
+    run_analyze_entry(ref)
+    with caplog.at_level(logging.WARNING):
+        run_analyze_entry(with_empty)
+    assert "no class voxel" in caplog.text and "synth_crop4" in caplog.text
+
+    r0 = json.loads((ref / "reports" / "analysis.json").read_text())
+    r1 = json.loads((with_empty / "reports" / "analysis.json").read_text())
+    assert r1["foreground_empty_cases"] == ["synth_crop4"] and r0["foreground_empty_cases"] == []
+    assert r1["recommended"]["intensity_clip"] == r0["recommended"]["intensity_clip"]
+    assert "synth_crop4" in (with_empty / "reports" / "analysis.md").read_text()
+    s1 = yaml.safe_load((with_empty / "datastats.yaml").read_text())
+    # what the templates read is the pooled clip; MONAI's own mean moved (kept for reference)
+    fg = s1["stats_summary"]["image_foreground_stats"]["intensity"]
+    assert [fg["percentile_00_5"], fg["percentile_99_5"]] == r1["recommended"]["intensity_clip"]
+    monai0 = yaml.safe_load((ref / "datastats.yaml").read_text())["cellmap_stats"]["monai_foreground_percentiles"]
+    monai1 = s1["cellmap_stats"]["monai_foreground_percentiles"]
+    assert monai1[1] < monai0[1] - 1.0  # the empty case dragged MONAI's upper bound toward 0
+    assert s1["cellmap_stats"]["foreground_empty_cases"] == ["synth_crop4"]

@@ -7,6 +7,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
@@ -149,3 +150,27 @@ def test_official_templates_offline_on_cpu(tmp_path: Path) -> None:
         assert rec["templates"] == "official" and rec["target_gpu_mem_gb"] == 80.0 and rec["output_classes"] == 4
         algo_obj, _ = algo_from_json(str(b / "algo_object.json"))
         assert algo_obj.device_setting["CMD_PREFIX"] == rec["interpreter"]
+
+
+def test_bundle_statistics_equal_analyze_report(analyzed_builtin: Path) -> None:
+    """Class shares (unknown excluded) and the intensity clip: one number in report and bundle."""
+    import nibabel as nib
+
+    wd = analyzed_builtin
+    run_bundlegen_entry(wd, target_gpu_mem_gb=24, algos="segresnet")
+    report = json.loads((wd / "reports" / "analysis.json").read_text())
+    # ground truth from the label files themselves: unknown (255) is not background
+    dl = json.loads((wd / "nifti_data" / "datalist.json").read_text())
+    counts = np.zeros(4)
+    for row in dl["training"]:
+        lab = np.asarray(nib.load(str(wd / "nifti_data" / row["label"])).dataobj)
+        counts += np.bincount(lab[lab != 255].ravel(), minlength=4)[:4]
+    known_shares = counts / counts.sum()
+    assert report["class_shares"] == pytest.approx(known_shares.tolist(), abs=1e-12)
+    hp = _hp(wd / "segresnet_0")
+    assert np.max(np.abs(np.asarray(hp["class_shares"]) - known_shares)) < 1e-6
+    assert hp["intensity_bounds"] == report["recommended"]["intensity_clip"]  # the very same number
+    # the data really has unknown voxels, so counting them as background would differ
+    assert report["unknown"]["voxels"] > 0
+    with_unknown_as_bg = (counts + np.array([report["unknown"]["voxels"], 0, 0, 0])) / (counts.sum() + report["unknown"]["voxels"])
+    assert abs(hp["class_shares"][0] - with_unknown_as_bg[0]) > 1e-3

@@ -314,3 +314,158 @@ def test_on_testing_and_paths(tmp_path: Path) -> None:
     res = run_ensemble(cfg, wd, on=str(img), predictor_factory=make_intensity_factory())
     assert [p.name for p in res.outputs] == ["synth_crop1_ensemble.nii.gz"]
     assert res.report["n_scored"] == 0 and "nothing scored" in (wd.reports_dir / "ensemble.md").read_text()
+
+
+def _heldout_wd(root: Path, classes: str = "[ecs, pm, mito_mem]") -> WorkDir:
+    from common.synthetic import make_blobs_dataset
+
+    wd = WorkDir.at(root).ensure()
+    # 4 training cases (fold 0 = validation) + 2 labelled held-out cases under "testing"
+    make_blobs_dataset(wd.root, n_cases=4, shape=(24, 24, 16), n_classes=3, n_val=2, n_test=2, seed=4)
+    wd.config_file.write_text(f"classes: {classes}\nunknown_label: 255\n")
+    add_trained_bundle(wd, "segresnet_0", 0.80)
+    add_trained_bundle(wd, "dints_0", 0.60)
+    return wd
+
+
+def test_heldout_is_scored_and_named_and_below_best_is_said(tmp_path: Path) -> None:
+    wd = _heldout_wd(tmp_path / "w")
+    cfg = load_config(wd.root)
+    # dints_0 over-predicts class 1 strongly enough to drag the mean of probabilities down
+    res = run_ensemble(cfg, wd, n_best=2, predictor_factory=make_intensity_factory({"dints_0": 1}, temperature=4.0))
+    rep = res.report
+    assert rep["scored_on"] == "testing" and "never used for training or model selection" in rep["scored_on_note"]
+    assert sorted(p.name for p in res.outputs) == ["synth_crop5_ensemble.nii.gz", "synth_crop6_ensemble.nii.gz"]
+    assert rep["n_scored"] == 2
+    # members are ranked by the validation number the report shows, and their held-out number sits beside it
+    assert [(r["name"], r["validation_mean_dice"]) for r in rep["ranking"]] == [("segresnet_0", 0.8), ("dints_0", 0.6)]
+    for r in rep["ranking"]:
+        assert r["scored_mean_dice"] == rep["scores"][r["name"]]["mean_dice"]
+    cmp = rep["ensemble_vs_best_member"]
+    best = max(rep["scores"][m]["mean_dice"] for m in ("segresnet_0", "dints_0"))
+    assert cmp["best_member_mean_dice"] == best and cmp["ensemble_mean_dice"] == rep["scores"]["ensemble"]["mean_dice"]
+    assert cmp["below"] is True and cmp["best_member"] == "segresnet_0"
+    md = (wd.reports_dir / "ensemble.md").read_text()
+    assert "held-out" in md and "is below its best member segresnet_0" in md
+    # the leaderboard-style score: no instance class configured, so overall = mean semantic IoU
+    lb = rep["leaderboard"]
+    assert lb["overall"] == pytest.approx(rep["scores"]["ensemble"]["mean_iou"])
+
+
+def test_without_labelled_heldout_falls_back_to_validation_and_says_so(tmp_path: Path) -> None:
+    wd = _heldout_wd(tmp_path / "w")
+    dl = json.loads(wd.datalist.read_text())
+    dl["testing"] = [{"image": it["image"]} for it in dl["testing"]]  # unlabelled test images
+    wd.datalist.write_text(json.dumps(dl))
+    cfg = load_config(wd.root)
+    res = run_ensemble(cfg, wd, n_best=1, predictor_factory=make_intensity_factory())
+    assert res.report["scored_on"] == "validation"
+    assert sorted(p.name for p in res.outputs) == ["synth_crop1_ensemble.nii.gz", "synth_crop2_ensemble.nii.gz"]
+    md = (wd.reports_dir / "ensemble.md").read_text()
+    assert "no labelled held-out case exists" in md and "optimistic" in md
+    assert res.report["ensemble_vs_best_member"]["below"] is False  # one member: the ensemble is that member
+
+
+def test_leaderboard_scores_instance_classes(tmp_path: Path) -> None:
+    from scipy import ndimage
+
+    wd = _heldout_wd(tmp_path / "w", classes="[ecs, pm, nuc]")  # nuc is an instance class
+    cfg = load_config(wd.root)
+    res = run_ensemble(cfg, wd, n_best=1, predictor_factory=make_intensity_factory())
+    nuc = res.report["leaderboard"]["instance"]["nuc"]
+    n_objects = 0
+    for case in ("synth_crop5", "synth_crop6"):
+        gt = np.asarray(nib.load(str(wd.nifti_dir / f"{case}_label.nii.gz")).dataobj)
+        n_objects += ndimage.label(gt == 3, structure=np.ones((3, 3, 3)))[1]
+    assert nuc["tp"] + nuc["fn"] == n_objects > 0
+    assert 0.0 <= nuc["combined"] <= 1.0
+    lb = res.report["leaderboard"]
+    assert set(lb["semantic_iou"]) == {"ecs", "pm"}
+    assert lb["overall"] == pytest.approx(np.sqrt(lb["mean_semantic_iou"] * nuc["combined"]))
+    assert "Challenge score of the ensemble" in (wd.reports_dir / "ensemble.md").read_text()
+
+
+DICT_ALGO = '''
+from monai.apps.auto3dseg import BundleAlgo
+
+
+class DictnetAlgo(BundleAlgo):
+    """A template-free bundle algo: nothing of the project's trainer."""
+'''
+
+DICT_INFER = '''
+import numpy as np
+import torch
+import yaml
+from monai import transforms as T
+
+
+class InferClass:
+    """Like the official templates' InferClass: dict transforms on a datalist item."""
+
+    def __init__(self, config_file, **override):
+        files = config_file if isinstance(config_file, (list, tuple)) else [config_file]
+        cfg = {}
+        for f in files:
+            cfg.update(yaml.safe_load(open(f)))
+        self.levels = torch.tensor(cfg["levels"], dtype=torch.float32)
+        self.xf = T.Compose([
+            T.LoadImaged(keys="image", ensure_channel_first=True, image_only=True),
+            T.EnsureTyped(keys="image", dtype=torch.float32),
+        ])
+
+    @torch.no_grad()
+    def infer(self, image_file):
+        img = self.xf(image_file)["image"]  # a bare path string fails here, as in the official templates
+        logits = -((img - self.levels[:, None, None, None]) ** 2) / 480.0
+        return torch.softmax(logits, dim=0)
+'''
+
+
+def test_template_free_dict_transform_bundle_is_ensembled(tmp_path: Path) -> None:
+    """A bundle whose InferClass uses dict transforms (like the official ones) goes through MONAI."""
+    from monai.auto3dseg.utils import algo_from_json, algo_to_json
+
+    from common.synthetic import make_blobs_dataset
+
+    wd = WorkDir.at(tmp_path / "w").ensure()
+    make_blobs_dataset(wd.root, n_cases=2, shape=(24, 24, 16), n_classes=3, n_val=1, n_test=1, seed=6)
+    wd.config_file.write_text("classes: [ecs, pm, mito_mem]\nunknown_label: 255\n")
+    tpl = wd.templates_dir / "dictnet"
+    (tpl / "scripts").mkdir(parents=True)
+    (tpl / "__init__.py").write_text("")
+    (tpl / "scripts" / "__init__.py").write_text("")
+    (tpl / "scripts" / "algo.py").write_text(DICT_ALGO)
+    bundle = wd.root / "dictnet_0"
+    (bundle / "scripts").mkdir(parents=True)
+    (bundle / "configs").mkdir()
+    (bundle / "scripts" / "infer.py").write_text(DICT_INFER)
+    (bundle / "configs" / "hyper_parameters.yaml").write_text(f"levels: {_levels(N_CLASSES).tolist()}\n")
+    import sys
+
+    sys.path.insert(0, str(wd.templates_dir))
+    try:
+        from dictnet.scripts.algo import DictnetAlgo  # type: ignore[import-not-found]
+
+        algo = DictnetAlgo(template_path=str(wd.templates_dir))
+        algo.output_path = str(bundle)
+        algo_to_json(algo, template_path=str(wd.templates_dir))
+        m = wd.marker("train.dictnet_0")
+        m.start("digest")
+        m.done(best_metric=0.5)
+        # the inferer really refuses a bare path: the ensemble must pass {"image": path}
+        loaded, _ = algo_from_json(str(bundle / "algo_object.json"), template_path=str(wd.templates_dir))
+        with pytest.raises(Exception):  # noqa: B017 - MONAI raises a TypeError/KeyError variant
+            loaded.get_inferer().infer(str(wd.nifti_dir / "synth_crop3_image.nii.gz"))
+        res = run_ensemble(load_config(wd.root), wd)  # default predictor: MONAI's algo_from_json + InferClass
+    finally:
+        sys.path.remove(str(wd.templates_dir))
+        for name in [n for n in sys.modules if n.split(".")[0] in ("dictnet", "InferClass")]:
+            del sys.modules[name]
+    assert [p.name for p in res.outputs] == ["synth_crop3_ensemble.nii.gz"]
+    assert res.report["scored_on"] == "testing" and res.report["n_scored"] == 1
+    # the same function of the image as the intensity factory: the same labels
+    ref = make_intensity_factory()(Member("x_0", "x", 0, bundle, 0.5, "m"), wd, load_config(wd.root))
+    expect = np.argmax(ref(wd.nifti_dir / "synth_crop3_image.nii.gz"), axis=0)
+    got = np.asarray(nib.load(str(res.outputs[0])).dataobj)
+    assert np.mean(got == expect) > 0.999

@@ -18,6 +18,9 @@ import numpy as np
 from common.io import atomic_write_yaml, read_json, read_yaml
 
 HYPER_PARAMETERS = "hyper_parameters.yaml"
+# analyze's own statistics block in datastats.yaml (pooled per-class voxel counts with unknown
+# excluded, the pooled intensity clip): exact where MONAI's summary is not.
+ANALYZE_STATS_KEY = "cellmap_stats"
 
 # Voxels of one patch (batch 1, AMP) that fit in 1 GiB of GPU memory, measured roughly from the
 # official templates' own sizing (segresnet: 224*224*144 at 16 GiB; swinunetr/dints: ~96^3 x 2).
@@ -63,9 +66,19 @@ def _median_shape(stats: dict[str, Any]) -> list[int]:
 
 
 def intensity_bounds(stats: dict[str, Any]) -> list[float]:
-    """Foreground intensity percentiles 0.5 and 99.5 (MONAI's ``ct`` range normalisation)."""
-    fg = stats["stats_summary"]["image_foreground_stats"]["intensity"]
-    lo, hi = float(fg["percentile_00_5"]), float(fg["percentile_99_5"])
+    """The intensity clip: foreground percentiles 0.5 and 99.5 (MONAI's ``ct`` range normalisation).
+
+    analyze's ``cellmap_stats.intensity_clip`` (pooled over every case's class voxels, the
+    number its report prints) when present; otherwise MONAI's summary (a plain
+    ``DataAnalyzer`` run: the mean of per-case percentiles).
+    """
+    ours = stats.get(ANALYZE_STATS_KEY) or {}
+    clip = ours.get("intensity_clip")
+    if clip and len(clip) == 2 and clip[0] is not None and clip[1] is not None:
+        lo, hi = float(clip[0]), float(clip[1])
+    else:
+        fg = stats["stats_summary"]["image_foreground_stats"]["intensity"]
+        lo, hi = float(fg["percentile_00_5"]), float(fg["percentile_99_5"])
     if not hi > lo:
         img = stats["stats_summary"]["image_stats"]["intensity"]
         lo, hi = float(img["min"]), float(img["max"])
@@ -74,11 +87,28 @@ def intensity_bounds(stats: dict[str, Any]) -> list[float]:
     return [lo, hi]
 
 
-def class_shares(by_case: dict[str, Any] | None, output_classes: int, unknown_label: int) -> list[float] | None:
-    """Voxel share of each class id (0..C-1) among known voxels, pooled over cases by id.
+def class_shares_from_counts(class_voxels: list[int] | None, output_classes: int) -> list[float] | None:
+    """Share of each class id (0..C-1) among known voxels, from analyze's pooled counts.
 
-    MONAI's summary pools per-label stats by *position*, which is wrong when a case lacks a
-    class, so the per-case file is read and matched id by id.
+    ``class_voxels[c]`` is the number of voxels labelled ``c`` over all training cases,
+    unknown voxels not counted (analyze's own pass). ``None`` without counts.
+    """
+    if not class_voxels:
+        return None
+    counts = np.zeros(output_classes, dtype=np.float64)
+    n = min(len(class_voxels), output_classes)
+    counts[:n] = np.asarray(class_voxels[:n], dtype=np.float64)
+    total = counts.sum()
+    return None if total <= 0 else (counts / total).tolist()
+
+
+def class_shares(by_case: dict[str, Any] | None, output_classes: int, unknown_label: int) -> list[float] | None:
+    """Fallback for a plain ``DataAnalyzer`` run: mean per-case share of each class id.
+
+    Only used when ``datastats.yaml`` lacks analyze's ``cellmap_stats`` (whose pooled counts
+    are exact). MONAI's summary pools per-label stats by *position*, which is wrong when a
+    case lacks a class, so the per-case file is read and matched id by id; the unknown
+    value, when MONAI saw it as a label, is taken out of each case's known voxels.
     """
     if not by_case:
         return None
@@ -176,7 +206,10 @@ def fill_hyper_parameters(
     items = read_json(datalist).get("training", [])
     n_train = sum(1 for it in items if int(it.get("fold", -1)) != fold) or len(items)
     roi, batch = auto_roi_batch(algo, _median_shape(stats), gpu_mem)
-    shares = class_shares(by_case, output_classes, unknown_label)
+    ours = stats.get(ANALYZE_STATS_KEY) or {}
+    shares = class_shares_from_counts(ours.get("class_voxels"), output_classes)
+    if shares is None:
+        shares = class_shares(by_case, output_classes, unknown_label)
     root = str(Path(bundle_root).resolve())
     cfg: dict[str, Any] = {
         "algo": algo,
@@ -196,7 +229,7 @@ def fill_hyper_parameters(
         "batch_size": batch,
         "num_epochs": auto_num_epochs(n_train),
         "intensity_bounds": intensity_bounds(stats),
-        "class_shares": None if shares is None else [round(s, 6) for s in shares],
+        "class_shares": shares,
         "class_weights": class_weights_from_shares(shares, output_classes),
         "learning_rate": 2.0e-4,
     }

@@ -8,7 +8,13 @@ What this adds to a plain ``DataAnalyzer`` run:
   ``label_stats.labels`` never lists the unknown value and its foreground intensity
   percentiles (the templates' "ct" normalisation bounds) come from class voxels only.
   In MONAI's label-0 statistics the unknown voxels count as background. The by-case file
-  records the original label path, not the view.
+  records the original label path, not the view. **Class shares therefore never come from
+  MONAI's label statistics**: our pass counts voxels per class id with unknown excluded, and
+  ``datastats.yaml`` carries them under ``cellmap_stats`` (read by the builtin templates).
+* **One intensity clip.** The foreground percentiles in ``datastats.yaml`` are the pooled
+  ones of the report (histograms of every case's class voxels, summed), not MONAI's mean
+  of per-case percentiles, so every template clips where the report says. Cases without a
+  class voxel are named in a warning (they cannot move a pooled clip).
 * **No silent drops.** Every case is first read by our own pass (shape, spacing, voxel
   counts per class id, intensity histograms); unreadable or inconsistent cases, and cases
   MONAI dropped (``n_cases`` below the datalist length), fail the stage naming them.
@@ -22,6 +28,7 @@ What this adds to a plain ``DataAnalyzer`` run:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import multiprocessing
@@ -38,6 +45,7 @@ from common.cli import select_shard
 from common.config import PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, read_json, read_yaml
+from common.training.autoconfig import ANALYZE_STATS_KEY
 from common.workdir import WorkDir, digest, file_fingerprint
 
 log = logging.getLogger("cellmap.analyze")
@@ -343,6 +351,36 @@ def check_complete(items: Sequence[CaseItem], result: dict[str, Any]) -> None:
         raise StageFailed(f"DataAnalyzer analysed {n} cases, the datalist has {len(items)}")
 
 
+def with_pooled_statistics(summary: dict[str, Any], report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """MONAI's summary with the pooled foreground clip, and our own statistics block.
+
+    MONAI's ``image_foreground_stats.intensity.percentile_00_5/99_5`` is the mean of per-case
+    percentiles (a case without foreground counts as 0..0). Every template, ours and the
+    official ones, reads its "ct" range normalisation from those two keys, so they are
+    replaced by the report's pooled clip: the bundles and the report then hold one number.
+    MONAI's own values stay in our block (``monai_foreground_percentiles``).
+
+    Returns:
+        ``(summary copy, block)``; the block is written under ``ANALYZE_STATS_KEY`` and read by
+        :mod:`common.training.autoconfig` (``class_voxels``, ``class_shares``, ``intensity_clip``).
+    """
+    summary = copy.deepcopy(summary)
+    fg = summary.setdefault("image_foreground_stats", {}).setdefault("intensity", {})
+    monai = [fg.get("percentile_00_5"), fg.get("percentile_99_5")]
+    lo, hi = (float(v) for v in report["recommended"]["intensity_clip"])
+    fg["percentile_00_5"], fg["percentile_99_5"] = lo, hi
+    block = {
+        "class_voxels": list(report["class_voxels"]),
+        "class_shares": list(report["class_shares"]),
+        "unknown_voxels": int(report["unknown"]["voxels"]),
+        "intensity_clip": [lo, hi],
+        "clip_percentiles": list(report["intensity"]["percentiles"]),
+        "monai_foreground_percentiles": monai,
+        "foreground_empty_cases": list(report["foreground_empty_cases"]),
+    }
+    return summary, block
+
+
 def write_outputs(wd: WorkDir, cfg: PipelineConfig, items: Sequence[CaseItem], result: dict[str, Any],
                   s: AnalyzeSettings) -> dict[str, Any]:
     """Check, then write datastats(.yaml, _by_case.yaml) and the report; return the report."""
@@ -358,7 +396,11 @@ def write_outputs(wd: WorkDir, cfg: PipelineConfig, items: Sequence[CaseItem], r
     report = build_report(cfg, own, summary, s)
     for name in report["absent_classes"]:
         log.warning("configured class %r never occurs in the %d training cases", name, len(items))
-    _export_yaml(wd.datastats, {"stats_summary": summary, "stats_by_cases": []})
+    if report["foreground_empty_cases"]:
+        log.warning("%d case(s) hold no class voxel and do not move the intensity clip: %s",
+                    len(report["foreground_empty_cases"]), ", ".join(report["foreground_empty_cases"]))
+    summary, ours = with_pooled_statistics(summary, report)
+    _export_yaml(wd.datastats, {"stats_summary": summary, "stats_by_cases": [], ANALYZE_STATS_KEY: ours})
     _export_yaml(wd.datastats_by_case, {"stats_summary": summary, "stats_by_cases": by_case})
     write_report(wd.reports_dir, report)
     return report

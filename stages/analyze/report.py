@@ -9,7 +9,12 @@ Everything per class is computed **by class id** from our own per-case voxel cou
 * ``recommended.class_weights``: ``{name: max share / share}`` over background and the
   classes (the commonest label gets 1; ``null`` for a class that never occurs);
 * ``recommended.class_weights_by_label``: the same as a list indexed by label id, with 1.0
-  for absent classes (no voxels to weigh).
+  for absent classes (no voxels to weigh);
+* ``class_voxels`` / ``class_shares``: known-voxel counts and shares by label id (unknown
+  voxels excluded), what the bundles' ``class_shares`` are;
+* ``foreground_empty_cases``: cases without a single class voxel (they add nothing to the
+  pooled clip; MONAI's mean of per-case percentiles would count them as 0..0);
+* ``warnings``: one line per thing a person should look at.
 """
 
 from __future__ import annotations
@@ -96,6 +101,14 @@ def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[s
     clip = [fg_i[f"p{pcts[0]:g}"], fg_i[f"p{pcts[1]:g}"]]
     if clip[0] is None:  # no foreground at all: fall back to the whole image
         clip = [image_i[f"p{pcts[0]:g}"], image_i[f"p{pcts[1]:g}"]]
+    empty = [o["case"] for o, row in zip(own, vox) if int(row[1:].sum()) == 0]
+    warnings = []
+    if empty:
+        warnings.append(
+            f"{len(empty)} case(s) hold no class voxel: {', '.join(empty)}. They do not move the pooled "
+            "intensity clip (MONAI's mean of per-case percentiles would count each as 0..0).")
+    if absent:
+        warnings.append(f"classes never present in the training cases: {', '.join(absent)}")
 
     shapes = np.array([o["shape"] for o in own])
     spacings = Counter(tuple(round(v, 4) for v in o["spacing"]) for o in own)
@@ -113,6 +126,10 @@ def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[s
         "unknown_label": cfg.unknown_label,
         "classes": classes,
         "absent_classes": absent,
+        "class_voxels": [int(v) for v in total],
+        "class_shares": [float(v / known) if known else 0.0 for v in total],
+        "foreground_empty_cases": empty,
+        "warnings": warnings,
         "imbalance": {
             "max_over_min_foreground_share": (
                 max(c["voxels"] for c in present_fg) / min(c["voxels"] for c in present_fg) if present_fg else None),
@@ -166,6 +183,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{r['n_cases']} training cases; {r['output_classes']} output classes "
         f"(background + {r['output_classes'] - 1}); unknown label {r['unknown_label']} excluded from class statistics.",
         "",
+        *([f"**Warning:** {w}" for w in r.get("warnings", [])] + [""] if r.get("warnings") else []),
         "## Recommendations",
         "",
         f"- intensity clip range (foreground p{r['intensity']['percentiles'][0]:g}–p{r['intensity']['percentiles'][1]:g}, "
@@ -195,8 +213,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         d = r["intensity"][region]
         lines.append(f"| {region} | {d['voxels']} | {_fmt(d['mean'])} | {_fmt(d['p50'])} | {_fmt(d[p0])} | {_fmt(d[p1])} |")
     m = r["intensity"]["monai_foreground_mean_of_case_percentiles"]
-    lines += ["", f"MONAI's datastats (what the templates read) give the mean of per-case foreground "
-              f"percentiles: [{_fmt(m['p0.5'])}, {_fmt(m['p99.5'])}].", "",
+    lines += ["", f"MONAI's own summary is the mean of per-case foreground percentiles: "
+              f"[{_fmt(m['p0.5'])}, {_fmt(m['p99.5'])}]; `datastats.yaml` carries the pooled clip above "
+              "instead, so every template and the report use the same numbers.", "",
               "## Geometry", "",
               f"Shape (x, y, z) min {r['geometry']['shape_min']}, median {r['geometry']['shape_median']}, "
               f"max {r['geometry']['shape_max']}.", "", "| spacing (x, y, z) nm | cases |", "|---|---:|"]

@@ -82,7 +82,22 @@ def template_source(cfg: PipelineConfig, algos: list[str]) -> tuple[str, Path]:
     for algo in algos:
         if not (src / algo / "scripts" / "algo.py").is_file():
             raise PipelineError(f"{src}: no '{algo}' template ({algo}/scripts/algo.py missing)")
+    if kind == "path" and cfg.unknown_label != 0 and any(template_style(src, a) == "official" for a in algos):
+        raise ConfigError(
+            f"templates: {t} holds MONAI-style templates, which need unknown_label: 0 (got "
+            f"{cfg.unknown_label}): they train on every label value and cannot ignore an unknown value")
     return kind, src
+
+
+def template_style(src: Path, algo: str) -> str:
+    """``builtin`` when the template fills its config through our autoconfig, else ``official``.
+
+    Decided by content, not by how the directory was named: an official copy given as a
+    path (``templates: /opt/...``) needs the official key names (dints pins
+    ``training#output_classes``) and the offline settings just the same.
+    """
+    code = (src / algo / "scripts" / "algo.py").read_text(errors="replace")
+    return "builtin" if "common.training.autoconfig" in code else "official"
 
 
 def tree_fingerprint(path: Path) -> str:
@@ -158,9 +173,9 @@ def size_probes_for(algos: list[str], gpu_mem_gb: float) -> list[str]:
     return patched
 
 
-def pin_kwargs(kind: str, algo: str, n: int) -> dict[str, Any]:
+def pin_kwargs(style: str, algo: str, n: int) -> dict[str, Any]:
     """``export_to_disk`` fill kwargs that pin the output classes (official key names)."""
-    if kind != "official":
+    if style != "official":
         return {"output_classes": n}
     if algo == "dints":
         return {"training#output_classes": n, "searching#output_classes": n}
@@ -304,8 +319,9 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
             algo.set_data_source(str(wd.input_yaml))
             algo.set_mlflow_tracking_uri(None)
             algo.set_mlflow_experiment_name(None)
-            algo.export_to_disk(str(wd.root), name, fold=fold, **pin_kwargs(kind, algo_name, n))
-            offline = offline_settings(bundle, algo_name, cfg) if kind == "official" else {}
+            style = template_style(src, algo_name)
+            algo.export_to_disk(str(wd.root), name, fold=fold, **pin_kwargs(style, algo_name, n))
+            offline = offline_settings(bundle, algo_name, cfg) if style == "official" else {}
             got = bundle_output_classes(bundle)
             if got != n:
                 raise StageFailed(f"{name}: output_classes is {got!r} after generation, expected {n}")
@@ -313,7 +329,8 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
             record = {
                 "algo": algo_name,
                 "fold": fold,
-                "templates": kind,
+                "templates": style,  # what train/ensemble act on: builtin or official-style
+                "template_source": kind,  # builtin, official or path
                 "template_source_dir": str(src),
                 "output_classes": n,
                 "class_names": list(cfg.classes),

@@ -19,7 +19,8 @@ from common.workdir import WorkDir
 @click.option("--mode", type=click.Choice(["mean", "vote"]), default=None,
               help="mean of probabilities then argmax (default), or majority vote.")
 @click.option("--on", default=None,
-              help="validation (default), testing, or comma-separated image paths.")
+              help="heldout (default: labelled testing items, else the validation folds, as the report says), "
+                   "validation, testing, or comma-separated image paths.")
 @click.option("--members", default=None,
               help="Comma-separated bundle names to choose from (default: every trained bundle).")
 @click.option("--export-submission", "manifest", type=click.Path(dir_okay=False, path_type=Path), default=None,

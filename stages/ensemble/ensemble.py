@@ -21,6 +21,7 @@ the ensemble on the labelled cases, unknown voxels excluded), marker ``ensemble`
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -34,17 +35,19 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from common.classes import INSTANCE_CLASSES
 from common.config import PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from common.nifti import save_nifti
+from common.metrics import InstanceCounts, confusion_matrix, instance_counts, instance_scores, overall_score, summarize
 from common.progress import progress
 from common.workdir import WorkDir, check_bundle_location, digest, file_fingerprint
-from stages.ensemble.scoring import confusion_matrix, summarize
 
 log = logging.getLogger("cellmap.ensemble")
 
 METHODS = ("best_n", "best_by_fold")
+HELDOUT = "heldout"
 MODES = ("mean", "vote")
 PROB_DTYPES = ("float16", "uint8")
 ENSEMBLE_NAME = "ensemble"
@@ -164,13 +167,26 @@ def _case_name(image: Path) -> str:
     return name[: -len("_image")] if name.endswith("_image") else name
 
 
+def scored_set(wd: WorkDir, on: str) -> str:
+    """What ``on`` resolves to: ``heldout`` becomes ``testing`` or ``validation`` (fallback)."""
+    if on != HELDOUT:
+        return on
+    try:
+        dl = read_json(wd.datalist)
+    except (OSError, ValueError):
+        return "validation"
+    return "testing" if any(isinstance(it, dict) and it.get("label") for it in dl.get("testing", [])) else "validation"
+
+
 def resolve_cases(wd: WorkDir, on: str, folds: set[int]) -> list[Case]:
     """The images to predict.
 
     Args:
         wd: work dir (``nifti_data/datalist.json`` is MONAI's datalist, paths relative
             to ``nifti_data/``).
-        on: ``validation`` (training items of the selected members' folds: with
+        on: ``heldout`` (default: the labelled items of the datalist's ``testing`` list,
+            never used for training or selection; the validation folds when there are
+            none), ``validation`` (training items of the selected members' folds: with
             ``num_folds: 1`` fold 0 is the validation set), ``testing`` (the datalist's
             ``testing`` list) or comma-separated image paths.
         folds: folds of the selected members.
@@ -178,6 +194,11 @@ def resolve_cases(wd: WorkDir, on: str, folds: set[int]) -> list[Case]:
     Raises:
         PipelineError: no datalist, a missing image, or nothing to predict.
     """
+    labelled_only = on == HELDOUT
+    if on == HELDOUT:
+        if not wd.datalist.is_file():
+            raise PipelineError(f"{wd.datalist}: datalist not found (run convert first)")
+        on = scored_set(wd, on)
     if on in ("validation", "testing"):
         if not wd.datalist.is_file():
             raise PipelineError(f"{wd.datalist}: datalist not found (run convert first)")
@@ -188,6 +209,8 @@ def resolve_cases(wd: WorkDir, on: str, folds: set[int]) -> list[Case]:
         items = dl.get("training", []) if on == "validation" else dl.get("testing", [])
         if on == "validation":
             items = [it for it in items if int(it.get("fold", 0)) in folds]
+        elif labelled_only:
+            items = [it for it in items if isinstance(it, dict) and it.get("label")]
         cases = []
         for it in items:
             image = wd.nifti_dir / it["image"]
@@ -221,7 +244,8 @@ def bundle_predictor(member: Member, wd: WorkDir, cfg: PipelineConfig) -> Predic
     """Load a trained bundle once, through MONAI (``algo_object.json`` -> ``BundleAlgo``).
 
     ``BundleAlgo.get_inferer`` builds the bundle's ``scripts/infer.py`` ``InferClass``
-    from its configs; its ``infer(image_file)`` returns softmax probabilities
+    from its configs; its ``infer({"image": path})`` (a datalist item, as MONAI's own
+    ensembler passes it) returns softmax probabilities
     ``[C, X, Y, Z]`` in the image grid. Extra keyword overrides come from
     ``ensemble.infer_params`` in the configuration.
     """
@@ -231,7 +255,9 @@ def bundle_predictor(member: Member, wd: WorkDir, cfg: PipelineConfig) -> Predic
     inferer = algo.get_inferer(**dict(cfg.ensemble.get("infer_params") or {}))
 
     def predict(image: Path) -> Any:
-        return inferer.infer(str(image))
+        # what MONAI's AlgoEnsemble passes (datalist items): the official InferClass applies
+        # dict transforms and fails on a bare path; the builtin one accepts both
+        return inferer.infer({"image": str(image)})
 
     return predict
 
@@ -384,6 +410,57 @@ def combine_case(
     return labels, counts
 
 
+# ---- scoring helpers -------------------------------------------------------------------
+SCORED_ON_NOTE = {
+    "testing": "held-out labelled cases (the datalist's `testing` list), never used for training or model selection",
+    "validation": "the members' validation folds: no labelled held-out case exists (set split.test_fraction), so "
+                  "these are the cases that chose each member's best epoch and ranked the members - optimistic",
+    "paths": "images given by path",
+}
+
+
+def case_instance_counts(labels: np.ndarray, gt: np.ndarray, cfg: PipelineConfig, spacing: Sequence[float],
+                         case: str) -> dict[str, dict[str, Any]]:
+    """The challenge's instance counts of the ensemble's labels for every configured instance class.
+
+    A class's objects are the connected components of its mask (label maps hold no ids);
+    voxels of unknown truth are cleared from the prediction first.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    names = [(cid, name) for cid, name in enumerate(cfg.classes, start=1) if name in INSTANCE_CLASSES]
+    if not names:
+        return out
+    known = gt != cfg.unknown_label if cfg.unknown_label else None
+    for cid, name in names:
+        pred = labels == cid
+        if known is not None:
+            pred &= known
+        out[name] = dataclasses.asdict(instance_counts(pred, gt == cid, spacing, crop=case))
+    return out
+
+
+def compare_with_best_member(scores: dict[str, Any], members: Sequence[str]) -> dict[str, Any] | None:
+    """The ensemble's pooled mean Dice against its best member's on the same scored cases."""
+    ens = (scores.get(ENSEMBLE_NAME) or {}).get("mean_dice")
+    mine = [(scores[m]["mean_dice"], m) for m in members if m in scores and scores[m].get("mean_dice") is not None]
+    if ens is None or not mine:
+        return None
+    best_score, best = sorted(mine, key=lambda t: (-t[0], t[1]))[0]
+    return {"best_member": best, "best_member_mean_dice": best_score, "ensemble_mean_dice": ens,
+            "below": bool(ens < best_score)}
+
+
+def leaderboard(ens: dict[str, Any] | None, instance: dict[str, InstanceCounts],
+                classes: Sequence[str]) -> dict[str, Any] | None:
+    """Challenge-style scores of the ensemble: semantic IoU, instance F1/Hausdorff, overall."""
+    if not ens:
+        return None
+    semantic = {c: ens["per_class"][c]["iou"] for c in classes if c not in INSTANCE_CLASSES}
+    inst = {c: instance_scores(instance[c]) for c in classes if c in instance}
+    return {**overall_score(semantic, {c: v["combined"] for c, v in inst.items()}),
+            "semantic_iou": semantic, "instance": inst}
+
+
 # ---- reports -------------------------------------------------------------------------
 def _fmt(v: float | None) -> str:
     return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.3f}"
@@ -392,18 +469,32 @@ def _fmt(v: float | None) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """The score tables of ``reports/ensemble.json`` as Markdown."""
     classes = report["classes"]
+    scored_on = report.get("scored_on", "validation")
     lines = [
         "# Ensemble",
         "",
         f"Method `{report['method']}`, mode `{report['mode']}`, {report['n_cases']} cases predicted, "
-        f"{report['n_scored']} scored (unknown voxels excluded; Dice/IoU from counts pooled over cases; "
-        "`-` = class absent from labels and predictions).",
+        f"{report['n_scored']} scored (unknown voxels excluded; Dice/IoU from TP/FP/FN pooled over cases, "
+        "the challenge's definition; `-` = class absent from labels and predictions).",
         "",
-        "| member | validation score | selected |",
-        "|---|---|---|",
+        f"Scored on: **{report.get('scored_on_note', scored_on)}**.",
+    ]
+    cmp = report.get("ensemble_vs_best_member")
+    if cmp and cmp["below"]:
+        lines += ["", f"**Warning: the ensemble (mean Dice {cmp['ensemble_mean_dice']:.4f}) is below its best member "
+                      f"{cmp['best_member']} ({cmp['best_member_mean_dice']:.4f}) on these cases.**"]
+    scored_col = "held-out mean Dice" if scored_on == "testing" else "scored mean Dice"
+    lines += [
+        "",
+        "Members are ranked by their validation score: the pooled mean Dice of their own validation fold "
+        "(the trainer's selection metric, the same definition as the tables below).",
+        "",
+        f"| member | validation mean Dice (ranking) | {scored_col} | selected |",
+        "|---|---|---|---|",
     ]
     for r in report["ranking"]:
-        lines.append(f"| {r['name']} | {r['score']:.4f} | {'yes' if r['selected'] else 'no'} |")
+        lines.append(f"| {r['name']} | {r['score']:.4f} | {_fmt(r.get('scored_mean_dice'))} | "
+                     f"{'yes' if r['selected'] else 'no'} |")
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(report["skipped"])]
     if report["n_scored"]:
@@ -414,6 +505,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             for name, s in report["scores"].items():
                 cells = [_fmt(s["per_class"][c][metric]) for c in classes]
                 lines.append(f"| {name} | {_fmt(s['mean_' + metric])} | " + " | ".join(cells) + " |")
+        lb = report.get("leaderboard")
+        if lb:
+            lines += ["", "## Challenge score of the ensemble", "",
+                      f"Overall **{_fmt(lb['overall'])}** = sqrt(mean instance combined {_fmt(lb['mean_instance_combined'])}"
+                      f" x mean semantic IoU {_fmt(lb['mean_semantic_iou'])}) (see docs/evaluation.md)."]
+            if lb["instance"]:
+                lines += ["", "| instance class | F1 | normalised Hausdorff | mean Hausdorff nm | combined | TP | FP | FN |",
+                          "|---|---|---|---|---|---|---|---|"]
+                for c, v in lb["instance"].items():
+                    lines.append(f"| {c} | {_fmt(v['f1'])} | {_fmt(v['normalized_hausdorff'])} | "
+                                 f"{_fmt(v['mean_hausdorff_nm'])} | {_fmt(v['combined'])} | {v['tp']} | {v['fp']} | {v['fn']} |")
     else:
         lines += ["", "No labelled case: nothing scored."]
     return "\n".join(lines) + "\n"
@@ -478,7 +580,7 @@ def run_ensemble(
     Args:
         cfg: pipeline configuration; ``cfg.ensemble`` may hold ``method``, ``n_best``,
             ``mode``, ``on``, ``members``, ``prob_dtype`` (``float16``/``uint8``),
-            ``infer_params``, ``export_at`` (export only).
+            ``infer_params``.
         wd: the work dir.
         method: ``best_n`` (default) or ``best_by_fold``.
         n_best: members for ``best_n`` (default 3).
@@ -497,7 +599,7 @@ def run_ensemble(
     method = method or ens.get("method", "best_n")
     n_best = int(n_best if n_best is not None else ens.get("n_best", 3))
     mode = mode or ens.get("mode", "mean")
-    on = on or ens.get("on", "validation")
+    on = on or ens.get("on", HELDOUT)
     prob_dtype = str(ens.get("prob_dtype", "float16"))
     if mode not in MODES:
         raise PipelineError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -543,7 +645,8 @@ def run_ensemble(
     marker.start(run_digest, members=[m.name for m in members], method=method, mode=mode)
     try:
         result = _run(cfg, wd, members, skipped, trained, cases, method, mode, prob_dtype,
-                      predictor_factory, members_key)
+                      predictor_factory, members_key, scored_set(wd, on) if on in (HELDOUT, "validation", "testing")
+                      else "paths")
     except BaseException as exc:
         marker.fail(f"{type(exc).__name__}: {exc}")
         raise
@@ -564,6 +667,7 @@ def _run(
     prob_dtype: str,
     predictor_factory: PredictorFactory,
     members_key: list[list[str]],
+    scored_on: str = "validation",
 ) -> EnsembleResult:
     n_classes = cfg.output_classes
     prob_root = wd.ensemble_dir / ".probs"
@@ -588,16 +692,20 @@ def _run(
             if gt.shape != shape:
                 raise StageFailed(f"{c.label}: label shape {gt.shape} != image shape {shape}")
         labels, counts = combine_case(c, members, prob_root, mode, prob_dtype, n_classes, gt, cfg.unknown_label)
+        img = nib.load(str(c.image))
+        instance = {} if gt is None else case_instance_counts(labels, gt, cfg, [float(z) for z in img.header.get_zooms()[:3]], c.case)
         del gt
-        save_nifti(output_path(wd, c), labels, nib.load(str(c.image)).affine, compresslevel=1)
+        save_nifti(output_path(wd, c), labels, img.affine, compresslevel=1)
         state: dict[str, Any] = {"digest": case_digests[c.case], "case": c.case,
-                                 "counts": {k: v.tolist() for k, v in counts.items()}}
+                                 "counts": {k: v.tolist() for k, v in counts.items()},
+                                 "instance": instance}
         atomic_write_json(_case_state_path(wd, c), state)
         del labels, counts
 
     # 3. scores pooled over every scored case (done earlier or now)
     pooled: dict[str, np.ndarray] = {}
     per_case: dict[str, dict[str, float]] = {}
+    instance: dict[str, InstanceCounts] = {}
     n_scored = 0
     for c in cases:
         state = _case_done(wd, c, case_digests[c.case])
@@ -610,8 +718,11 @@ def _run(
             arr = np.asarray(mat, dtype=np.int64)
             pooled[name] = pooled.get(name, 0) + arr
             per_case.setdefault(c.case, {})[name] = summarize(arr, cfg.classes)["mean_dice"]
+        for name, d in (state.get("instance") or {}).items():
+            instance.setdefault(name, InstanceCounts()).add(InstanceCounts(**d))
     order = [m.name for m in members] + [ENSEMBLE_NAME]
     selected = {m.name for m in members}
+    scores = {n: {**summarize(pooled[n], cfg.classes), "confusion": pooled[n].tolist()} for n in order if n in pooled}
     report: dict[str, Any] = {
         "method": method,
         "mode": mode,
@@ -620,15 +731,25 @@ def _run(
         "unknown_label": cfg.unknown_label,
         "n_cases": len(cases),
         "n_scored": n_scored,
-        "ranking": [{"name": m.name, "score": m.score, "selected": m.name in selected}
+        "scored_on": scored_on,
+        "scored_on_note": SCORED_ON_NOTE.get(scored_on, SCORED_ON_NOTE["paths"]),
+        # ranked by the number shown: the pooled mean Dice of the member's own validation fold
+        # (the trainer's selection metric); the scored set's number is shown beside it
+        "ranking": [{"name": m.name, "score": m.score, "validation_mean_dice": m.score, "selected": m.name in selected,
+                     "scored_mean_dice": scores.get(m.name, {}).get("mean_dice")}
                     for m in sorted(trained, key=lambda m: (-m.score, m.name))],
         "skipped": skipped,
         "members": [m.name for m in members],
         "outputs": {c.case: str(output_path(wd, c).relative_to(wd.root)) for c in cases},
-        "scores": {n: {**summarize(pooled[n], cfg.classes), "confusion": pooled[n].tolist()}
-                   for n in order if n in pooled},
+        "scores": scores,
         "per_case_mean_dice": per_case,
+        "ensemble_vs_best_member": compare_with_best_member(scores, [m.name for m in members]),
+        "leaderboard": leaderboard(scores.get(ENSEMBLE_NAME), instance, cfg.classes),
     }
+    cmp = report["ensemble_vs_best_member"]
+    if cmp and cmp["below"]:
+        log.warning("the ensemble (pooled mean Dice %.4f) is below its best member %s (%.4f) on the %s cases",
+                    cmp["ensemble_mean_dice"], cmp["best_member"], cmp["best_member_mean_dice"], scored_on)
     atomic_write_json(wd.reports_dir / "ensemble.json", report)
     atomic_write_text(wd.reports_dir / "ensemble.md", render_markdown(report))
     if n_scored:
