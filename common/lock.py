@@ -223,8 +223,12 @@ def stage_lock_names(stage: str, params: dict[str, Any], work_dir: Path) -> list
     * one lock per stage (``convert``); a ``--shard I/N`` run locks its shard only, so the
       shards of an array run side by side, and ``--merge`` locks the stage;
     * train: one lock per bundle (``train.<algo>_<fold>``); without ``--fold``, every
-      generated fold of the algorithm.
+      generated fold of the algorithm;
+    * none for a dry run that writes nothing (``convert --plan``): it must not even create
+      the work dir.
     """
+    if params.get("plan"):
+        return []
     shard = params.get("shard")
     if stage == "train":
         algo, fold = params.get("algo"), params.get("fold")
