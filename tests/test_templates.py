@@ -106,7 +106,17 @@ def test_auto_roi_batch_follows_gpu_memory() -> None:
     assert all(r % 32 == 0 and r >= 64 for r in roi)
     roi, b = autoconfig.auto_roi_batch("dints", [40, 40, 24], 48)
     assert roi == [32, 32, 32] and b == 8  # clipped to the image, batch grows (at most 8)
-    assert autoconfig.auto_num_epochs(10) == 1000 and autoconfig.auto_num_epochs(10_000) == 100
+
+
+def test_epoch_heuristics_are_the_official_ones() -> None:
+    """segresnet: clip(ceil(80000 / n), 300, 1250) // min(3, b) official epochs of b crops per
+    image = b times as many one-patch-per-case epochs here; swinunetr/dints likewise."""
+    assert autoconfig.auto_num_epochs("segresnet", 10, 1) == 1250  # clipped at the top
+    assert autoconfig.auto_num_epochs("segresnet", 1000, 1) == 300  # clipped at the bottom
+    assert autoconfig.auto_num_epochs("segresnet", 200, 1) == 400
+    assert autoconfig.auto_num_epochs("segresnet", 200, 6) == 6 * (400 // 3)
+    assert autoconfig.auto_num_epochs("swinunetr", 100, 2) == 4 * min(1000, 800000 // 100 // 4)
+    assert autoconfig.auto_num_epochs("dints", 1251, 2, [96, 96, 96], [240, 240, 155]) == 4 * 200
 
 
 @pytest.mark.parametrize("algo,net,roi", [
