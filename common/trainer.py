@@ -212,12 +212,13 @@ def datalist_split(cfg: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict
 
 
 CROP_MODES = ("classes", "posneg", "rand")
-AUGMENT_MODES = ("default", "light", "none")
+AUGMENT_MODES = ("default", "light", "flips", "none")
 def _augmentations(cfg: dict[str, Any], roi: list[int]) -> list[Any]:
     """The official templates' augmentation families (``augment: default``): affine
     (rotation +-0.26 rad, scale +-20 %), Gaussian smoothing, intensity scale and shift,
     contrast (gamma), Gaussian noise, flips on every axis; ``light``: flips + intensity
-    scale/shift only (the former recipe); ``none``."""
+    scale/shift only (the former recipe); ``flips``: flips only (data whose classes differ by
+    absolute grey level, like the demo's painted EM); ``none``."""
     from monai import transforms as T
 
     mode = str(cfg.get("augment", "default"))
@@ -227,6 +228,8 @@ def _augmentations(cfg: dict[str, Any], roi: list[int]) -> list[Any]:
     flips = [T.RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(3)]
     if mode == "none":
         return []
+    if mode == "flips":
+        return flips
     if mode == "light":
         return [*flips, T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
                 T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)]

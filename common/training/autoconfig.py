@@ -41,7 +41,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "crop_mode": "classes",  # classes (official: equal share per class, unknown never a centre), posneg, rand
     "crop_ratios": None,  # classes: per-class weights of the crop centres (background first); None = equal
     "crop_foreground_ratio": 0.8,  # posneg only: share of crops centred on a foreground voxel
-    "augment": "default",  # default (the official families), light (flips + intensity), none
+    "augment": "default",  # default (the official families), light (flips + intensity), flips, none
     "val_every": 1,
     "early_stop_patience": 0,  # validations without improvement before stopping; 0 = never
     "sw_overlap": 0.25,
