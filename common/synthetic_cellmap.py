@@ -272,7 +272,7 @@ def make_synthetic_cellmap(
     extra_crop_shape: tuple[int, int, int] | None = None,
     em_pad: int | None = None,
     em_from_labels: bool = False,
-    em_noise: float = 12.0,
+    em_noise: float = 10.0,
 ) -> SyntheticInfo:
     """Write the synthetic CellMap tree under ``root`` (replacing it) and describe it.
 
@@ -424,13 +424,13 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
 
 
 # Grey level per ``all`` id for ``em_from_labels`` (membranes dark, lumens light, like FIB-SEM);
-# neighbouring levels are at least 25 apart so that, with the default noise, a small CPU
-# network separates every class within the demo's few minutes.
-_EM_GREY = {0: 128, 1: 232, 2: 20, 3: 70, 4: 178, 5: 100, 37: 205, 50: 150}
+# neighbouring levels are about 3 noise sigmas apart so that a small CPU network separates
+# every class within the demo's few minutes.
+_EM_GREY = {0: 120, 1: 245, 2: 15, 3: 50, 4: 180, 5: 85, 37: 212, 50: 150}
 
 
 def _paint_em_from_labels(zroot: Path, crops: list[tuple[tuple[int, ...], np.ndarray]],
-                          rng: np.random.Generator, noise: float = 12.0) -> None:
+                          rng: np.random.Generator, noise: float = 10.0) -> None:
     """Overwrite EM s0 under each crop with grey levels of its labels, then rebuild s1 from s0."""
     em = zroot / EM_GROUP
     s0 = zarr.open_array(str(em / "s0"), mode="r+")
@@ -450,7 +450,7 @@ def _paint_em_from_labels(zroot: Path, crops: list[tuple[tuple[int, ...], np.nda
 
 
 def _make_big(root: Path, rng: np.random.Generator, info: SyntheticInfo, n: int, shape: tuple[int, ...],
-              em_pad: int | None = None, em_from_labels: bool = False, em_noise: float = 12.0) -> None:
+              em_pad: int | None = None, em_from_labels: bool = False, em_noise: float = 10.0) -> None:
     """``n`` crops of ``shape`` (z, y, x) at the EM-s0 voxel, on a grid inside a larger EM volume.
 
     Every crop annotates ecs, pm, mito_mem, mito_lum, mito_ribo and nuc (so 0 is a true
