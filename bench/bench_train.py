@@ -154,9 +154,9 @@ def _official_vs_builtin(work: Path, official: Path) -> dict[str, Any]:
 
 
 RARE_CLASSES = ["ecs", "pm", "mito_ribo"]  # id 3 is the rare one
-LEARN_TRAIN = {"num_epochs": 12, "num_steps_per_epoch": 5, "roi_size": [32, 32, 16], "batch_size": 2, "num_workers": 0,
-               "val_every": 12, "learning_rate": 0.01, "augment": "flips", "seed": 0,
-               "network": {"init_filters": 8, "blocks_down": [1, 2, 2], "dsdepth": 2}}
+LEARN_TRAIN = {"num_epochs": 20, "num_steps_per_epoch": 5, "roi_size": [32, 32, 16], "batch_size": 2, "num_workers": 0,
+               "val_every": 20, "learning_rate": 0.01, "augment": "flips", "seed": 0, "cache_rate": 1.0,
+               "network": {"init_filters": 8, "blocks_down": [1, 1], "dsdepth": 2, "norm": "batch"}}
 
 
 def _rare_class_work(work: Path) -> Path:
@@ -179,7 +179,7 @@ def _rare_class_work(work: Path) -> Path:
     items = []
     for i in range(6):
         lab = np.zeros(shape, np.uint8)
-        for cid, n, (rlo, rhi) in ((1, 4, (7, 11)), (2, 4, (5, 8)), (3, 3, (2.5, 3.5))):
+        for cid, n, (rlo, rhi) in ((1, 4, (7, 11)), (2, 4, (5, 8)), (3, 4, (3.0, 4.0))):
             for _ in range(n):
                 c = [rng.uniform(0.15 * s, 0.85 * s) for s in shape]
                 r = rng.uniform(rlo, rhi)
@@ -240,7 +240,7 @@ def learning(work: Path) -> dict[str, Any]:
     res["rare_class"] = {"name": "mito_ribo", "share_of_known": shares[3], "dice_class_balanced": new,
                          "dice_80_20": old, "ratio_new_over_old": round(new / old, 3) if old > 0 else None}
     # DiNTS: search, train on the searched topology, check the trained weights are that network's
-    dints_train = {**LEARN_TRAIN, "num_epochs": 4, "search_epochs": 4, "roi_size": [32, 32, 32],
+    dints_train = {**LEARN_TRAIN, "num_epochs": 4, "search_epochs": 4, "roi_size": [32, 32, 32], "val_every": 4,
                    "network": {"num_blocks": 4, "num_depths": 3, "channel_mul": 0.5, "search_channel_mul": 0.5}}
     shutil.rmtree(wd / "dints_0" / "model", ignore_errors=True)
     t0 = time.perf_counter()
