@@ -154,13 +154,14 @@ def _official_vs_builtin(work: Path, official: Path) -> dict[str, Any]:
 
 
 RARE_CLASSES = ["ecs", "pm", "mito_ribo"]  # id 3 is the rare one
-LEARN_TRAIN = {"num_epochs": 20, "num_steps_per_epoch": 5, "roi_size": [32, 32, 16], "batch_size": 2, "num_workers": 0,
-               "val_every": 20, "learning_rate": 0.01, "augment": "flips", "seed": 0, "cache_rate": 1.0,
+LEARN_TRAIN = {"num_epochs": 40, "num_steps_per_epoch": 5, "roi_size": [24, 24, 16], "batch_size": 2, "num_workers": 0,
+               "val_every": 40, "learning_rate": 0.01, "augment": "flips", "seed": 0, "cache_rate": 1.0,
                "network": {"init_filters": 8, "blocks_down": [1, 1], "dsdepth": 2, "norm": "batch"}}
 
 
 def _rare_class_work(work: Path) -> Path:
-    """6 cases of 48x48x32 voxels: two common classes, one ~1 % class, a 25 % unknown slab."""
+    """6 cases of 96x96x48 voxels (large against the 24x24x16 patch, like real crops): two common
+    classes, one ~1 % class in small scattered blobs, a 25 % unknown slab."""
     import numpy as np
     from monai.apps.auto3dseg import DataAnalyzer
 
@@ -174,18 +175,18 @@ def _rare_class_work(work: Path) -> Path:
     out = work / "nifti_data"
     out.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    shape = (48, 48, 32)
+    shape = (96, 96, 48)
     grid = np.indices(shape, dtype=np.float32)
     items = []
     for i in range(6):
         lab = np.zeros(shape, np.uint8)
-        for cid, n, (rlo, rhi) in ((1, 4, (7, 11)), (2, 4, (5, 8)), (3, 4, (3.0, 4.0))):
+        for cid, n, (rlo, rhi) in ((1, 5, (12, 18)), (2, 6, (8, 12)), (3, 12, (3.0, 4.5))):
             for _ in range(n):
                 c = [rng.uniform(0.15 * s, 0.85 * s) for s in shape]
                 r = rng.uniform(rlo, rhi)
                 lab[sum((grid[a] - c[a]) ** 2 for a in range(3)) <= r * r] = cid
-        img = np.array([60.0, 140.0, 200.0, 100.0], np.float32)[lab] + rng.normal(0, 15, shape).astype(np.float32)
-        lab[:, :, :8] = 255
+        img = np.array([60.0, 140.0, 200.0, 100.0], np.float32)[lab] + rng.normal(0, 10, shape).astype(np.float32)
+        lab[:, :, :12] = 255
         aff = spacing_affine((8.0, 8.0, 8.0), (0.0, 0.0, 0.0))
         save_nifti(out / f"rare{i}_image.nii.gz", img, aff)
         save_nifti(out / f"rare{i}_label.nii.gz", lab, aff)
@@ -240,7 +241,7 @@ def learning(work: Path) -> dict[str, Any]:
     res["rare_class"] = {"name": "mito_ribo", "share_of_known": shares[3], "dice_class_balanced": new,
                          "dice_80_20": old, "ratio_new_over_old": round(new / old, 3) if old > 0 else None}
     # DiNTS: search, train on the searched topology, check the trained weights are that network's
-    dints_train = {**LEARN_TRAIN, "num_epochs": 4, "search_epochs": 4, "roi_size": [32, 32, 32], "val_every": 4,
+    dints_train = {**LEARN_TRAIN, "num_epochs": 4, "search_epochs": 4, "roi_size": [32, 32, 16], "val_every": 4,
                    "network": {"num_blocks": 4, "num_depths": 3, "channel_mul": 0.5, "search_channel_mul": 0.5}}
     shutil.rmtree(wd / "dints_0" / "model", ignore_errors=True)
     t0 = time.perf_counter()
