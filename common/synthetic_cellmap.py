@@ -272,6 +272,7 @@ def make_synthetic_cellmap(
     extra_crop_shape: tuple[int, int, int] | None = None,
     em_pad: int | None = None,
     em_from_labels: bool = False,
+    em_noise: float = 10.0,
 ) -> SyntheticInfo:
     """Write the synthetic CellMap tree under ``root`` (replacing it) and describe it.
 
@@ -288,6 +289,7 @@ def make_synthetic_cellmap(
         em_from_labels: paint the EM under the big crops from their labels (a grey level
             per class plus noise) so a model can learn them (``make demo``); the default
             position-coded EM makes every cut checkable by value instead.
+        em_noise: standard deviation of the Gaussian noise of the painted EM (grey levels).
     """
     root = Path(root)
     if root.exists():
@@ -301,7 +303,7 @@ def make_synthetic_cellmap(
     n_big = n_extra_crops if n_extra_crops is not None else (16 if large else 0)
     if n_big:
         _make_big(root, rng, info, n_big, tuple(extra_crop_shape or (size, size, size)), em_pad,
-                  em_from_labels)
+                  em_from_labels, em_noise)
     return info
 
 
@@ -421,12 +423,14 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
     info.manifest.write_text("\n".join(rows) + "\n")
 
 
-# Grey level per ``all`` id for ``em_from_labels`` (membranes dark, lumens light, like FIB-SEM).
-_EM_GREY = {0: 125, 1: 210, 2: 45, 3: 30, 4: 160, 5: 85, 37: 185, 50: 110}
+# Grey level per ``all`` id for ``em_from_labels`` (membranes dark, lumens light, like FIB-SEM);
+# neighbouring levels are about 3 noise sigmas apart so that a small CPU network separates
+# every class within the demo's few minutes.
+_EM_GREY = {0: 120, 1: 245, 2: 15, 3: 50, 4: 180, 5: 85, 37: 212, 50: 150}
 
 
 def _paint_em_from_labels(zroot: Path, crops: list[tuple[tuple[int, ...], np.ndarray]],
-                          rng: np.random.Generator) -> None:
+                          rng: np.random.Generator, noise: float = 10.0) -> None:
     """Overwrite EM s0 under each crop with grey levels of its labels, then rebuild s1 from s0."""
     em = zroot / EM_GROUP
     s0 = zarr.open_array(str(em / "s0"), mode="r+")
@@ -436,7 +440,7 @@ def _paint_em_from_labels(zroot: Path, crops: list[tuple[tuple[int, ...], np.nda
         lut[cid] = grey
     for start, a in crops:
         vol[tuple(slice(b, b + n) for b, n in zip(start, a.shape))] = lut[a]
-    vol += rng.normal(0.0, 18.0, size=vol.shape).astype(np.float32)
+    vol += rng.normal(0.0, noise, size=vol.shape).astype(np.float32)
     vol8 = np.clip(vol, 1, 255).astype(np.uint8)  # never 0: the fill value means "never fetched"
     s0[...] = vol8
     s1 = zarr.open_array(str(em / "s1"), mode="r+")
@@ -446,7 +450,7 @@ def _paint_em_from_labels(zroot: Path, crops: list[tuple[tuple[int, ...], np.nda
 
 
 def _make_big(root: Path, rng: np.random.Generator, info: SyntheticInfo, n: int, shape: tuple[int, ...],
-              em_pad: int | None = None, em_from_labels: bool = False) -> None:
+              em_pad: int | None = None, em_from_labels: bool = False, em_noise: float = 10.0) -> None:
     """``n`` crops of ``shape`` (z, y, x) at the EM-s0 voxel, on a grid inside a larger EM volume.
 
     Every crop annotates ecs, pm, mito_mem, mito_lum, mito_ribo and nuc (so 0 is a true
@@ -484,4 +488,4 @@ def _make_big(root: Path, rng: np.random.Generator, info: SyntheticInfo, n: int,
             BIG_DATASET, crop, "converted", label_level="s0", em_level="s0",
             em_cut=tuple((s, s + n_) for s, n_ in zip(start, shape)), scale=e0, translation=_at(e0, start))
     if em_from_labels:
-        _paint_em_from_labels(zroot, painted, rng)
+        _paint_em_from_labels(zroot, painted, rng, em_noise)

@@ -43,13 +43,13 @@ import numpy as np
 import torch
 import yaml
 
-from common.errors import RequeueRequested, StageFailed
-from common.io import (atomic_write_text, atomic_write_yaml, read_json, read_yaml, remove_sealed, remove_stale_tmp,
-                       sealed_candidates, sealed_path)
+from common.errors import ConfigError, PipelineError, RequeueRequested, StageFailed
+from common.io import (atomic_write_text, atomic_write_yaml, read_json, read_yaml, remove_sealed,
+                       remove_stale_tmp, sealed_candidates, sealed_path)
 from common.progress import EventLog, eta_seconds, format_epoch_line
 from common.training.autoconfig import HYPER_PARAMETERS
-from common.training.losses import MaskedSegLoss
-from common.training.networks import build_network, fit_roi
+from common.training.losses import LOSSES, MaskedSegLoss, deep_supervision_loss, loss_class_weights
+from common.training.networks import build_network, fit_roi, load_pretrained_swinunetr
 from common.training.signals import EARLY, STOP_SIGNALS, catch_stop_signals_early
 
 log = logging.getLogger("cellmap.trainer")
@@ -214,6 +214,40 @@ def datalist_split(cfg: dict[str, Any]) -> tuple[list[dict[str, str]], list[dict
     return train, val
 
 
+CROP_MODES = ("classes", "posneg", "rand")
+AUGMENT_MODES = ("default", "light", "flips", "none")
+def _augmentations(cfg: dict[str, Any], roi: list[int]) -> list[Any]:
+    """The official templates' augmentation families (``augment: default``): affine
+    (rotation +-0.26 rad, scale +-20 %), Gaussian smoothing, intensity scale and shift,
+    contrast (gamma), Gaussian noise, flips on every axis; ``light``: flips + intensity
+    scale/shift only (the former recipe); ``flips``: flips only (data whose classes differ by
+    absolute grey level, like the demo's painted EM); ``none``."""
+    from monai import transforms as T
+
+    mode = str(cfg.get("augment", "default"))
+    if mode not in AUGMENT_MODES:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENT_MODES)}, got {mode!r}")
+    keys = ["image", "label"]
+    flips = [T.RandFlipd(keys=keys, prob=0.5, spatial_axis=a) for a in range(3)]
+    if mode == "none":
+        return []
+    if mode == "flips":
+        return flips
+    if mode == "light":
+        return [*flips, T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+                T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)]
+    return [
+        T.RandAffined(keys=keys, prob=0.2, rotate_range=[0.26] * 3, scale_range=[0.2] * 3, mode=["bilinear", "nearest"],
+                      spatial_size=roi, cache_grid=True, padding_mode="border"),
+        T.RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
+        T.RandScaleIntensityd(keys="image", factors=0.3, prob=0.5),
+        T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        T.RandAdjustContrastd(keys="image", prob=0.2, gamma=(0.7, 1.5), retain_stats=True),
+        T.RandGaussianNoised(keys="image", prob=0.2, mean=0.0, std=0.1),
+        *flips,
+    ]
+
+
 def _transforms(cfg: dict[str, Any], train: bool) -> Any:
     from monai import transforms as T
 
@@ -227,25 +261,44 @@ def _transforms(cfg: dict[str, Any], train: bool) -> Any:
         T.EnsureTyped(keys="label", dtype=torch.int16, track_meta=False),
         T.ScaleIntensityRanged(keys="image", a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
     ]
-    if train:
+    if not train:
+        return T.Compose(xs)
+    n_crops = int(cfg.get("num_crops_per_image", 1))
+    mode = str(cfg.get("crop_mode", "classes"))
+    if mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {', '.join(CROP_MODES)}, got {mode!r}")
+    xs += [
+        # padding is unknown in the label, so it never counts in loss or metric, and (crop_mode
+        # classes) no crop is centred on it
+        T.SpatialPadd(keys="image", spatial_size=roi, mode="constant", value=0),
+        T.SpatialPadd(keys="label", spatial_size=roi, mode="constant", value=unknown),
+    ]
+    if mode == "classes":
+        n_cls = int(cfg["output_classes"])
+        ratios = cfg.get("crop_ratios")
+        from common.training.sampling import INDICES_KEY, KnownClassIndicesd
+
+        xs += [
+            KnownClassIndicesd(n_cls),  # deterministic: cached with the volume when cache_rate > 0
+            T.RandCropByLabelClassesd(
+                keys=keys, label_key="label", spatial_size=roi, num_classes=n_cls, indices_key=INDICES_KEY,
+                ratios=None if ratios is None else [float(r) for r in ratios], num_samples=n_crops, warn=False,
+            ),
+        ]
+    elif mode == "posneg":  # the former recipe, kept as the benchmark baseline
         ratio = float(cfg.get("crop_foreground_ratio", 0.8))
         xs += [
-            # padding is unknown in the label, so it never counts in loss or metric
-            T.SpatialPadd(keys="image", spatial_size=roi, mode="constant", value=0),
-            T.SpatialPadd(keys="label", spatial_size=roi, mode="constant", value=unknown),
             T.CopyItemsd(keys="label", names="fg"),
             T.Lambdad(keys="fg", func=lambda x: (x > 0) & (x != unknown) if unknown else x > 0),
             T.RandCropByPosNegLabeld(
                 keys=keys, label_key="fg", spatial_size=roi, pos=ratio, neg=1.0 - ratio,
-                num_samples=int(cfg.get("num_crops_per_image", 1)), allow_smaller=False,
+                num_samples=n_crops, allow_smaller=False,
             ),
             T.DeleteItemsd(keys="fg"),
-            T.RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
-            T.RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
-            T.RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
-            T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-            T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
         ]
+    else:
+        xs.append(T.RandSpatialCropSamplesd(keys=keys, roi_size=roi, num_samples=n_crops, random_size=False))
+    xs += _augmentations(cfg, roi)
     return T.Compose(xs)
 
 
@@ -487,6 +540,45 @@ def validate(model: torch.nn.Module, cfg: dict[str, Any], items: list[dict[str, 
 
 
 # ---- training -----------------------------------------------------------------------
+ARCH_CODE = "arch_code.json"
+
+
+def _dints_architecture(cfg: dict[str, Any], model_dir: Path, train_items: list[dict[str, str]],
+                        loss_fn: torch.nn.Module, dev: torch.device) -> None:
+    """Put the searched DiNTS architecture into ``cfg["network"]["arch_code"]``.
+
+    Order: an ``arch_code`` given in the config (``train: {network: {arch_code: ...}}``) wins;
+    else ``<model>/arch_code.json`` from an earlier search of this bundle; else the search runs
+    now (:func:`common.training.dints_search.search_dints`, ``search_epochs`` epochs; 0 = the
+    dense fallback topology) and writes that file. The code then travels in every checkpoint's
+    ``config``, so inference rebuilds the same network.
+    """
+    net = dict(cfg.get("network") or {})
+    if net.get("arch_code") is not None:
+        return
+    path = model_dir / ARCH_CODE
+    if path.is_file():
+        net["arch_code"] = read_json(path)["arch_code"]
+    elif int(cfg.get("search_epochs") if cfg.get("search_epochs") is not None else max(1, int(cfg["num_epochs"]) // 4)) > 0:
+        from common.training.dints_search import search_dints
+
+        with stop_on_signals() as stop:
+            result = search_dints(cfg, train_items, loss_fn, dev, lambda: _stop_requested(stop, dev),
+                                  lambda items: _train_dataset(cfg, items), lambda ds, e: _epoch_batches(cfg, ds, e))
+        rank, world = _dist()
+        if world > 1:  # every rank searched the same data; rank 0's answer is the one
+            box = [result]
+            torch.distributed.broadcast_object_list(box, src=0)
+            result = box[0]
+        if rank == 0:
+            atomic_write_text(path, json.dumps(result, indent=1) + "\n")
+        net["arch_code"] = result["arch_code"]
+    else:
+        log.warning("dints: search_epochs 0 and no arch_code: training the dense topology")
+        return
+    cfg["network"] = net
+
+
 def is_finished(model_dir: Path) -> bool:
     """A clean finish left ``model_final.pt`` and ``progress.yaml``."""
     return (model_dir / CKPT_FINAL).is_file() and (model_dir / PROGRESS_YAML).is_file()
@@ -534,14 +626,25 @@ def train_bundle(
     else:
         torch.backends.cudnn.benchmark = True
 
+    if str(cfg.get("loss", "dicece")) not in LOSSES:
+        raise ConfigError(f"train: loss must be one of {', '.join(LOSSES)}, got {cfg.get('loss')!r}")
+    pretrained = cfg.get("pretrained_weights")
+    if pretrained and not Path(str(pretrained)).expanduser().is_file():
+        raise ConfigError(f"{pretrained}: pretrained_weights file not found (nothing is downloaded; copy it there)")
     train_items, val_items = datalist_split(cfg)
+    n_cls = int(cfg["output_classes"])
+    loss_fn = MaskedSegLoss(n_cls, int(cfg.get("unknown_label", 0)), loss_class_weights(cfg), str(cfg.get("loss", "dicece"))).to(dev)
+    if cfg["algo"] == "dints":
+        _dints_architecture(cfg, model_dir, train_items, loss_fn, dev)
+        torch.manual_seed(seed)  # the search used the RNGs: training starts from the same state either way
+        np.random.seed(seed % 2**32)
+        random.seed(seed)
     if world > 1:
         if not cfg.get("num_steps_per_epoch"):
             # every rank must run the same number of steps (DDP all-reduces each one)
             cfg["num_steps_per_epoch"] = max(1, math.ceil(len(train_items) / (int(cfg["batch_size"]) * world)))
         train_items = train_items[rank::world] or train_items
     train_ds = _train_dataset(cfg, train_items)
-    n_cls = int(cfg["output_classes"])
     class_names = list(cfg.get("class_names") or [f"class{i}" for i in range(1, n_cls)])
     model = build_network(cfg).to(dev)
     num_epochs = int(cfg["num_epochs"])
@@ -549,7 +652,6 @@ def train_bundle(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(num_epochs, int(cfg.get("warmup_epochs", 0))))
     amp = bool(cfg.get("amp", True)) and dev.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=amp)
-    loss_fn = MaskedSegLoss(n_cls, int(cfg.get("unknown_label", 0)), cfg.get("class_weights"), str(cfg.get("loss", "dicece"))).to(dev)
 
     start_epoch, start_step, loss_sum, n_steps_done = 0, 0, 0.0, 0
     best, best_epoch, stale = -1.0, -1, 0
@@ -566,9 +668,12 @@ def train_bundle(
         best, best_epoch, stale = float(ck["best_metric"]), int(ck["best_epoch"]), int(ck["stale"])
         resume_rng = ck["rng"] if start_step > 0 else None
         log.info("%s: resuming at epoch %d step %d (best %.4f)", model_dir.parent.name, start_epoch, start_step, best)
-    elif rank == 0:
-        for name in (METRICS, CKPT_BEST, PROGRESS_PNG):
-            (model_dir / name).unlink(missing_ok=True)
+    else:
+        if pretrained and cfg["algo"] == "swinunetr":
+            load_pretrained_swinunetr(model, str(pretrained))
+        if rank == 0:
+            for name in (METRICS, CKPT_BEST, PROGRESS_PNG):
+                (model_dir / name).unlink(missing_ok=True)
     rows = [r for r in _read_metrics(model_dir / METRICS) if r["epoch"] < start_epoch]
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -613,10 +718,8 @@ def train_bundle(
                     img, lab = batch["image"].to(dev), batch["label"].to(dev)
                     opt.zero_grad(set_to_none=True)
                     with torch.autocast(dev.type, enabled=amp):
-                        logits = model(img)
-                        if isinstance(logits, (list, tuple)):
-                            logits = logits[0]
-                    loss = loss_fn(logits, lab)
+                        logits = model(img)  # segresnet in training mode: one tensor per deep-supervision head
+                    loss = deep_supervision_loss(loss_fn, logits, lab)
                     scaler.scale(loss).backward()
                     if max_norm > 0:
                         scaler.unscale_(opt)
@@ -715,6 +818,9 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
         train_bundle(config_file, overrides, device=device)
     except RequeueRequested as exc:
         log.warning("stopped for requeue: %s", exc)
+        return exc.exit_code
+    except PipelineError as exc:
+        print(f"error: train: {' '.join(str(exc).split())}", file=sys.stderr)
         return exc.exit_code
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -106,7 +106,17 @@ def test_auto_roi_batch_follows_gpu_memory() -> None:
     assert all(r % 32 == 0 and r >= 64 for r in roi)
     roi, b = autoconfig.auto_roi_batch("dints", [40, 40, 24], 48)
     assert roi == [32, 32, 32] and b == 8  # clipped to the image, batch grows (at most 8)
-    assert autoconfig.auto_num_epochs(10) == 1000 and autoconfig.auto_num_epochs(10_000) == 100
+
+
+def test_epoch_heuristics_are_the_official_ones() -> None:
+    """segresnet: clip(ceil(80000 / n), 300, 1250) // min(3, b) official epochs of b crops per
+    image = b times as many one-patch-per-case epochs here; swinunetr/dints likewise."""
+    assert autoconfig.auto_num_epochs("segresnet", 10, 1) == 1250  # clipped at the top
+    assert autoconfig.auto_num_epochs("segresnet", 1000, 1) == 300  # clipped at the bottom
+    assert autoconfig.auto_num_epochs("segresnet", 200, 1) == 400
+    assert autoconfig.auto_num_epochs("segresnet", 200, 6) == 6 * (400 // 3)
+    assert autoconfig.auto_num_epochs("swinunetr", 100, 2) == 4 * min(1000, 800000 // 100 // 4)
+    assert autoconfig.auto_num_epochs("dints", 1251, 2, [96, 96, 96], [240, 240, 155]) == 4 * 200
 
 
 @pytest.mark.parametrize("algo,net,roi", [
@@ -132,7 +142,7 @@ def _batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return logits, label
 
 
-@pytest.mark.parametrize("kind", ["dicece", "dicefocal"])
+@pytest.mark.parametrize("kind", ["dicece", "focal", "dicefocal"])
 def test_unknown_voxels_change_neither_loss_nor_metric(kind: str) -> None:
     logits, label = _batch()
     label[:, :, :, :, :2] = 255  # an unknown slab
@@ -176,3 +186,116 @@ def test_cli_overrides_keep_types() -> None:
     # what MONAI's BundleAlgo.train builds (split on spaces, quotes kept)
     cfg, ov = parse_cli_overrides(["run", "--config_file='/b/configs/hyper_parameters.yaml'", "--roi_size='32,32,16'"])
     assert cfg == "/b/configs/hyper_parameters.yaml" and ov == {"roi_size": [32, 32, 16]}
+
+
+def test_share_weights_are_max_share_over_class_share_clipped() -> None:
+    from common.training.losses import loss_class_weights, share_weights
+
+    shares = [0.6, 0.3, 0.01, 0.0, 0.09]
+    assert share_weights(shares, 5, 20.0) == pytest.approx([1.0, 2.0, 20.0, 1.0, 6.666667])  # 60 clipped; absent -> 1
+    cfg = {"output_classes": 5, "class_shares": shares, "loss_weight_max": 100.0}
+    assert loss_class_weights({**cfg, "loss": "dicece"}) is None  # the official DiceCE: unweighted
+    assert loss_class_weights({**cfg, "loss": "dicefocal"})[2] == pytest.approx(60.0)
+    assert loss_class_weights({**cfg, "loss": "focal", "loss_weights": "none"}) is None
+    assert loss_class_weights({**cfg, "loss": "dicece", "loss_weights": [1, 2, 3, 4, 5]}) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError):
+        loss_class_weights({**cfg, "loss_weights": [1, 2]})
+
+
+def test_focal_weights_favour_the_rare_class() -> None:
+    """Weighted focal loss: the same error on a rare-class voxel costs more than on background."""
+    logits = torch.zeros(1, 3, 4, 1, 1)
+    label = torch.tensor([0, 0, 0, 2]).view(1, 1, 4, 1, 1)
+    w = [1.0, 1.0, 20.0]
+    wrong_rare = logits.clone()
+    wrong_rare[0, 0, 3] = 3.0  # rare voxel predicted as background
+    wrong_bg = logits.clone()
+    wrong_bg[0, 1, 0] = 3.0  # one background voxel predicted as class 1
+    loss = MaskedSegLoss(3, 255, w, "focal")
+    assert loss(wrong_rare, label) > loss(wrong_bg, label)
+
+
+def test_deep_supervision_heads_train_and_only_the_main_head_infers() -> None:
+    """segresnet trains on dsdepth heads (MONAI DeepSupervisionLoss weights 1, 1/2, ...; the
+    label shrunk by nearest neighbour so unknown stays unknown) and predicts with the main one."""
+    from common.training.losses import deep_supervision_loss
+
+    cfg = {"algo": "segresnet", "output_classes": 4,
+           "network": {"init_filters": 4, "blocks_down": [1, 1, 1, 1], "dsdepth": 3}}
+    model = build_network(cfg)
+    x = torch.randn(2, 1, 16, 16, 24)
+    outs = model(x)
+    assert isinstance(outs, list) and [tuple(o.shape[2:]) for o in outs] == [(16, 16, 24), (8, 8, 12), (4, 4, 6)]
+    label = torch.randint(0, 4, (2, 1, 16, 16, 24))
+    label[..., :4] = 255
+    lf = MaskedSegLoss(4, 255)
+    # nearest-exact: output voxel i reads input voxel floor((i + 0.5) * scale)
+    small = [label[:, :, 1::2, 1::2, 1::2], label[:, :, 2::4, 2::4, 2::4]]
+    expect = lf(outs[0], label) + 0.5 * lf(outs[1], small[0]) + 0.25 * lf(outs[2], small[1])
+    assert torch.allclose(deep_supervision_loss(lf, outs, label), expect, atol=1e-5)
+    model.eval()
+    with torch.no_grad():
+        main = model(x)
+    assert torch.is_tensor(main) and main.shape == (2, 4, 16, 16, 24)
+
+
+def test_class_balanced_crops_skip_unknown_and_padding(tmp_path: Path) -> None:
+    """crop_mode classes: every class id gets its share of crop centres and no centre index
+    points at an unknown or padded voxel; the former 80/20 recipe rarely sees the 1 % class.
+
+    Geometry from tests/data/real_crops.csv-like odd shapes: a (37, 29, 23) crop, 60 % unknown,
+    smaller than the patch along z (so padding happens)."""
+    from common.nifti import save_nifti, spacing_affine
+    from common.trainer import _transforms
+    from common.training.sampling import INDICES_KEY, KnownClassIndicesd
+
+    rng = np.random.default_rng(0)
+    shape = (37, 29, 23)
+    lab = np.zeros(shape, np.uint8)
+    lab[:, :17] = 255  # ~60 % unknown
+    lab[20:30, 18:28, 2:20] = 1
+    lab[5:8, 20:23, 5:9] = 2  # the rare class: 36 voxels, ~0.5 % of known
+    img = (rng.normal(100, 10, shape) + 50 * lab.clip(0, 3)).astype(np.float32)
+    aff = spacing_affine((4.0, 4.0, 4.0), (0.0, 0.0, 0.0))
+    save_nifti(tmp_path / "i.nii.gz", img, aff)
+    save_nifti(tmp_path / "l.nii.gz", lab, aff)
+    roi = [16, 16, 32]
+    d = KnownClassIndicesd(3)({"label": torch.from_numpy(np.pad(lab, [(0, 0), (0, 0), (4, 5)], constant_values=255))[None]})
+    flat = np.pad(lab, [(0, 0), (0, 0), (4, 5)], constant_values=255).reshape(-1)
+    for c, idx in enumerate(d[INDICES_KEY]):
+        assert idx.size == int((flat == c).sum()) and np.all(flat[idx] == c)  # never unknown / padding
+
+    def rare_share(mode: str) -> float:
+        cfg = {"intensity_bounds": [0, 300], "unknown_label": 255, "roi_size": roi, "output_classes": 3,
+               "crop_mode": mode, "augment": "none", "num_crops_per_image": 60}
+        xf = _transforms(cfg, train=True)
+        xf.set_random_state(seed=1)
+        crops = xf({"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")})
+        assert all(tuple(c["label"].shape[1:]) == tuple(roi) for c in crops)
+        return float(np.mean([bool((c["label"] == 2).any()) for c in crops]))
+
+    new, old = rare_share("classes"), rare_share("posneg")
+    assert new >= 0.25  # about 1/3 of the centres are rare-class voxels
+    assert new > 2 * old
+
+
+def test_pretrained_swinunetr_from_a_local_file(tmp_path: Path) -> None:
+    """``pretrained_weights``: every tensor but the output head comes from the file (a
+    ``module.`` prefix and a ``state_dict`` wrapper are accepted); a missing file is one
+    clear ConfigError, nothing is downloaded."""
+    from common.errors import ConfigError
+    from common.training.networks import load_pretrained_swinunetr
+
+    cfg = {"algo": "swinunetr", "output_classes": 4, "network": {"feature_size": 12}}
+    torch.manual_seed(0)
+    src = build_network(cfg)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, tmp_path / "swin.pt")
+    torch.manual_seed(1)
+    dst = build_network(cfg)
+    n = load_pretrained_swinunetr(dst, tmp_path / "swin.pt")
+    a, b = src.state_dict(), dst.state_dict()
+    assert n == sum(1 for k in a if not k.startswith("out."))
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("out."))
+    assert not torch.equal(a["out.conv.conv.weight"], b["out.conv.conv.weight"])  # the head stays new
+    with pytest.raises(ConfigError, match="pretrained_weights file not found"):
+        load_pretrained_swinunetr(dst, tmp_path / "missing.pt")

@@ -109,6 +109,20 @@ def test_three_algorithms_train_concurrently(analysed: Path, tmp_path: Path) -> 
         obj = json.loads((wd / f"{a}_0" / "algo_object.json").read_text())
         assert obj["best_metric"] == pytest.approx(best)
         assert (wd / "logs" / f"train.{a}.log").is_file()
+    # dints: the searched architecture is saved in the bundle and is the one trained
+    from common.training.networks import build_network, dints_dense_code
+
+    arch = json.loads((wd / "dints_0" / "model" / "arch_code.json").read_text())
+    assert arch["search_epochs"] >= 1 and len(arch["history"]) == arch["search_epochs"]
+    final = torch.load(wd / "dints_0" / "model" / "model_final.pt", weights_only=True)
+    assert final["config"]["network"]["arch_code"] == arch["arch_code"]
+    searched = build_network(final["config"]).state_dict()
+    assert searched.keys() == final["state_dict"].keys()
+    dense_cfg = {**final["config"], "network": {**final["config"]["network"], "arch_code": dints_dense_code(2, 3)}}
+    assert build_network(dense_cfg).state_dict().keys() != final["state_dict"].keys()
+    # segresnet trained its deep-supervision heads
+    seg = torch.load(wd / "segresnet_0" / "model" / "model_final.pt", weights_only=True)["state_dict"]
+    assert sum(1 for k in seg if k.startswith("up_layers.") and ".head." in k) >= 2
     hist = import_bundle_algo_history(str(wd), only_trained=True)
     assert sorted(h["identifier"] for h in hist) == [f"{a}_0" for a in sorted(algos)]
     # MONAI's own predict path: BundleAlgo.predict -> scripts/infer.py InferClass
@@ -178,6 +192,18 @@ def test_torchrun_two_processes_on_cpu(analysed: Path, tmp_path: Path) -> None:
     assert marker(wd, "train.dints_0")["status"] == "done"
     assert "nproc_per_node=2" in (wd / "logs" / "train.dints.log").read_text()
     assert (wd / "logs" / "train.dints_0.log").stat().st_size > 0
+
+
+def test_missing_pretrained_weights_is_one_line_exit_2(analysed: Path, tmp_path: Path) -> None:
+    """``train: {pretrained_weights: <missing file>}``: exit 2 with one line naming the file;
+    nothing is downloaded, nothing trained."""
+    missing = tmp_path / "swin_unetr_pretrained.pt"
+    wd = make_work(analysed, tmp_path / "work", ["swinunetr"], {**TINY_TRAIN, "pretrained_weights": str(missing)})
+    res = run_train(wd, "swinunetr", timeout=300)
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: train:") and str(missing) in last and "not found" in last
+    assert not (wd / "swinunetr_0" / "model" / "model_final.pt").exists()
 
 
 def test_missing_bundle_is_one_line_exit_2(tmp_path: Path) -> None:

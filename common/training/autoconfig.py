@@ -34,12 +34,17 @@ ROI_MIN = {"segresnet": 16, "swinunetr": 64, "dints": 32}
 COMMON_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw",
     "weight_decay": 1.0e-5,
-    "loss": "dicece",  # or "dicefocal"
+    "loss": "dicece",  # or "focal", "dicefocal" (common/training/losses.py)
+    "loss_weights": "auto",  # CE/focal class weights: auto (focal*: max share / class share), none, or a list
+    "loss_weight_max": 20.0,  # clip of the auto weights
     "lr_schedule": "cosine",  # cosine decay over num_epochs with a linear warm-up
     "warmup_epochs": 0,
     "num_steps_per_epoch": None,  # None: an epoch is one pass over the training cases
     "num_crops_per_image": 1,
-    "crop_foreground_ratio": 0.8,  # share of crops centred on a foreground voxel
+    "crop_mode": "classes",  # classes (official: equal share per class, unknown never a centre), posneg, rand
+    "crop_ratios": None,  # classes: per-class weights of the crop centres (background first); None = equal
+    "crop_foreground_ratio": 0.8,  # posneg only: share of crops centred on a foreground voxel
+    "augment": "default",  # default (the official families), light (flips + intensity), flips, none
     "val_every": 1,
     "early_stop_patience": 0,  # validations without improvement before stopping; 0 = never
     "sw_overlap": 0.25,
@@ -163,9 +168,35 @@ def auto_roi_batch(algo: str, median_shape: list[int], gpu_mem_gb: float) -> tup
     return roi, batch
 
 
-def auto_num_epochs(n_train_cases: int) -> int:
-    """Epochs (one pass over the training cases each): ``clip(20000 / n, 100, 1000)``."""
-    return int(np.clip(math.ceil(20000 / max(1, n_train_cases)), 100, 1000))
+def auto_num_epochs(algo: str, n_cases: int, batch_size: int, roi: list[int] | None = None,
+                    mean_shape: list[float] | None = None) -> int:
+    """The official templates' epoch heuristics, converted to this trainer's epoch.
+
+    An epoch here is one pass over the training cases, one patch per case (``batch_size``
+    cases per step). The official templates take ``b`` patches per image and step; their
+    total patch budget ``n * patches_per_image * epochs`` is kept:
+
+    * segresnet: ``e = clip(ceil(80000 / n), 300, 1250) // min(3, b)`` official epochs with
+      ``b`` crops per image -> ``b * e`` epochs here;
+    * swinunetr: ``e = min(1000, int(800000 / n / (2 b)))`` with ``2 b`` crops -> ``2 b * e``;
+    * dints: ``e = int(400 * f / b)``, ``f = max(1, 1251 / n * prod(mean_shape / (240, 240, 155))
+      * prod(96 / roi) / 36)`` with ``2 b`` crops -> ``2 b * e``.
+
+    ``n`` is the number of analysed cases (``stats_summary.n_cases``), as in the templates.
+    """
+    n, b = max(1, int(n_cases)), max(1, int(batch_size))
+    if algo == "segresnet":
+        e = int(np.clip(math.ceil(80000.0 / n), 300, 1250)) // min(3, b)
+        return max(1, b * e)
+    if algo == "swinunetr":
+        return max(1, 2 * b * min(1000, int(800000 / n / (2 * b))))
+    f = 1251.0 / n
+    for s, ref in zip(mean_shape or (240, 240, 155), (240.0, 240.0, 155.0)):
+        f *= float(s) / ref
+    for r in roi or (96, 96, 96):
+        f *= 96.0 / float(r)
+    f = max(1.0, f / 36.0)
+    return max(1, 2 * b * int(400.0 * f / b))
 
 
 def fill_hyper_parameters(
@@ -204,8 +235,11 @@ def fill_hyper_parameters(
     unknown_label = int(inp.get("unknown_label", 255))
     gpu_mem = float(inp.get("target_gpu_mem_gb", 48.0))
     items = read_json(datalist).get("training", [])
-    n_train = sum(1 for it in items if int(it.get("fold", -1)) != fold) or len(items)
     roi, batch = auto_roi_batch(algo, _median_shape(stats), gpu_mem)
+    n_cases = int(stats["stats_summary"].get("n_cases") or len(items))
+    mean_shape = stats["stats_summary"]["image_stats"]["shape"].get("mean")
+    if mean_shape and isinstance(mean_shape[0], list):
+        mean_shape = mean_shape[0]
     ours = stats.get(ANALYZE_STATS_KEY) or {}
     shares = class_shares_from_counts(ours.get("class_voxels"), output_classes)
     if shares is None:
@@ -227,7 +261,7 @@ def fill_hyper_parameters(
         "target_gpu_mem_gb": gpu_mem,
         "roi_size": roi,
         "batch_size": batch,
-        "num_epochs": auto_num_epochs(n_train),
+        "num_epochs": auto_num_epochs(algo, n_cases, batch, roi, mean_shape),
         "intensity_bounds": intensity_bounds(stats),
         "class_shares": shares,
         "class_weights": class_weights_from_shares(shares, output_classes),

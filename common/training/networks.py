@@ -2,34 +2,53 @@
 
 Each template's ``configs/hyper_parameters.yaml`` carries a ``network`` mapping whose keys
 are passed to the MONAI network (plus the channel counts, which come from the config).
+Defaults are the official templates' sizes (research-contributions ``21ed8e5``); the CPU
+demo and the tests shrink them through ``train: {network: {...}}``.
 """
 
 from __future__ import annotations
 
+import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from common.errors import ConfigError
+
+log = logging.getLogger("cellmap.networks")
+
+# official segresnet: SegResNetDS(init_filters 32, blocks_down (1,2,2,4,4), dsdepth 4)
+SEGRESNET_DEFAULTS = {"init_filters": 32, "blocks_down": [1, 2, 2, 4, 4], "norm": "instance", "dsdepth": 4}
+# official dints: TopologyInstance(channel_mul 1, 12 blocks, 4 depths); search space channel_mul 0.5
+DINTS_DEFAULTS = {"num_blocks": 12, "num_depths": 4, "channel_mul": 1.0, "search_channel_mul": 0.5}
+
 
 def segresnet(cfg: dict[str, Any]) -> torch.nn.Module:
-    """MONAI ``SegResNetDS`` (deep supervision off: one output head)."""
+    """MONAI ``SegResNetDS`` with deep supervision (``dsdepth`` heads; 1 = off).
+
+    In training mode the network returns ``dsdepth`` outputs (full resolution first); in
+    eval mode only the main, full-resolution head (MONAI's own behaviour), so inference
+    never sees the auxiliary heads.
+    """
     from monai.networks.nets import SegResNetDS
 
-    net = dict(cfg.get("network") or {})
+    net = {**SEGRESNET_DEFAULTS, **(cfg.get("network") or {})}
     return SegResNetDS(
         spatial_dims=3,
         in_channels=1,
         out_channels=int(cfg["output_classes"]),
-        init_filters=int(net.get("init_filters", 32)),
-        blocks_down=tuple(net.get("blocks_down", (1, 2, 2, 4, 4))),
-        norm=net.get("norm", "instance"),
-        dsdepth=1,
+        init_filters=int(net["init_filters"]),
+        blocks_down=tuple(net["blocks_down"]),
+        norm=net["norm"],
+        dsdepth=max(1, int(net["dsdepth"])),
     )
 
 
 def swinunetr(cfg: dict[str, Any]) -> torch.nn.Module:
-    """MONAI ``SwinUNETR`` (no pretrained weights: nothing is downloaded)."""
+    """MONAI ``SwinUNETR``; weights from ``pretrained_weights`` are loaded by the trainer
+    (:func:`load_pretrained_swinunetr`), never downloaded."""
     from monai.networks.nets import SwinUNETR
 
     net = dict(cfg.get("network") or {})
@@ -44,36 +63,80 @@ def swinunetr(cfg: dict[str, Any]) -> torch.nn.Module:
     )
 
 
-def dints_arch_code(num_blocks: int, num_depths: int, arch_code: Any = None) -> list[np.ndarray]:
-    """The fixed default DiNTS architecture: every path on, every cell a 3x3x3 conv.
+def load_pretrained_swinunetr(model: torch.nn.Module, path: str | Path) -> int:
+    """Copy a local SwinUNETR checkpoint into ``model``, output head excluded (as the official
+    template does with its ``swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt``).
 
-    ``arch_code`` (``[[paths per block], [cell op per block and path]]``) from a search run
-    replaces it.
+    Accepts ``{"state_dict": {...}}`` or a plain state dict; a ``module.`` prefix is dropped.
+    Tensors whose name or shape does not match are skipped.
+
+    Returns:
+        The number of tensors copied.
+
+    Raises:
+        ConfigError: the file is missing, unreadable, or nothing in it matches the network.
     """
-    if arch_code is not None:
-        return [np.asarray(arch_code[0], dtype=np.float32), np.asarray(arch_code[1], dtype=np.int64)]
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{p}: pretrained_weights file not found (nothing is downloaded; copy it there)")
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - one line for the user
+        raise ConfigError(f"{p}: cannot read pretrained_weights ({type(exc).__name__}: {exc})") from exc
+    sd = obj.get("state_dict", obj) if isinstance(obj, dict) else {}
+    own = model.state_dict()
+    copied = 0
+    with torch.no_grad():
+        for k, v in sd.items():
+            k = k[len("module."):] if k.startswith("module.") else k
+            if k.startswith("out.") or k not in own or not torch.is_tensor(v) or own[k].shape != v.shape:
+                continue
+            own[k].copy_(v)
+            copied += 1
+    if copied == 0:
+        raise ConfigError(f"{p}: pretrained_weights holds no tensor of this SwinUNETR (feature_size/depths differ?)")
+    model.load_state_dict(own)
+    log.info("swinunetr: %d tensors loaded from %s (output head excluded)", copied, p)
+    return copied
+
+
+def dints_dense_code(num_blocks: int, num_depths: int) -> dict[str, Any]:
+    """Every path on, every cell a 3x3x3 conv: the fallback when no searched code is given."""
     n_paths = 3 * num_depths - 2
-    a = np.ones((num_blocks, n_paths), dtype=np.float32)
-    c = np.full((num_blocks, n_paths), 1, dtype=np.int64)  # op 1 = conv_3x3x3
-    return [a, c]
+    return {"code_a": np.ones((num_blocks, n_paths)).tolist(), "code_c": np.ones((num_blocks, n_paths), dtype=int).tolist(),
+            "node_a": np.ones((num_blocks + 1, num_depths), dtype=int).tolist()}
+
+
+def dints_arch_code(net: dict[str, Any]) -> dict[str, Any]:
+    """The architecture of a dints network config: ``network.arch_code`` (what the search
+    wrote: ``code_a``, ``code_c``, ``node_a``), or the dense fallback."""
+    code = net.get("arch_code")
+    if code is None:
+        return dints_dense_code(int(net["num_blocks"]), int(net["num_depths"]))
+    if isinstance(code, (list, tuple)):  # [code_a, code_c] (older bundles): nodes all on
+        code = {"code_a": code[0], "code_c": code[1]}
+    if "node_a" not in code:
+        code = {**code, "node_a": np.ones((int(net["num_blocks"]) + 1, int(net["num_depths"])), dtype=int).tolist()}
+    return code
 
 
 def dints(cfg: dict[str, Any]) -> torch.nn.Module:
-    """MONAI ``DiNTS`` on a fixed ``TopologyInstance`` (search is not run at train time)."""
+    """MONAI ``DiNTS`` on the ``TopologyInstance`` of ``network.arch_code`` (the searched one;
+    the trainer runs the search first, see :mod:`common.training.dints_search`)."""
     from monai.networks.nets import DiNTS, TopologyInstance
 
-    net = dict(cfg.get("network") or {})
-    num_blocks = int(net.get("num_blocks", 8))
-    num_depths = int(net.get("num_depths", 4))
+    net = {**DINTS_DEFAULTS, **(cfg.get("network") or {})}
+    code = dints_arch_code(net)
     topo = TopologyInstance(
-        arch_code=dints_arch_code(num_blocks, num_depths, net.get("arch_code")),
-        channel_mul=float(net.get("channel_mul", 0.5)),
-        num_blocks=num_blocks,
-        num_depths=num_depths,
+        arch_code=[np.asarray(code["code_a"], dtype=np.float32), np.asarray(code["code_c"], dtype=np.int64)],
+        channel_mul=float(net["channel_mul"]),
+        num_blocks=int(net["num_blocks"]),
+        num_depths=int(net["num_depths"]),
         use_downsample=True,
         device="cpu",
     )
-    return DiNTS(dints_space=topo, in_channels=1, num_classes=int(cfg["output_classes"]), use_downsample=True)
+    return DiNTS(dints_space=topo, in_channels=1, num_classes=int(cfg["output_classes"]), use_downsample=True,
+                 node_a=np.asarray(code["node_a"], dtype=int))
 
 
 def fit_roi(cfg: dict[str, Any], roi: list[int]) -> list[int]:
@@ -85,9 +148,9 @@ def fit_roi(cfg: dict[str, Any], roi: list[int]) -> list[int]:
     net = dict(cfg.get("network") or {})
     algo = cfg["algo"]
     if algo == "segresnet":
-        div = 2 ** (len(net.get("blocks_down", (1, 2, 2, 4, 4))) - 1)
+        div = 2 ** (len(net.get("blocks_down", SEGRESNET_DEFAULTS["blocks_down"])) - 1)
     elif algo == "dints":
-        div = 2 ** (int(net.get("num_depths", 4)) + 1)
+        div = 2 ** (int(net.get("num_depths", DINTS_DEFAULTS["num_depths"])) + 1)
     else:
         div = 32
     out = [int(-(-int(r) // div) * div) for r in roi]
