@@ -156,7 +156,7 @@ def _official_vs_builtin(work: Path, official: Path) -> dict[str, Any]:
 RARE_CLASSES = ["ecs", "pm", "mito_ribo"]  # id 3 is the rare one
 LEARN_TRAIN = {"num_epochs": 40, "num_steps_per_epoch": 5, "roi_size": [24, 24, 16], "batch_size": 2, "num_workers": 0,
                "val_every": 40, "learning_rate": 0.01, "augment": "flips", "seed": 0, "cache_rate": 1.0,
-               "network": {"init_filters": 8, "blocks_down": [1, 1], "dsdepth": 2, "norm": "batch"}}
+               "network": {"init_filters": 8, "blocks_down": [1, 1], "dsdepth": 2}}
 
 
 def _rare_class_work(work: Path) -> Path:
