@@ -170,7 +170,11 @@ def test_peak_memory_1_vs_3_bundles(trained_wd: WorkDir) -> None:
     single = {a: measure([a]) for a in everyone}
     three = measure(everyone)
     print("peak (tracemalloc, rss delta) single", single, "three", three)
-    assert three[0] <= 1.10 * max(t for t, _ in single.values()), (single, three)
+    # + 256 KiB: three members' Python bookkeeping (records, file lists) on tiny cases, where the
+    # whole peak is ~1 MB; adding the members up would cost about the sum of the singles
+    largest = max(t for t, _ in single.values())
+    assert three[0] <= 1.10 * largest + 256 * 1024, (single, three)
+    assert three[0] < 0.75 * sum(t for t, _ in single.values()), (single, three)
     # RSS also holds the allocator's retained pages (noisy): only a loose bound here; the
     # deterministic bound is tracemalloc's, and bench_ensemble measures both on big cases
     assert three[1] <= 1.10 * max(r for _, r in single.values()) + 64 * 2**20, (single, three)

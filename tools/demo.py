@@ -55,8 +55,8 @@ def demo_config(data_root: Path) -> dict[str, Any]:
         "resolution_nm": 4,
         "classes": ["ecs", "pm", "mito_mem", "mito_lum", "mito_ribo", "nuc"],
         "unknown_label": 255,
-        # held-out crops for the report: add ``test_fraction: 0.25`` here once convert has it
-        "split": {"validation_fraction": 0.25, "seed": 0},
+        # held-out crops (never used for selection) are what the ensemble report scores
+        "split": {"validation_fraction": 0.25, "test_fraction": 0.25, "seed": 0},
         "algos": DEMO_ALGOS,
         "num_folds": 1,
         "templates": "builtin",
@@ -124,10 +124,20 @@ def main(work_dir: Path, data_root: Path, fresh: bool) -> None:
     click.echo(f"demo finished in {time.perf_counter() - t_all:.0f} s; outputs in {work_dir}")
     report = work_dir / "reports" / "ensemble.json"
     if report.is_file():
-        scores = json.loads(report.read_text()).get("scores", {})
+        rep = json.loads(report.read_text())
+        scores = rep.get("scores", {})
+        click.echo(f"  scored on: {rep.get('scored_on_note', rep.get('scored_on', '?'))}")
         for name, sc in scores.items():
             per = ", ".join(f"{k} {v['dice']:.3f}" for k, v in sc.get("per_class", {}).items() if v.get("dice") is not None)
             click.echo(f"  {name}: pooled mean Dice {sc.get('mean_dice', float('nan')):.3f} ({per})")
+        lb = rep.get("leaderboard") or {}
+        if lb:
+            def f(v: float | None) -> str:
+                return "-" if v is None else f"{v:.3f}"
+
+            click.echo(f"  challenge-style score of the ensemble: overall {f(lb.get('overall'))} "
+                       f"(mean semantic IoU {f(lb.get('mean_semantic_iou'))}, "
+                       f"mean instance combined {f(lb.get('mean_instance_combined'))})")
     click.echo(f"  reports: {work_dir / 'reports'}  predictions: {work_dir / 'ensemble_output'}")
 
 
