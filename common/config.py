@@ -643,8 +643,8 @@ def load_config(
         _apply(cfg, {k: v for k, v in overrides.items() if v is not None}, "command line")
     src = str(config_file or wd_file)
     _check_consistency(cfg, src)
-    if cfg.data_root is not None:
-        cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
+    if cfg.data_root is not None and not cfg.data_root.startswith(("s3://", "http://", "https://")):
+        cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())  # a URL stays a URL (docs/data.md)
     if dump and not wd_file.exists():
         try:
             atomic_write_yaml(wd_file, cfg.to_dict())

@@ -293,21 +293,64 @@ def _remote_store(p: RemotePath) -> Any:
                 data = _retry(f"{self._rp.url}/{key}", FSStore.__getitem__, self, key)
             except FileNotFoundError:
                 raise KeyError(key) from None
+            self._keep(key, data)
+            return data
+
+        def _keep(self, key: str, data: bytes) -> None:
+            cf = self._cache_file(key)
             if cf is not None:
                 cf.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cf.with_name(f".tmp-{os.getpid()}-{cf.name}")
                 tmp.write_bytes(data)
                 os.replace(tmp, cf)
-            return data
+
+        def getitems(self, keys: Any, *, contexts: Any = None) -> dict[str, bytes]:
+            """Chunks fetched concurrently; absent ones are left out (fill value), failed ones retried.
+
+            (``FSStore.getitems`` drops *every* failed key, so a network error would read
+            as the fill value: never here.)
+            """
+            out: dict[str, bytes] = {}
+            todo = []
+            for k in keys:
+                cf = self._cache_file(k)
+                if cf is not None and cf.is_file():
+                    out[k] = cf.read_bytes()
+                else:
+                    todo.append(k)
+            n = options().retries
+            for attempt in range(n + 1):
+                if not todo:
+                    break
+                paths = {self.map._key_to_str(self._normalize_key(k)): k for k in todo}
+                res = self.fs.cat(list(paths), on_error="return")
+                failed: list[tuple[str, BaseException]] = []
+                for pth, k in paths.items():
+                    v = res.get(pth)
+                    if isinstance(v, (bytes, bytearray)):
+                        out[k] = bytes(v)
+                        self._keep(k, out[k])
+                    elif isinstance(v, BaseException) and not isinstance(v, (FileNotFoundError, KeyError)) and not _not_found(v):
+                        failed.append((k, v))
+                todo = [k for k, _ in failed]
+                if failed and attempt == n:
+                    k, v = failed[0]
+                    raise OSError(errno.EIO, f"remote read failed after {n + 1} attempts: {type(v).__name__}: {v}",
+                                  f"{self._rp.url}/{k}")
+                if failed:
+                    time.sleep(0.5 * 2**attempt)
+            return out
 
         def __contains__(self, key: str) -> bool:
             cf = self._cache_file(key)
             if cf is not None and cf.is_file():
                 return True
+            # a 1-byte ranged read, not fs.exists: exists() reads any error (503, timeout) as "absent"
             try:
-                return bool(_retry(f"{self._rp.url}/{key}", FSStore.__contains__, self, key))
+                _retry(f"{self._rp.url}/{key}", self.fs.cat_file, self.map._key_to_str(self._normalize_key(key)), 0, 1)
             except FileNotFoundError:
                 return False
+            return True
 
     return RetryingStore(p)
 
