@@ -33,6 +33,7 @@ from common.cli import config_option, setup_logging, stage_command, work_dir_opt
 from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, StageFailed
 from common.io import atomic_write_text, current_umask
+from common.store import is_remote
 from common.workdir import WorkDir
 from common.workdir import utc_now
 from slurm.jobs import record_job
@@ -191,7 +192,7 @@ def stage_command_argv(job: Job, wd: WorkDir, cfg: PipelineConfig, config_file: 
     if p.runner == "native":
         return [p.python, "-m", f"stages.{job.stage}", *args]
     argv = [p.apptainer, "run", "--cleanenv", "--no-home", "-B", bind_spec("work dir", wd.root)]
-    if cfg.data_root:
+    if cfg.data_root and not is_remote(cfg.data_root):  # a URL is read over the network, nothing to bind
         argv += ["-B", bind_spec("data_root", cfg.data_root, opts="ro")]
     if config_file and not config_file.is_relative_to(wd.root):
         argv += ["-B", bind_spec("--config folder", config_file.parent, opts="ro")]
@@ -403,7 +404,7 @@ def preflight_problems(wd: WorkDir, cfg: PipelineConfig, jobs: list[Job], from_s
         root = cfg.data_root
         if not root:
             problems.append("data_root is not set (pipeline.yaml or --config)")
-        elif not (Path(root).is_dir() and os.access(root, os.R_OK | os.X_OK)):
+        elif not is_remote(root) and not (Path(root).is_dir() and os.access(root, os.R_OK | os.X_OK)):
             problems.append(f"data_root {root} is not a readable folder")
     if from_stage is not None:
         before = STAGES[: STAGES.index(from_stage)]
