@@ -202,3 +202,24 @@ def test_remote_path_resolves_inside_and_names() -> None:
     p = RemotePath("https://h.example/a/b.zarr") / "recon-1" / "x"
     assert p.name == "x" and str(p.parent) == "https://h.example/a/b.zarr/recon-1"
     assert str((p / ".." / ".." / "y").resolve()) == "https://h.example/a/b.zarr/y"
+
+
+def test_cli_cache_to_then_offline_convert(tree: RealGeomInfo, plain_url: str, tmp_path: Path) -> None:
+    """The documented commands: ``--cache-to`` on a login node, then ``--data-root <cache>`` offline."""
+    from click.testing import CliRunner
+
+    from stages.convert.__main__ import main
+
+    manifest = _manifest(tree, tmp_path / "train_crop_manifest.csv")
+    wd = tmp_path / "work"
+    wd.mkdir()
+    (wd / "pipeline.yaml").write_text(f"data_root: {plain_url}\nresolution_nm: 4\n")
+    run = CliRunner().invoke(main, ["--work-dir", str(wd), "--crop-manifest", str(manifest), "--cache-to", str(tmp_path / "c")])
+    assert run.exit_code == 0, run.output
+    assert "cache: 3 crops" in run.output and f"--data-root {tmp_path / 'c'}" in run.output
+    run = CliRunner().invoke(main, ["--work-dir", str(wd), "--data-root", str(tmp_path / "c"), "--workers", "1"])
+    assert run.exit_code == 0, run.output
+    assert "convert: 3 converted (3 now), 2 skipped, 0 failed" in run.output
+    local, rl = _convert(tmp_path, "local", str(tree.root))
+    _assert_same_outputs(local, rl, WorkDir.at(wd), [json.loads(p.read_text()) for p in
+                                                   sorted((wd / "markers" / "convert").glob("*.json"))])
