@@ -223,3 +223,17 @@ def test_cli_cache_to_then_offline_convert(tree: RealGeomInfo, plain_url: str, t
     local, rl = _convert(tmp_path, "local", str(tree.root))
     _assert_same_outputs(local, rl, WorkDir.at(wd), [json.loads(p.read_text()) for p in
                                                    sorted((wd / "markers" / "convert").glob("*.json"))])
+
+
+def test_manifest_formats_and_bad_rows(tree: RealGeomInfo, tmp_path: Path) -> None:
+    from stages.convert.crops import discover_crops
+
+    long = discover_crops(tree.root, manifest=_manifest(tree, tmp_path / "m.csv"))
+    compact = discover_crops(tree.root, crops=CROPS, manifest=Path("tests/data/real_crops.csv"))
+    listed = discover_crops(tree.root)
+    assert [(r.dataset, r.crop, r.zarr_root) for r in long] == [(r.dataset, r.crop, r.zarr_root) for r in listed]
+    assert long == compact and all(r.arrays for r in long)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("crop_name,dataset,class_label\n1,../../etc,mito\n")
+    with pytest.raises(PipelineError, match=r"bad.csv:2: expected columns"):
+        discover_crops(tree.root, manifest=bad)

@@ -168,8 +168,9 @@ def discover_crops(data_root: Path | RemotePath | str, datasets: list[str] | Non
                    manifest: str | Path | None = None) -> list[CropRef]:
     """Every ``<ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>`` under ``data_root``, sorted.
 
-    With ``manifest`` (the challenge's ``train_crop_manifest.csv``/``test_crop_manifest.csv``
-    format: ``crop_name,dataset,class_label,...``) the crops come from its rows instead of
+    With ``manifest`` (the challenge's ``train_crop_manifest.csv`` format:
+    ``crop_name,dataset,class_label,...``, one row per crop and class; or the compact
+    ``tests/data/real_crops.csv``: ``crop,split,dataset,...,classes``, train rows) the crops come from its rows instead of
     a listing (plain HTTP servers cannot list); each crop then reads ``all`` and the
     configured classes the manifest names, where they exist.
     """
@@ -203,13 +204,19 @@ def _manifest_crops(root: Path | RemotePath, manifest: Path, datasets: list[str]
     except OSError as exc:
         raise PipelineError(f"{manifest}: unreadable crop manifest ({exc.strerror or exc})") from None
     classes: dict[tuple[str, str], set[str]] = {}
+    compact = bool(rows) and "classes" in rows[0]  # tests/data/real_crops.csv: one row per crop, classes space-separated
     for i, row in enumerate(rows, start=2):
-        ds, crop, cls = (row.get("dataset") or "").strip(), (row.get("crop_name") or "").strip(), (row.get("class_label") or "").strip()
+        if compact and (row.get("split") or "train").strip() != "train":
+            continue  # test crops publish no labels
+        ds = (row.get("dataset") or "").strip()
+        crop = (row.get("crop") if compact else row.get("crop_name")) or ""
+        crop = crop.strip()
         if not _DATASET_RE.fullmatch(ds) or ".." in ds or not _CROP_RE.fullmatch(f"crop{crop}"):
             raise PipelineError(f"{manifest}:{i}: expected columns crop_name (digits), dataset, class_label; got {row}")
         if (datasets and ds not in datasets) or (crops and crop not in crops):
             continue
-        classes.setdefault((ds, crop), set()).add(cls)
+        names = (row.get("classes") or "").split() if compact else [(row.get("class_label") or "").strip()]
+        classes.setdefault((ds, crop), set()).update(names)
     out = [CropRef(ds, crop, str(root / ds / f"{ds}.zarr"), tuple(sorted(c))) for (ds, crop), c in classes.items()]
     return sorted(out, key=CropRef.sort_key)
 
