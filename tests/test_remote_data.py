@@ -149,6 +149,13 @@ def test_plain_http_needs_a_manifest_and_then_equals_disk(tree: RealGeomInfo, pl
     local, rl = _convert(tmp_path, "local", str(tree.root))
     remote, rr = _convert(tmp_path, "manifest", plain_url, convert={"crop_manifest": str(manifest)})
     _assert_same_outputs(local, rl, remote, rr)
+    # --plan over plain HTTP (manifest, chunk presence by ranged reads) plans what the disk plans
+    from stages.convert.convert import plan_convert
+
+    plans = [plan_convert(load_config(tmp_path / "local", None, {"data_root": root, "resolution_nm": 4,
+                                                                   "convert": {"crop_manifest": str(manifest)}},
+                                      dump=False)) for root in (str(tree.root), plain_url)]
+    assert plans[0] == plans[1] and {r["status"] for r in plans[0]} == {"convert", "skipped"}
 
 
 def test_cache_then_offline_convert_equals_remote_convert(tree: RealGeomInfo, plain_url: str, tmp_path: Path) -> None:
@@ -237,3 +244,23 @@ def test_manifest_formats_and_bad_rows(tree: RealGeomInfo, tmp_path: Path) -> No
     bad.write_text("crop_name,dataset,class_label\n1,../../etc,mito\n")
     with pytest.raises(PipelineError, match=r"bad.csv:2: expected columns"):
         discover_crops(tree.root, manifest=bad)
+
+
+def test_s3_roots_are_anonymous_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """s3:// through s3fs, anonymous without AWS variables; the no-s3fs fallback is the public HTTPS endpoint."""
+    from common import store
+
+    for v in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(v, raising=False)
+    store.configure()
+    p = RemotePath("s3://janelia-cosem-datasets/jrc_hela-2/jrc_hela-2.zarr")
+    fs, key = p._fs_url()
+    assert key == "janelia-cosem-datasets/jrc_hela-2/jrc_hela-2.zarr" and fs.anon is True
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    store.configure()
+    assert store.filesystem("s3").anon is False
+    assert store._s3_https(str(p)) == "https://janelia-cosem-datasets.s3.amazonaws.com/jrc_hela-2/jrc_hela-2.zarr"
+    monkeypatch.setattr(store, "have_s3fs", lambda: False)
+    fs, url = p._fs_url()
+    assert url.startswith("https://janelia-cosem-datasets.s3.amazonaws.com/") and "http" in fs.protocol
+    store.configure()
