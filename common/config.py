@@ -62,11 +62,20 @@ class ConvertOptions:
         report_png: write reports/convert.png.
         max_failed_fraction: share of eligible crops that may fail before the stage fails
             (exit 1, with a table of reasons).
+        crop_manifest: the challenge's crop manifest CSV; crops come from it instead of
+            listing ``data_root`` (plain HTTP roots cannot be listed). See docs/data.md.
+        chunk_cache: local folder keeping remote chunks once fetched (remote roots only).
+        remote_timeout_s: seconds one remote request may take.
+        remote_retries: extra attempts after a transient remote error.
     """
 
     compress_level: int = 1
     report_png: bool = True
     max_failed_fraction: float = 0.02
+    crop_manifest: str | None = None
+    chunk_cache: str | None = None
+    remote_timeout_s: float = 60.0
+    remote_retries: int = 4
 
 
 @dataclass
@@ -214,6 +223,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 }
 _RANGES: dict[str, tuple[float, float]] = {
     "convert.compress_level": (0, 9), "convert.max_failed_fraction": (0, 1),
+    "convert.remote_timeout_s": (1, 3600), "convert.remote_retries": (0, 100),
     "ensemble.export_block": (8, 1 << 16), "ensemble.export_halo": (0, 1 << 16),
     "ensemble.min_instance_voxels": (0, 1 << 40), "analyze.workers": (1, 4096), "analyze.hist_bins": (2, 1 << 24),
     "analyze.top_unknown": (0, 1 << 20), "ensemble.n_best": (1, 1 << 10), "train.num_epochs": (1, 1 << 24),
@@ -633,8 +643,8 @@ def load_config(
         _apply(cfg, {k: v for k, v in overrides.items() if v is not None}, "command line")
     src = str(config_file or wd_file)
     _check_consistency(cfg, src)
-    if cfg.data_root is not None:
-        cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())
+    if cfg.data_root is not None and not cfg.data_root.startswith(("s3://", "http://", "https://")):
+        cfg.data_root = str(Path(cfg.data_root).expanduser().resolve())  # a URL stays a URL (docs/data.md)
     if dump and not wd_file.exists():
         try:
             atomic_write_yaml(wd_file, cfg.to_dict())

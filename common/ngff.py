@@ -30,6 +30,8 @@ from typing import Any
 import numpy as np
 
 from common.errors import PipelineError
+from common.store import RemotePath
+from common.store import path as store_path
 
 # errnos that say the storage or the permissions are broken (not one crop's data):
 # whoever meets one stops the stage instead of failing a single crop
@@ -81,11 +83,13 @@ def fmt_vec(v: Sequence[float | None]) -> str:
     return "[" + ", ".join("?" if x is None else f"{x:g}" for x in v) + "]"
 
 
-def _read_json(path: Path, what: str) -> dict[str, Any]:
-    if not path.is_file():
+def _read_json(path: Path | RemotePath, what: str) -> dict[str, Any]:
+    if isinstance(path, Path) and not path.is_file():
         raise NgffError(f"{path.parent}: missing {path.name} ({what})")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:  # remote: one request, not a probe and a read
+        raise NgffError(f"{path.parent}: missing {path.name} ({what})") from None
     except OSError as exc:
         if exc.errno in ENV_ERRNOS:  # the storage, not this file's content: callers stop
             raise
@@ -120,18 +124,18 @@ def _transforms(ts: Any, where: str) -> tuple[tuple[float, ...], tuple[float, ..
     return scale, trans
 
 
-def read_multiscales(group_path: str | Path) -> list[Level]:
+def read_multiscales(group_path: str | Path | RemotePath) -> list[Level]:
     """Levels of an OME-NGFF v0.4 multiscale group, finest first as listed.
 
     Reads ``<group>/.zattrs`` (``multiscales[0]``) and each level's ``.zarray`` for
-    its shape; nothing is assumed (not even a zero EM translation). A multiscale-wide
+    its shape (local or remote, see :mod:`common.store`); nothing is assumed (not even a zero EM translation). A multiscale-wide
     ``coordinateTransformations`` is composed onto each level.
 
     Raises:
         NgffError: missing ``.zattrs``/``multiscales``/``.zarray``, wrong version or
             axes, or malformed transforms (one line naming the group).
     """
-    group = Path(group_path)
+    group = store_path(group_path)
     attrs = _read_json(group / ".zattrs", "group attributes")
     ms = attrs.get("multiscales")
     if not isinstance(ms, list) or not ms or not isinstance(ms[0], dict):

@@ -33,6 +33,7 @@ from common.cli import config_option, setup_logging, stage_command, work_dir_opt
 from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, StageFailed
 from common.io import atomic_write_text, current_umask
+from common.store import is_remote
 from common.workdir import WorkDir
 from common.workdir import utc_now
 from slurm.jobs import record_job
@@ -68,6 +69,25 @@ class Job:
 
     def script_path(self, wd: WorkDir) -> Path:
         return wd.slurm_dir / f"{self.name}.sbatch"
+
+
+def job_kind(job: Job) -> str:
+    """The profile resources and image a job uses: ``predict`` runs in the ensemble image, with its resources."""
+    return "ensemble" if job.stage == "predict" else job.stage
+
+
+def plan_predict(wd: WorkDir, gpu: Profile, input_path: Path, out: Path, shards: int = 1,
+                 roi: str | None = None) -> list[Job]:
+    """The ``stages.predict`` job(s) for ``input_path``: one job, or an array of ``shards`` over blocks.
+
+    Shards write disjoint chunks and their own ledger entries; whichever finishes the last
+    block writes the pyramid and metadata (docs/predict.md), so no merge job is needed.
+    """
+    args = ["--input", str(input_path), "--out", str(out), *(["--roi", roi] if roi else [])]
+    if shards > 1:
+        return [Job("predict", "predict", gpu, [], [*args, "--shard", f"${{SLURM_ARRAY_TASK_ID}}/{shards}"],
+                    array=f"0-{shards - 1}")]
+    return [Job("predict", "predict", gpu, [], args)]
 
 
 # ---- planning --------------------------------------------------------------------------
@@ -187,26 +207,33 @@ def render_template(text: str, subs: dict[str, str]) -> str:
 def stage_command_argv(job: Job, wd: WorkDir, cfg: PipelineConfig, config_file: Path | None = None) -> list[str]:
     """The command that runs ``job``'s stage (apptainer or native)."""
     p = job.profile
-    args = ["--work-dir", str(wd.root), *(["--config", str(config_file)] if config_file else []), *job.args]
+    conf = ["--config", str(config_file)] if config_file and job.stage != "predict" else []  # predict reads the bundles
+    args = ["--work-dir", str(wd.root), *conf, *job.args]
     if p.runner == "native":
         return [p.python, "-m", f"stages.{job.stage}", *args]
     argv = [p.apptainer, "run", "--cleanenv", "--no-home", "-B", bind_spec("work dir", wd.root)]
-    if cfg.data_root:
+    if cfg.data_root and not is_remote(cfg.data_root):  # a URL is read over the network, nothing to bind
         argv += ["-B", bind_spec("data_root", cfg.data_root, opts="ro")]
-    if config_file and not config_file.is_relative_to(wd.root):
+    if config_file and job.stage != "predict" and not config_file.is_relative_to(wd.root):
         argv += ["-B", bind_spec("--config folder", config_file.parent, opts="ro")]
+    if job.stage == "predict":  # the input (read-only) and the output folder, unless inside the work dir
+        src, out = Path(job.args[job.args.index("--input") + 1]), Path(job.args[job.args.index("--out") + 1])
+        if not src.is_relative_to(wd.root):
+            argv += ["-B", bind_spec("--predict input", src.parent, opts="ro")]
+        if not out.is_relative_to(wd.root):
+            argv += ["-B", bind_spec("--predict-out folder", out.parent)]
     for b in p.binds:
         argv += ["-B", _profile_bind(b)]
     for k, v in sorted(p.env.items()):
         argv += ["--env", f"{k}={v}"]
-    if p.res(job.stage).gpus:
+    if p.res(job_kind(job)).gpus:
         argv.append("--nv")
-    return [*argv, f"{p.image_dir.rstrip('/')}/{job.stage}.sif", *args]
+    return [*argv, f"{p.image_dir.rstrip('/')}/{job_kind(job)}.sif", *args]
 
 
 def sbatch_directives(job: Job, wd: WorkDir) -> list[str]:
     """The ``#SBATCH`` options of ``job`` (dependencies go on the sbatch command line)."""
-    r = job.profile.res(job.stage)
+    r = job.profile.res(job_kind(job))
     log_name = f"{job.name}-%A_%a.out" if job.array else f"{job.name}-%j.out"
     opts = [f"--job-name={JOB_PREFIX}-{job.name}"]
     opts += [f"--{k}={v}" for k, v in (("partition", r.partition), ("account", r.account), ("qos", r.qos)) if v]
@@ -294,6 +321,10 @@ def submit_chain(
     config_file: str | Path | None = None,
     echo: Callable[[str], None] | None = None,
     preflight: bool = True,
+    predict: str | Path | None = None,
+    predict_out: str | Path | None = None,
+    predict_shards: int = 1,
+    predict_roi: str | None = None,
 ) -> dict[str, str]:
     """Write the scripts and submit the chain (or print it with ``dry_run``).
 
@@ -319,7 +350,12 @@ def submit_chain(
             raise ConfigError(f"--algos: {bad} not in the configured algos {cfg.algos}")
     if from_stage is not None and from_stage not in STAGES:
         raise ConfigError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
-    jobs = plan_jobs(wd, cfg, gpu, cpu, from_stage, algos, convert_shards)
+    if predict is not None:  # only the predict job(s), on the GPU profile (the chain is not submitted)
+        src = Path(predict).expanduser().resolve()
+        dest = Path(predict_out).expanduser().resolve() if predict_out else wd.root / "predictions" / src.name.split(".")[0]
+        jobs = plan_predict(wd, gpu, src, dest, predict_shards, predict_roi)
+    else:
+        jobs = plan_jobs(wd, cfg, gpu, cpu, from_stage, algos, convert_shards)
     if side != "all":
         if cpu is None or cpu.cluster == gpu.cluster:
             raise ConfigError("--side cpu|gpu needs --cpu-profile naming another cluster")
@@ -375,7 +411,7 @@ def summary_table(jobs: list[Job]) -> str:
     head = ("job", "cluster", "partition", "account", "cpus", "mem", "gpus", "time", "array", "after")
     rows = []
     for j in jobs:
-        r = j.profile.res(j.stage)
+        r = j.profile.res(job_kind(j))
         rows.append((j.name, j.profile.cluster, r.partition or "-", r.account or "-", str(r.cpus), r.mem or "-",
                      str(r.gpus), r.time, j.array or "-", ",".join(j.after) or "-"))
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
@@ -392,18 +428,25 @@ def preflight_problems(wd: WorkDir, cfg: PipelineConfig, jobs: list[Job], from_s
     for j in jobs:
         p = j.profile
         if p.runner == "apptainer" and j.stage != "wait" and not p.submit_via:
-            sif = Path(p.image_dir) / f"{j.stage}.sif"
+            sif = Path(p.image_dir) / f"{job_kind(j)}.sif"
             if (p.name, str(sif)) not in seen and not sif.is_file():
                 problems.append(f"image {sif} not found (build it: make sif; or set image_dir in profile {p.name})")
             seen.add((p.name, str(sif)))
-        if p.runner == "apptainer" and not p.res(j.stage).account and (p.name, "account") not in seen:
+        if p.runner == "apptainer" and not p.res(job_kind(j)).account and (p.name, "account") not in seen:
             problems.append(f"profile {p.name}: 'account' is not set (edit the profile's defaults.account)")
             seen.add((p.name, "account"))
+    for j in jobs:
+        if j.stage == "predict":
+            src = Path(j.args[j.args.index("--input") + 1])
+            if not src.exists():
+                problems.append(f"--predict input {src} not found")
+            if not any(wd.marker(m.stem).is_done() for m in wd.markers_dir.glob("train.*.json")):
+                problems.append("no trained bundles in the work dir yet (train first)")
     if any(j.stage == "convert" for j in jobs) and not any(j.profile.submit_via for j in jobs if j.stage == "convert"):
         root = cfg.data_root
         if not root:
             problems.append("data_root is not set (pipeline.yaml or --config)")
-        elif not (Path(root).is_dir() and os.access(root, os.R_OK | os.X_OK)):
+        elif not is_remote(root) and not (Path(root).is_dir() and os.access(root, os.R_OK | os.X_OK)):
             problems.append(f"data_root {root} is not a readable folder")
     if from_stage is not None:
         before = STAGES[: STAGES.index(from_stage)]
@@ -426,12 +469,20 @@ def preflight_problems(wd: WorkDir, cfg: PipelineConfig, jobs: list[Job], from_s
 @click.option("--algos", default=None, help="Comma-separated subset of the configured algorithms.")
 @click.option("--convert-shards", type=click.IntRange(min=1), default=None, help="Run convert as an array of N shards + a merge job.")
 @click.option("--side", type=click.Choice(["all", "cpu", "gpu"]), default="all", show_default=True, help="Two clusters: submit only this side (from its login node).")
+@click.option("--predict", "predict_input", default=None, type=click.Path(path_type=Path),
+              help="Submit only stages.predict on this zarr group or NIfTI file (ensemble image and resources).")
+@click.option("--predict-out", default=None, type=click.Path(file_okay=False, path_type=Path),
+              help="With --predict: output folder (default <work_dir>/predictions/<input name>).")
+@click.option("--predict-shards", type=click.IntRange(min=1), default=1, show_default=True,
+              help="With --predict: an array of N jobs over the blocks.")
+@click.option("--predict-roi", default=None, help="With --predict: region in world nm, z0:z1,y0:y1,x0:x1.")
 @click.option("--dry-run", is_flag=True, help="Print the scripts, sbatch lines and a summary table; submit and write nothing.")
 @click.option("--no-preflight", is_flag=True, help="Submit even when images, account, data_root or earlier stages look wrong.")
 @click.option("--status", "show_status", is_flag=True, help="Print the recorded jobs with their SLURM state and marker, then exit.")
 @stage_command("slurm", lock=False)
 def main(work_dir: Path, config_file: Path | None, profile: str, cpu_profile: str | None, from_stage: str | None,
-         algos: str | None, convert_shards: int | None, side: str, dry_run: bool, no_preflight: bool,
+         algos: str | None, convert_shards: int | None, predict_input: Path | None, predict_out: Path | None,
+         predict_shards: int, predict_roi: str | None, side: str, dry_run: bool, no_preflight: bool,
          show_status: bool) -> int:
     """Submit the cellmap-auto3dseg chain to SLURM (see the README, section SLURM)."""
     if show_status:  # the one status report (common.status), which asks slurm.jobs for job states
@@ -447,7 +498,8 @@ def main(work_dir: Path, config_file: Path | None, profile: str, cpu_profile: st
         setup_logging("slurm", WorkDir.at(work_dir).logs_dir)
     names = [a.strip() for a in algos.split(",") if a.strip()] if algos else None
     submit_chain(work_dir, profile, cpu_profile, from_stage, names, convert_shards, side, dry_run, config_file,
-                 preflight=not no_preflight)
+                 preflight=not no_preflight, predict=predict_input, predict_out=predict_out,
+                 predict_shards=predict_shards, predict_roi=predict_roi)
     return 0
 
 

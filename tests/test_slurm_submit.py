@@ -169,3 +169,23 @@ def test_config_file_reaches_every_stage(wd: Path, tmp_path: Path) -> None:
     cmds = [ln for ln in out.splitlines() if ln.startswith("cmd=(")]
     assert len(cmds) == 8 and all(f"--work-dir /WORK --config {extra}" in c for c in cmds)
     assert all(f"-B {extra.parent}:{extra.parent}:ro" in c for c in cmds)
+
+
+def test_predict_dry_run_matches_golden(wd: Path, tmp_path: Path) -> None:
+    """``--predict INPUT``: only the predict array job, in the ensemble image with the ensemble resources,
+    input bound read-only, one shard per array task; preflight names the missing input and bundles."""
+    src = tmp_path / "vol" / "jrc_x.zarr"
+    src.mkdir(parents=True)
+    got = _dry(wd, profile="longleaf", predict=src, predict_shards=4, predict_roi="0:800,0:1600,0:1600")
+    got = got.replace(str(tmp_path / "vol"), "/VOL")
+    golden = GOLDEN / "slurm_dryrun_predict.txt"
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(got)
+    assert got == golden.read_text(), f"dry-run differs from {golden} (UPDATE_GOLDEN=1 to accept)"
+    ens = load_profile("longleaf").res("ensemble")
+    assert "/ensemble.sif" in got and f"--partition={ens.partition}" in got and "--array=0-3" in got
+    assert '"${SLURM_ARRAY_TASK_ID}/4"' in got and "-B /VOL:/VOL:ro" in got
+    assert "# preflight: no trained bundles in the work dir yet (train first)" in got
+    assert "stages.convert" not in got and "train.sif" not in got
+    missing = _dry(wd, profile="longleaf", predict=tmp_path / "nope.zarr")
+    assert "# preflight: --predict input" in missing and "not found" in missing

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-import zarr
 
 from common.cli import select_shard, setup_logging
 from common.config import PipelineConfig, load_config
@@ -29,6 +28,8 @@ from common.errors import ConfigError, PipelineError, StageFailed
 from common.io import TMP_MARK, atomic_path, atomic_write_text, read_json, remove_stale_tmp
 from common.ngff import chunk_keys, fmt_vec
 from common.progress import progress_bar
+from common.store import RemotePath, configure, open_array
+from common.store import path as store_path
 from common.workdir import WorkDir, digest
 from stages.convert.crops import (
     CONVERTED,
@@ -47,7 +48,8 @@ from stages.convert.split import split_crops
 log = logging.getLogger("cellmap.convert")
 STAGE = "convert"
 # the ``convert:`` config section and its defaults
-OPTIONS: dict[str, Any] = {"compress_level": 1, "report_png": True, "max_failed_fraction": 0.02}
+OPTIONS: dict[str, Any] = {"compress_level": 1, "report_png": True, "max_failed_fraction": 0.02,
+                           "crop_manifest": None, "chunk_cache": None, "remote_timeout_s": 60.0, "remote_retries": 4}
 
 
 @dataclass
@@ -102,6 +104,38 @@ def convert_options(cfg: PipelineConfig) -> dict[str, Any]:
     if not isinstance(opts["report_png"], bool):
         raise ConfigError(f"config: 'convert.report_png' must be true or false, got {opts['report_png']!r}")
     return opts
+
+
+def open_data_root(cfg: PipelineConfig, opts: dict[str, Any]) -> Path | RemotePath:
+    """``data_root`` as a local path or a remote tree (configures remote reads for workers too).
+
+    Raises:
+        PipelineError: not set, or a local folder that does not exist (exit 2).
+    """
+    if not cfg.data_root:
+        raise PipelineError("data_root is not set (data_root: in pipeline.yaml, or --data-root)")
+    configure(timeout_s=float(opts["remote_timeout_s"]), retries=int(opts["remote_retries"]),
+              chunk_cache=str(opts["chunk_cache"] or ""))
+    root = store_path(cfg.data_root)
+    if isinstance(root, Path) and not root.is_dir():
+        raise PipelineError(f"{root}: data_root not found")
+    return root
+
+
+def find_crops(root: Path | RemotePath, cfg: PipelineConfig, opts: dict[str, Any]) -> list[CropRef]:
+    """The crops under ``root``: listed, or from ``convert.crop_manifest`` when set.
+
+    Raises:
+        PipelineError: a remote root that cannot be listed and no manifest (exit 2).
+    """
+    manifest = opts["crop_manifest"]
+    try:
+        return discover_crops(root, cfg.datasets, cfg.crops, manifest)
+    except FileNotFoundError:
+        if isinstance(root, Path):
+            raise
+        raise PipelineError(f"{root}: cannot list this data_root (plain HTTP has no listing); set "
+                            "convert.crop_manifest or --crop-manifest to the challenge's crop manifest CSV") from None
 
 
 def crop_records_dir(wd: WorkDir) -> Path:
@@ -222,12 +256,8 @@ def run_convert(
     if shard is not None and merge:
         raise PipelineError("--shard and --merge are exclusive")
     opts = convert_options(cfg)
-    if not cfg.data_root:
-        raise PipelineError("data_root is not set (data_root: in pipeline.yaml, or --data-root)")
-    root = Path(cfg.data_root)
-    if not root.is_dir():
-        raise PipelineError(f"{root}: data_root not found")
-    refs = discover_crops(root, cfg.datasets, cfg.crops)
+    root = open_data_root(cfg, opts)
+    refs = find_crops(root, cfg, opts)
     if not refs:
         filt = f" matching datasets={cfg.datasets} crops={cfg.crops}" if (cfg.datasets or cfg.crops) else ""
         raise PipelineError(f"{root}: no crops found{filt} (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
@@ -350,13 +380,9 @@ def plan_convert(cfg: PipelineConfig) -> list[dict[str, Any]]:
     Raises:
         PipelineError: no data_root, data_root missing, no crops found.
     """
-    convert_options(cfg)
-    if not cfg.data_root:
-        raise PipelineError("data_root is not set (data_root: in pipeline.yaml, or --data-root)")
-    root = Path(cfg.data_root)
-    if not root.is_dir():
-        raise PipelineError(f"{root}: data_root not found")
-    refs = discover_crops(root, cfg.datasets, cfg.crops)
+    opts = convert_options(cfg)
+    root = open_data_root(cfg, opts)
+    refs = find_crops(root, cfg, opts)
     if not refs:
         raise PipelineError(f"{root}: no crops found (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
     st = Settings(resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
@@ -374,7 +400,7 @@ def plan_convert(cfg: PipelineConfig) -> list[dict[str, Any]]:
                        label_rule="majority of known voxels; unknown if > half unknown" if red.label_factor != (1, 1, 1) else "copy",
                        reason="")
             try:
-                em_arr = zarr.open_array(str(ref.em_group / red.em.path), mode="r")
+                em_arr = open_array(ref.em_group / red.em.path)
                 store = em_arr.chunk_store if em_arr.chunk_store is not None else em_arr.store
                 keys = chunk_keys(em_arr, red.em_cut)
                 missing = [k for k in keys if k not in store]
@@ -410,10 +436,19 @@ def plan_table(rows: list[dict[str, Any]], budget: float) -> str:
     return "\n".join(lines)
 
 
-def run_plan_entry(config_file: Path | None, work_dir: Path, data_root: Path | None, json_out: str | None) -> int:
+def _apply_flags(cfg: PipelineConfig, remote: dict[str, Any] | None) -> None:
+    """``--crop-manifest``/``--chunk-cache`` over the ``convert:`` keys of the same name."""
+    for key, val in (remote or {}).items():
+        if val is not None:
+            cfg.convert[key] = str(val)
+
+
+def run_plan_entry(config_file: Path | None, work_dir: Path, data_root: str | Path | None, json_out: str | None,
+                   remote: dict[str, Any] | None = None) -> int:
     """``convert --plan``: print the plan table (and JSON to ``json_out``, ``-`` = stdout); writes nothing else."""
     overrides = {"data_root": str(data_root) if data_root is not None else None}
     cfg = load_config(work_dir, config_file, overrides, dump=False)
+    _apply_flags(cfg, remote)
     rows = plan_convert(cfg)
     budget = float(convert_options(cfg)["max_failed_fraction"])
     if json_out == "-":
@@ -434,14 +469,36 @@ def default_workers() -> int:
     return max(1, min(16, n))
 
 
+def run_cache_entry(config_file: Path | None, work_dir: Path, data_root: str | Path | None, dest: Path,
+                    remote: dict[str, Any] | None = None) -> int:
+    """``convert --cache-to DIR``: copy what convert reads into ``DIR`` (see :mod:`stages.convert.cache`)."""
+    from stages.convert.cache import cache_tree
+
+    overrides = {"data_root": str(data_root) if data_root is not None else None}
+    cfg = load_config(work_dir, config_file, overrides, dump=False)
+    _apply_flags(cfg, remote)
+    opts = convert_options(cfg)
+    root = open_data_root(cfg, opts)
+    refs = find_crops(root, cfg, opts)
+    if not refs:
+        raise PipelineError(f"{root}: no crops found (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
+    st = Settings(resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
+                  compress_level=1, out_dir="")
+    summary = cache_tree(cfg, dest, refs, st)
+    click.echo(summary.text())
+    click.echo(f"convert offline with: python -m stages.convert --work-dir {work_dir} --data-root {dest}")
+    return 0
+
+
 def run_convert_entry(
     work_dir: Path,
     config_file: Path | None = None,
-    data_root: Path | None = None,
+    data_root: str | Path | None = None,
     workers: int | None = None,
     shard: tuple[int, int] | None = None,
     merge: bool = False,
     verbose: bool = False,
+    remote: dict[str, Any] | None = None,
 ) -> int:
     """CLI body: set up the work dir and logging, load the config, run, print the summary.
 
@@ -452,6 +509,7 @@ def run_convert_entry(
     setup_logging(STAGE if shard is None else f"{STAGE}.shard-{shard[0]}-of-{shard[1]}", wd.logs_dir, verbose)
     overrides = {"data_root": str(data_root) if data_root is not None else None}
     cfg = load_config(wd.root, config_file, overrides)
+    _apply_flags(cfg, remote)
     try:
         summary = run_convert(cfg, wd, workers or default_workers(), shard, merge)
     except StageFailed as exc:

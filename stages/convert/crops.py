@@ -18,10 +18,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-import zarr
 
 from common.classes import ID_TO_NAME, INSTANCE_CLASSES, SOURCE_UNKNOWN, LabelMapping
-from common.errors import StageFailed
+from common.errors import PipelineError, StageFailed
 from common.ngff import (
     ENV_ERRNOS,
     SCALE_RTOL,
@@ -40,6 +39,8 @@ from common.ngff import (
     same_scale,
 )
 from common.nifti import zyx_to_affine
+from common.store import RemotePath, open_array
+from common.store import path as store_path
 from common.workdir import digest
 from stages.convert.pooling import InvalidIds, pool_ids, pool_labels
 from stages.convert.writer import write_nifti_gz
@@ -62,6 +63,7 @@ class CropRef:
     dataset: str
     crop: str
     zarr_root: str
+    arrays: tuple[str, ...] | None = None  # label arrays named by a crop manifest (None: list the group)
 
     @property
     def case(self) -> str:
@@ -69,12 +71,12 @@ class CropRef:
         return f"{self.dataset}_crop{self.crop}"
 
     @property
-    def group(self) -> Path:
-        return Path(self.zarr_root) / GT_GROUP / f"crop{self.crop}"
+    def group(self) -> Path | RemotePath:
+        return store_path(self.zarr_root) / GT_GROUP / f"crop{self.crop}"
 
     @property
-    def em_group(self) -> Path:
-        return Path(self.zarr_root) / EM_GROUP
+    def em_group(self) -> Path | RemotePath:
+        return store_path(self.zarr_root) / EM_GROUP
 
     def sort_key(self) -> tuple[str, int]:
         return (self.dataset, int(self.crop))
@@ -162,10 +164,21 @@ class Plan:
         return self.red.em_cut
 
 
-def discover_crops(data_root: Path, datasets: list[str] | None = None, crops: list[str] | None = None) -> list[CropRef]:
-    """Every ``<ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>`` under ``data_root``, sorted."""
+def discover_crops(data_root: Path | RemotePath | str, datasets: list[str] | None = None, crops: list[str] | None = None,
+                   manifest: str | Path | None = None) -> list[CropRef]:
+    """Every ``<ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>`` under ``data_root``, sorted.
+
+    With ``manifest`` (the challenge's ``train_crop_manifest.csv`` format:
+    ``crop_name,dataset,class_label,...``, one row per crop and class; or the compact
+    ``tests/data/real_crops.csv``: ``crop,split,dataset,...,classes``, train rows) the crops come from its rows instead of
+    a listing (plain HTTP servers cannot list); each crop then reads ``all`` and the
+    configured classes the manifest names, where they exist.
+    """
+    root = store_path(data_root)
+    if manifest is not None:
+        return _manifest_crops(root, Path(manifest), datasets, crops)
     out = []
-    for ds_dir in sorted(p for p in data_root.iterdir() if p.is_dir()):
+    for ds_dir in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name):
         if datasets and ds_dir.name not in datasets:
             continue
         gt = ds_dir / f"{ds_dir.name}.zarr" / GT_GROUP
@@ -178,12 +191,42 @@ def discover_crops(data_root: Path, datasets: list[str] | None = None, crops: li
     return sorted(out, key=CropRef.sort_key)
 
 
+_DATASET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # one path segment, never ".."
+
+
+def _manifest_crops(root: Path | RemotePath, manifest: Path, datasets: list[str] | None,
+                    crops: list[str] | None) -> list[CropRef]:
+    import csv
+
+    try:
+        with open(manifest, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise PipelineError(f"{manifest}: unreadable crop manifest ({exc.strerror or exc})") from None
+    classes: dict[tuple[str, str], set[str]] = {}
+    compact = bool(rows) and "classes" in rows[0]  # tests/data/real_crops.csv: one row per crop, classes space-separated
+    for i, row in enumerate(rows, start=2):
+        if compact and (row.get("split") or "train").strip() != "train":
+            continue  # test crops publish no labels
+        ds = (row.get("dataset") or "").strip()
+        crop = (row.get("crop") if compact else row.get("crop_name")) or ""
+        crop = crop.strip()
+        if not _DATASET_RE.fullmatch(ds) or ".." in ds or not _CROP_RE.fullmatch(f"crop{crop}"):
+            raise PipelineError(f"{manifest}:{i}: expected columns crop_name (digits), dataset, class_label; got {row}")
+        if (datasets and ds not in datasets) or (crops and crop not in crops):
+            continue
+        names = (row.get("classes") or "").split() if compact else [(row.get("class_label") or "").strip()]
+        classes.setdefault((ds, crop), set()).update(names)
+    out = [CropRef(ds, crop, str(root / ds / f"{ds}.zarr"), tuple(sorted(c))) for (ds, crop), c in classes.items()]
+    return sorted(out, key=CropRef.sort_key)
+
+
 def _short(msg: str, ref: CropRef) -> str:
     """Drop the crop's absolute path from a message (the report names the crop)."""
-    return msg.replace(str(ref.group) + "/", "").replace(str(Path(ref.zarr_root)) + "/", "")
+    return msg.replace(str(ref.group) + "/", "").replace(str(store_path(ref.zarr_root)) + "/", "")
 
 
-def _is_instance(group: Path, name: str) -> bool:
+def _is_instance(group: Path | RemotePath, name: str) -> bool:
     for attrs in (group / ".zattrs", group / "s0" / ".zattrs"):
         try:
             kind = json.loads(attrs.read_text())["cellmap"]["annotation"]["annotation_type"]["type"]
@@ -226,13 +269,24 @@ def plan_geometry(label_s0: Level, em_levels: Sequence[Level], target: Sequence[
         raise CropProblem(FAILED, str(exc)) from None
 
 
+def _label_names(ref: CropRef, st: Settings) -> list[str]:
+    """The crop's label arrays: listed, or (manifest) ``all`` and the configured classes that exist."""
+    if ref.arrays is None:
+        try:
+            return sorted(p.name for p in ref.group.iterdir() if p.is_dir() and not p.name.startswith("."))
+        except FileNotFoundError:
+            raise CropProblem(FAILED, "crop group not found") from None
+    wanted = ["all", *(c for c in st.classes if c in ref.arrays)]
+    return sorted(n for n in wanted if (ref.group / n / ".zattrs").is_file())
+
+
 def plan_crop(ref: CropRef, st: Settings) -> Plan:
     """Resolve the label s0 arrays and the EM s0 reduction of one crop (metadata only).
 
     Raises:
         CropProblem: the crop is skipped (too coarse, nothing configured) or failed.
     """
-    names = sorted(p.name for p in ref.group.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = _label_names(ref, st)
     if not names:
         raise CropProblem(FAILED, "no label arrays in the crop")
     levels: dict[str, list[Level]] = {}
@@ -363,7 +417,7 @@ def _slabs(n_out: int, factor: int, plane_voxels: int) -> list[tuple[int, int]]:
 
 def _open_label(ref: CropRef, name: str, level: Level) -> Any:
     try:
-        arr = zarr.open_array(str(ref.group / name / level.path), mode="r")
+        arr = open_array(ref.group / name / level.path)
     except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for bad metadata
         _stop_if_environment(exc, ref)
         raise CropProblem(FAILED, f"unreadable array {name}/{level.path}: {type(exc).__name__}: {exc}") from None
@@ -521,7 +575,7 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
     rec = _base_record(ref)
     try:
         plan = plan_crop(ref, st)
-        em_arr = zarr.open_array(str(ref.em_group / plan.em_level.path), mode="r")
+        em_arr = open_array(ref.em_group / plan.em_level.path)
         dig = inputs_digest(plan, st, em_arr)
         image_name, label_name = output_names(ref)
         out = Path(st.out_dir)

@@ -238,12 +238,14 @@ def run_predict(
     root = zarr.open_group(str(out_dir), mode="a")
     labels_dtype = np.uint8 if n_classes < 256 else np.uint16
     labels = root.require_dataset("s0", shape=out_grid.shape, chunks=ob, dtype=labels_dtype, fill_value=0,
-                                  compressor=Zstd(level=3), exact=True)
+                                  compressor=Zstd(level=3), exact=True,
+                                  dimension_separator="/")  # OME-NGFF 0.4: nested chunk keys
     probs = None
     if probabilities:
         pg = root.require_group("probabilities")
         probs = pg.require_dataset("s0", shape=(n_classes, *out_grid.shape), chunks=(n_classes, *ob), dtype=np.uint8,
-                                   fill_value=0, compressor=Zstd(level=3), exact=True)
+                                   fill_value=0, compressor=Zstd(level=3), exact=True,
+                                  dimension_separator="/")  # OME-NGFF 0.4: nested chunk keys
     core = tuple(slice(a, b) for a, b in ((sl.start, sl.stop) for sl in box))
     reader = pooled_reader(src.array, start, g, core)
     ledger.mkdir(parents=True, exist_ok=True)
@@ -293,7 +295,8 @@ def _finish(root: Any, out_dir: Path, grid: Level, labels: Any, n_classes: int, 
         if min(shape) < 1 or prev.shape == shape:
             break
         arr = root.require_dataset(f"s{k}", shape=shape, chunks=tuple(min(c, n) for c, n in zip(labels.chunks, shape)),
-                                   dtype=labels.dtype, fill_value=0, compressor=Zstd(level=3), exact=True)
+                                   dtype=labels.dtype, fill_value=0, compressor=Zstd(level=3), exact=True,
+                                  dimension_separator="/")  # OME-NGFF 0.4: nested chunk keys
         for sl in iter_blocks(shape, arr.chunks):  # bounded: one output chunk at a time
             src_sl = tuple(slice(2 * s.start, 2 * s.stop, 2) for s in sl)
             arr[sl] = prev[src_sl]
