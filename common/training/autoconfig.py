@@ -56,6 +56,14 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "deterministic": True,
     "max_grad_norm": 12.0,
     "keep_latest": False,  # keep checkpoint_latest.pt after a clean finish
+    # algorithm-specific keys live in every builtin bundle, so one pipeline-wide ``train:``
+    # section can set them for all algorithms (the others ignore them)
+    "search_epochs": None,  # dints: search length; None = num_epochs // 4, 0 = no search
+    "search_warmup_fraction": 0.5,  # dints: share of the search that trains weights only
+    "search_learning_rate": 0.025,  # dints: SGD learning rate of the search's weights
+    "search_learning_rate_arch": 1.0e-3,  # dints: Adam learning rate of the architecture logits
+    "search_ram_cost_factor": 0.8,  # dints: weight of the memory cost in the search loss
+    "pretrained_weights": None,  # swinunetr: a local weights file for the encoder (never downloaded)
     "mlflow": False,  # MLflow tracking (common/training/tracking.py); needs the mlflow extra
     "mlflow_tracking_uri": None,  # None: sqlite:///<bundle>/mlflow.db, never a network URI by default
     "mlflow_experiment": "cellmap-auto3dseg",
