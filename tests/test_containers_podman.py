@@ -140,7 +140,8 @@ def test_convert_in_container_matches_native(convert_image: str, tmp_path: Path)
         wd = tmp_path / f"work_{name}"
         wd.mkdir()
         wd.chmod(0o777)  # the image's user (10001) writes here, as any cluster user would
-        (wd / "pipeline.yaml").write_text("resolution_nm: 4\n")
+        # the fixture's malformed crops fail by design: allow them, so both runs finish (exit 0)
+        (wd / "pipeline.yaml").write_text("resolution_nm: 4\nconvert: {max_failed_fraction: 1.0}\n")
         args = ["--work-dir", str(wd), "--data-root", str(data), "--workers", "1"]
         if name == "container":
             res = _podman_run(convert_image, args, binds=(f"{data}:{data}:ro", f"{wd}:{wd}"))
@@ -150,7 +151,7 @@ def test_convert_in_container_matches_native(convert_image: str, tmp_path: Path)
         runs[name] = (wd, res)
     (cwd, cres), (nwd, nres) = runs["container"], runs["native"]
     assert cres.returncode == nres.returncode, cres.stderr[-3000:]
-    assert cres.returncode in (0, 1), cres.stderr[-3000:]
+    assert cres.returncode == 0, cres.stderr[-3000:]
 
     datalist = json.loads((cwd / "nifti_data" / "datalist.json").read_text())
     assert datalist == json.loads((nwd / "nifti_data" / "datalist.json").read_text())

@@ -447,4 +447,5 @@ def test_em_level_path_escaping_its_group_is_refused(tmp_path: Path) -> None:
     wd = make_wd(tmp_path, ["ecs"], [8.0], tree)
     s = run_export(load_config(wd.root), wd, m,
                    array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 2, 2))
-    assert s["n_written"] == 0 and "resolves outside" in s["failed"]["crop558/ecs"]
+    reason = s["failed"]["crop558/ecs"]
+    assert s["n_written"] == 0 and "'../elsewhere/s0' is not an array of this group" in reason, reason

@@ -70,7 +70,35 @@ def images() -> tuple[str, str]:
     if missing:
         pytest.skip(f"{', '.join(missing)} not built here: run `make images IMAGES=\"train ensemble\"` "
                     "(downloads ~2.8 GB of CUDA wheels, see docs/containers.md), then `make test-images-cuda`")
+    for image in (TRAIN, ENSEMBLE):
+        why = _stale(image)
+        if why:
+            pytest.skip(f"{image} {why}: it cannot be compared with this tree's native run; rebuild it "
+                        "from a clean checkout with `make images IMAGES=\"train ensemble\"`, then `make test-images-cuda`")
     return TRAIN, ENSEMBLE
+
+
+def _stale(image: str) -> str | None:
+    """Why ``image`` was not built from this tree's code (None when it was).
+
+    The native run and the run inside the image must execute the same code, or "equal weights"
+    proves nothing: the image's ``org.opencontainers.image.revision`` must be a clean commit
+    whose copied packages equal the working tree's.
+    """
+    res = _run(["podman", "image", "inspect", image, "--format",
+                '{{index .Labels "org.opencontainers.image.revision"}}'])
+    rev = res.stdout.strip()
+    if res.returncode != 0 or not rev or rev == "<no value>":
+        return "carries no source revision label"
+    if rev.endswith("-dirty"):
+        return f"was built from uncommitted changes ({rev})"
+    diff = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", rev, "--", "common", "stages", "bench"],
+                          capture_output=True, text=True)
+    if diff.returncode == 1:
+        return f"was built from {rev}, and common/, stages/ or bench/ changed since"
+    if diff.returncode != 0:
+        return f"was built from {rev}, which this checkout does not have"
+    return None
 
 
 def test_train_image_contents(images: tuple[str, str]) -> None:
