@@ -36,7 +36,8 @@ class LockHeld(PipelineError):
     """Another live run holds the lock (exit 2)."""
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (someone else's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -85,7 +86,7 @@ def stale_reason(owner: dict[str, Any]) -> str | None:
         # one SLURM job runs once at a time: this is our own earlier attempt (killed, requeued)
         return f"SLURM job {mine} was restarted"
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
-        if not _pid_alive(owner["pid"]):
+        if not pid_alive(owner["pid"]):
             return f"process {owner['pid']} on {owner['host']} is gone"
         return None
     if owner.get("slurm_job_id") and _job_ended(str(owner["slurm_job_id"])):

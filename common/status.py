@@ -36,6 +36,7 @@ import click
 from common.config import STAGE_SECTIONS, PipelineConfig, load_config
 from common.errors import PipelineError
 from common.io import read_json
+from common.lock import pid_alive
 from common.workdir import MARKER_DONE, MARKER_FAILED, MARKER_RUNNING, WorkDir, utc_now
 
 NOT_STARTED = "not started"
@@ -131,17 +132,6 @@ def _slurm_query() -> Callable[..., dict[str, str] | None] | None:
         return None
     return job_state
 
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return False
-    return True
 
 
 # ---- rows ----------------------------------------------------------------------------
@@ -268,7 +258,7 @@ def collect_status(
         elif row.state == RUNNING and row.end is None:
             job_live = row.job_state in LIVE_JOB_STATES if row.job_state else None
             pid_live = (
-                _pid_alive(int(row.pid)) if row.host == this_host and isinstance(row.pid, int) else None
+                pid_alive(int(row.pid)) if row.host == this_host and isinstance(row.pid, int) else None
             )
             if job_live is False or (job_live is None and pid_live is False):
                 row.possibly_killed = True
