@@ -369,13 +369,8 @@ def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, pl
     summary.datalist, summary.report = wd.datalist, report
 
 
-def plan_convert(cfg: PipelineConfig) -> list[dict[str, Any]]:
-    """What convert would do with every crop, from metadata only (no data read, nothing written).
-
-    Each row: case, status (``convert`` | ``skipped`` | ``failed``), label s0 and EM s0
-    voxel sizes, the EM and label pooling factors, output voxel size and shape, the EM
-    s0 cut, dropped trailing voxels and the reason for a skip or failure. A cut over
-    EM chunks that are absent (never fetched) is a failure here too (file listing only).
+def _planned_crops(cfg: PipelineConfig) -> tuple[Any, list[CropRef], Settings]:
+    """The data root, its crops and the geometry settings that ``--plan`` and ``--cache-to`` use.
 
     Raises:
         PipelineError: no data_root, data_root missing, no crops found.
@@ -387,6 +382,21 @@ def plan_convert(cfg: PipelineConfig) -> list[dict[str, Any]]:
         raise PipelineError(f"{root}: no crops found (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
     st = Settings(resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
                   compress_level=1, out_dir="")
+    return root, refs, st
+
+
+def plan_convert(cfg: PipelineConfig) -> list[dict[str, Any]]:
+    """What convert would do with every crop, from metadata only (no data read, nothing written).
+
+    Each row: case, status (``convert`` | ``skipped`` | ``failed``), label s0 and EM s0
+    voxel sizes, the EM and label pooling factors, output voxel size and shape, the EM
+    s0 cut, dropped trailing voxels and the reason for a skip or failure. A cut over
+    EM chunks that are absent (never fetched) is a failure here too (file listing only).
+
+    Raises:
+        PipelineError: no data_root, data_root missing, no crops found.
+    """
+    root, refs, st = _planned_crops(cfg)
     rows = []
     for ref in refs:
         row: dict[str, Any] = {"case": ref.case, "dataset": ref.dataset, "crop": ref.crop}
@@ -477,13 +487,7 @@ def run_cache_entry(config_file: Path | None, work_dir: Path, data_root: str | P
     overrides = {"data_root": str(data_root) if data_root is not None else None}
     cfg = load_config(work_dir, config_file, overrides, dump=False)
     _apply_flags(cfg, remote)
-    opts = convert_options(cfg)
-    root = open_data_root(cfg, opts)
-    refs = find_crops(root, cfg, opts)
-    if not refs:
-        raise PipelineError(f"{root}: no crops found (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
-    st = Settings(resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
-                  compress_level=1, out_dir="")
+    root, refs, st = _planned_crops(cfg)
     summary = cache_tree(cfg, dest, refs, st)
     click.echo(summary.text())
     click.echo(f"convert offline with: python -m stages.convert --work-dir {work_dir} --data-root {dest}")

@@ -136,6 +136,28 @@ def find_trained_bundles(wd: WorkDir) -> tuple[list[Member], list[str]]:
     return trained, skipped
 
 
+def trained_members(wd: WorkDir, only: Sequence[str] | None,
+                    configured: Sequence[str] | str | None) -> tuple[list[Member], list[str]]:
+    """Trained bundles restricted to ``only`` (``--members``), else ``configured`` (``ensemble.members``,
+    a list or comma-separated); with the skip reasons of :func:`find_trained_bundles`.
+
+    Raises:
+        PipelineError: a requested member is not a trained bundle.
+    """
+    trained, skipped = find_trained_bundles(wd)
+    if only is None:
+        conf = configured or []
+        only = [m.strip() for m in conf.split(",")] if isinstance(conf, str) else [str(m) for m in conf]
+    wanted = [m for m in only if m]
+    if wanted:
+        unknown = sorted(set(wanted) - {m.name for m in trained})
+        if unknown:
+            raise PipelineError(f"--members: {', '.join(unknown)} is not a trained bundle in {wd.root}"
+                                + (f" ({'; '.join(skipped)})" if skipped else ""))
+        trained = [m for m in trained if m.name in wanted]
+    return trained, skipped
+
+
 def select_members(members: Sequence[Member], method: str, n_best: int) -> list[Member]:
     """Pick the ensemble like MONAI's ``AlgoEnsembleBestN`` / ``AlgoEnsembleBestByFold``.
 
@@ -607,17 +629,7 @@ def run_ensemble(
         raise PipelineError(f"ensemble.prob_dtype must be one of {', '.join(PROB_DTYPES)}, got {prob_dtype!r}")
     predictor_factory = predictor_factory or bundle_predictor
 
-    trained, skipped = find_trained_bundles(wd)
-    if only is None:
-        only = ens.get("members") or []
-        only = [m.strip() for m in only.split(",")] if isinstance(only, str) else [str(m) for m in only]
-    only = [m for m in only if m]
-    if only:
-        unknown = sorted(set(only) - {m.name for m in trained})
-        if unknown:
-            raise PipelineError(f"--members: {', '.join(unknown)} is not a trained bundle in {wd.root}"
-                                + (f" ({'; '.join(skipped)})" if skipped else ""))
-        trained = [m for m in trained if m.name in only]
+    trained, skipped = trained_members(wd, only, ens.get("members"))
     for msg in skipped:
         log.warning("skipping %s", msg)
     if not trained:

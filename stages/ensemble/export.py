@@ -71,8 +71,8 @@ from stages.ensemble.ensemble import (
     Member,
     PredictorFactory,
     bundle_predictor,
-    find_trained_bundles,
     select_members,
+    trained_members,
 )
 
 log = logging.getLogger("cellmap.ensemble.export")
@@ -432,17 +432,7 @@ def export_crop(
 def choose_members(wd: WorkDir, cfg: PipelineConfig, method: str, n_best: int,
                    only: Sequence[str] | None) -> list[Member]:
     """Trained bundles, restricted to ``only`` (``--members``, else ``ensemble.members``), then selected."""
-    trained, skipped = find_trained_bundles(wd)
-    if only is None:
-        only = cfg.ensemble.get("members") or []
-        only = [m.strip() for m in only.split(",")] if isinstance(only, str) else [str(m) for m in only]
-    only = [m for m in only if m]
-    if only:
-        unknown = sorted(set(only) - {m.name for m in trained})
-        if unknown:
-            raise PipelineError(f"--members: {', '.join(unknown)} is not a trained bundle in {wd.root}"
-                                + (f" ({'; '.join(skipped)})" if skipped else ""))
-        trained = [m for m in trained if m.name in only]
+    trained, skipped = trained_members(wd, only, cfg.ensemble.get("members"))
     if not trained:
         raise PipelineError(f"{wd.root}: no trained bundle to export with ({'; '.join(skipped) or 'none found'})")
     return select_members(trained, method, n_best)
