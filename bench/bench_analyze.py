@@ -41,7 +41,7 @@ def run(work: Path) -> dict:
     import monai.apps.auto3dseg  # noqa: F401 - import cost is not part of the comparison
 
     from common.config import load_config
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.analyze.analyze import run_analyze
 

@@ -94,7 +94,7 @@ def _naive(wd: Any, cfg: Any, members: list[Any], cases: list[Any]) -> None:
 
 def run(work: Path) -> dict[str, Any]:
     from common.config import load_config
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.ensemble.ensemble import find_trained_bundles, resolve_cases, run_ensemble
 

@@ -47,7 +47,7 @@ def _work(work: Path, classes: list[str]) -> Path:
     from monai.apps.auto3dseg import DataAnalyzer
 
     from common.config import load_config
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.bundlegen.bundlegen import run_bundlegen
 
@@ -80,7 +80,7 @@ class _GpuSampler(threading.Thread):
 
 
 def _train_one(bundle: Path, algo: str, cuda: bool) -> dict[str, Any]:
-    from common.trainer import train_bundle
+    from training.trainer import train_bundle
 
     over = {"num_epochs": 2, "num_steps_per_epoch": STEPS, "roi_size": ROI, "batch_size": BATCH,
             "num_workers": 2 if cuda else 0, "val_every": 100, "network": NETWORK[algo], "amp": True,
@@ -115,7 +115,7 @@ def _official_vs_builtin(work: Path, official: Path) -> dict[str, Any]:
     from monai.apps.auto3dseg import DataAnalyzer
 
     from common.config import load_config
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.bundlegen.bundlegen import run_bundlegen
 
@@ -205,7 +205,7 @@ def _pooled_dice(bundle: Path, work: Path) -> list[float]:
     import nibabel as nib
     import numpy as np
 
-    from common.trainer import BundlePredictor
+    from training.trainer import BundlePredictor
 
     dl = json.loads((work / "nifti_data" / "datalist.json").read_text())["training"]
     pred = BundlePredictor(bundle, device="cpu")
@@ -224,8 +224,8 @@ def learning(work: Path) -> dict[str, Any]:
     import numpy as np
 
     from common.io import read_json
-    from common.trainer import train_bundle
-    from common.training.networks import build_network, dints_dense_code
+    from training.trainer import train_bundle
+    from training.networks import build_network, dints_dense_code
 
     wd = _rare_class_work(Path(work))
     shares = yaml.safe_load((wd / "segresnet_0" / "configs" / "hyper_parameters.yaml").read_text())["class_shares"]

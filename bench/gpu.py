@@ -109,7 +109,7 @@ def synthetic_work_dir(wd: Path, cpu: bool, target_gpu_mem_gb: float) -> Path:
     import yaml
 
     from common.config import load_config
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.bundlegen.bundlegen import run_bundlegen
 
@@ -143,9 +143,9 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
     """``steps`` timed training steps (after ``warmup``) fed by ``feed`` = compute | loader."""
     import torch
 
-    from common.trainer import _epoch_batches, _train_dataset, datalist_split
-    from common.training.losses import MaskedSegLoss
-    from common.training.networks import build_network
+    from training.trainer import _epoch_batches, _train_dataset, datalist_split
+    from training.losses import MaskedSegLoss
+    from training.networks import build_network
 
     torch.manual_seed(0)
     model = build_network(cfg).to(dev).train()
@@ -200,8 +200,8 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
 
 def bench_algo(wd: Path, algo: str, dev: Any, precisions: list[str], steps: int, warmup: int,
                cpu: bool) -> dict[str, Any]:
-    from common.trainer import load_config
-    from common.training.networks import fit_roi
+    from training.trainer import load_config
+    from training.networks import fit_roi
 
     hp = wd / f"{algo}_0" / "configs" / "hyper_parameters.yaml"
     cfg = load_config(hp, TINY if cpu else None)

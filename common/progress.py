@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import yaml
 
 T = TypeVar("T")
-METRICS = "metrics.jsonl"  # the trainer's per-epoch rows (common/trainer.py METRICS)
+METRICS = "metrics.jsonl"  # the trainer's per-epoch rows (training/trainer.py METRICS)
 
 
 def fmt_duration(seconds: float | None) -> str:

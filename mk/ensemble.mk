@@ -28,4 +28,4 @@ bench-ensemble: setup
 
 ## status        the status table of a work dir: make status WORK=demo_work [JSON=1]
 status: setup
-	$(PY) -m common.status --work-dir $(or $(WORK),demo_work) $(if $(JSON),--json,)
+	$(PY) -m slurm.status --work-dir $(or $(WORK),demo_work) $(if $(JSON),--json,)

@@ -485,8 +485,8 @@ def main(work_dir: Path, config_file: Path | None, profile: str, cpu_profile: st
          predict_shards: int, predict_roi: str | None, side: str, dry_run: bool, no_preflight: bool,
          show_status: bool) -> int:
     """Submit the cellmap-auto3dseg chain to SLURM (see the README, section SLURM)."""
-    if show_status:  # the one status report (common.status), which asks slurm.jobs for job states
-        from common.status import render_status
+    if show_status:  # the one status report (slurm.status), which asks slurm.jobs for job states
+        from slurm.status import render_status
 
         if not Path(work_dir).is_dir():
             raise ConfigError(f"{work_dir}: work dir not found")

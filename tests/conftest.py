@@ -20,7 +20,7 @@ os.environ.setdefault("MKL_NUM_THREADS", "1")
 @pytest.fixture
 def blobs_work_dir(tmp_path: Path) -> Path:
     """A work dir holding a small converted-looking blob dataset (3 classes + unknown 255)."""
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     wd = tmp_path / "work"
     make_blobs_dataset(wd, n_cases=6, shape=(40, 40, 24), n_classes=3, n_val=2, seed=0)

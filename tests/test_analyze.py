@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from common.config import load_config
 from common.errors import StageFailed
-from common.synthetic import make_blobs_dataset
+from tools.synthetic import make_blobs_dataset
 from common.workdir import WorkDir
 from stages.analyze.__main__ import main as analyze_cli
 from stages.analyze.analyze import CaseItem, check_complete, run_analyze, run_analyze_entry

@@ -13,7 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from common.config import OFFICIAL_TEMPLATES_ENV
-from common.synthetic import make_blobs_dataset
+from tools.synthetic import make_blobs_dataset
 from common.workdir import WorkDir
 from stages.analyze.analyze import run_analyze_entry
 from stages.bundlegen.__main__ import main as bundlegen_cli

@@ -191,6 +191,10 @@ def test_stage_imports_are_in_its_image(stage: str) -> None:
         top = mod.split(".")[0]
         if top in sys.stdlib_module_names or top == "common" or top == "__future__":
             continue
+        if top == "training":
+            if "COPY training/" not in (ROOT / "stages" / stage / "Dockerfile").read_text():
+                problems.append(f"{mod} (the image does not copy training/)")
+            continue
         if top == "stages":
             if mod not in ("stages", f"stages.{stage}") and not mod.startswith(f"stages.{stage}."):
                 problems.append(f"{mod} (another stage's package is not in this image)")
@@ -320,7 +324,7 @@ def _templates_tarball(path: Path, with_algo: bool = True) -> Path:
     import tarfile
 
     with tarfile.open(path, "w:gz") as tar:
-        src = ROOT / "common" / "algorithm_templates" / "segresnet"
+        src = ROOT / "training" / "templates" / "segresnet"
         tar.add(src if with_algo else src / "configs", arcname="algorithm_templates/segresnet")
     return path
 

@@ -128,7 +128,7 @@ def test_help_in_container(convert_image: str, tmp_path: Path) -> None:
 def test_convert_in_container_matches_native(convert_image: str, tmp_path: Path) -> None:
     """Convert the synthetic CellMap fixture inside the image (non-root, bind-mounted work dir at
     its host path) and natively; the outputs on the host must be the same."""
-    from common.synthetic_cellmap import make_synthetic_cellmap
+    from tools.synthetic_cellmap import make_synthetic_cellmap
 
     data = tmp_path / "data"
     make_synthetic_cellmap(data)

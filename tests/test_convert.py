@@ -11,7 +11,7 @@ import pytest
 
 from common.config import load_config
 from common.io import read_json
-from common.synthetic_cellmap import DATASET, SyntheticInfo, em_block, make_synthetic_cellmap
+from tools.synthetic_cellmap import DATASET, SyntheticInfo, em_block, make_synthetic_cellmap
 from common.workdir import WorkDir
 from stages.convert import run_convert
 

@@ -15,7 +15,7 @@ import pytest
 
 from common.config import load_config
 from common.io import TMP_MARK, read_json
-from common.synthetic_cellmap import SyntheticInfo, make_synthetic_cellmap
+from tools.synthetic_cellmap import SyntheticInfo, make_synthetic_cellmap
 from common.workdir import WorkDir
 from stages.convert import run_convert
 from stages.convert.split import update_split

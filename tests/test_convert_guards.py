@@ -19,7 +19,7 @@ import zarr
 from common.config import load_config
 from common.errors import StageFailed
 from common.ngff import NgffError, read_multiscales
-from common.synthetic_cellmap import DATASET, GT_GROUP, SyntheticInfo, make_synthetic_cellmap
+from tools.synthetic_cellmap import DATASET, GT_GROUP, SyntheticInfo, make_synthetic_cellmap
 from common.workdir import WorkDir
 from stages.convert import run_convert
 from stages.convert.crops import discover_crops

@@ -214,7 +214,7 @@ def _peak_traced(fn) -> int:  # noqa: ANN001
 
 def test_peak_memory_does_not_grow_with_members(tmp_path: Path) -> None:
     """tracemalloc peak (every numpy buffer) of 1 vs 3 members on the same cases: <= +10%."""
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     peaks = {}
     for n in (0, 1, 3):  # run 0 is a warm-up: imports and caches are not the ensemble's memory
@@ -300,7 +300,7 @@ def test_mean_and_vote_differ_as_defined(tmp_path: Path) -> None:
 
 
 def test_on_testing_and_paths(tmp_path: Path) -> None:
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     wd = WorkDir.at(tmp_path / "w").ensure()
     make_blobs_dataset(wd.root, n_cases=2, shape=(24, 24, 16), n_classes=3, n_val=1, n_test=2, seed=3)
@@ -317,7 +317,7 @@ def test_on_testing_and_paths(tmp_path: Path) -> None:
 
 
 def _heldout_wd(root: Path, classes: str = "[ecs, pm, mito_mem]") -> WorkDir:
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     wd = WorkDir.at(root).ensure()
     # 4 training cases (fold 0 = validation) + 2 labelled held-out cases under "testing"
@@ -426,7 +426,7 @@ def test_template_free_dict_transform_bundle_is_ensembled(tmp_path: Path) -> Non
     """A bundle whose InferClass uses dict transforms (like the official ones) goes through MONAI."""
     from monai.auto3dseg.utils import algo_from_json, algo_to_json
 
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     wd = WorkDir.at(tmp_path / "w").ensure()
     make_blobs_dataset(wd.root, n_cases=2, shape=(24, 24, 16), n_classes=3, n_val=1, n_test=1, seed=6)

@@ -46,7 +46,7 @@ def _run(argv: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
 
 @pytest.fixture(scope="module")
 def trained_wd(tmp_path_factory: pytest.TempPathFactory) -> WorkDir:
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     root = tmp_path_factory.mktemp("bundles") / "work"
     make_blobs_dataset(root, n_cases=4, shape=(32, 32, 16), n_classes=3, n_val=2, seed=0)

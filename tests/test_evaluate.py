@@ -241,11 +241,11 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_trainer_validation_is_the_pooled_score(tmp_path: Path) -> None:
-    """common.trainer.validate selects on pooled per-class Dice, not the mean of per-case Dice."""
+    """training.trainer.validate selects on pooled per-class Dice, not the mean of per-case Dice."""
     import torch
 
     from common.nifti import save_nifti, spacing_affine
-    from common.trainer import validate
+    from training.trainer import validate
 
     class Oracle(torch.nn.Module):
         """Predicts the class whose value the (range-scaled) image holds: the image is the prediction."""

@@ -29,7 +29,7 @@ CLASSES = ["ecs", "pm", "nuc"]
 
 @pytest.fixture(scope="module")
 def cellmap_root(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    from common.synthetic_cellmap import make_synthetic_cellmap
+    from tools.synthetic_cellmap import make_synthetic_cellmap
 
     return make_synthetic_cellmap(tmp_path_factory.mktemp("data") / "root")
 

@@ -24,7 +24,7 @@ import zarr
 from common.classes import CELLMAP_CLASSES, INSTANCE_CLASSES, atoms
 from common.config import load_config
 from common.ngff import Level, read_multiscales
-from common.training.blockwise import axis_weights, block_mean, needed_range
+from common.blockwise import axis_weights, block_mean, needed_range
 from common.workdir import WorkDir
 from stages.ensemble.export import ManifestRow, em_reader, plan_class, plan_em, read_manifest, run_export
 from tests.export_realgeom import (
@@ -396,7 +396,7 @@ def test_inside_refuses_escapes(tmp_path: Path) -> None:
 def test_blockwise_instances_equal_whole_volume_components(tmp_path: Path) -> None:
     from scipy import ndimage
 
-    from common.training.blockwise import BlockwiseInstances, iter_blocks
+    from common.blockwise import BlockwiseInstances, iter_blocks
 
     rng = np.random.default_rng(1)
     mask = ndimage.binary_opening(rng.random((30, 41, 37)) > 0.55)

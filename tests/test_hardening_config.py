@@ -16,7 +16,7 @@ import yaml
 
 from common.config import (AnalyzeOptions, bundle_hyper_parameters, check_train_overrides, load_config)
 from common.errors import ConfigError
-from common.training.autoconfig import COMMON_DEFAULTS
+from training.autoconfig import COMMON_DEFAULTS
 from common.workdir import digest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,7 +123,7 @@ def test_train_keys_checked_against_the_bundle(tmp_path: Path) -> None:
     """``train: {num_epoch: 3}`` trained the default for days; now it names the bundle's keys."""
     bundle = tmp_path / "segresnet_0"
     (bundle / "configs").mkdir(parents=True)
-    tpl = yaml.safe_load((ROOT / "common/algorithm_templates/segresnet/configs/hyper_parameters.yaml").read_text())
+    tpl = yaml.safe_load((ROOT / "training/templates/segresnet/configs/hyper_parameters.yaml").read_text())
     hp = {**tpl, **COMMON_DEFAULTS, "num_epochs": 100, "roi_size": [96, 96, 64], "batch_size": 2}
     (bundle / "configs" / "hyper_parameters.yaml").write_text(yaml.safe_dump(hp))
     keys = bundle_hyper_parameters(bundle)

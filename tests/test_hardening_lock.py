@@ -17,7 +17,7 @@ import pytest
 
 from common.errors import PipelineError
 from common.lock import LockHeld, WorkDirLock, hold_locks, lock_path, stage_lock_names
-from common.synthetic_cellmap import make_synthetic_cellmap
+from tools.synthetic_cellmap import make_synthetic_cellmap
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -18,8 +18,8 @@ import torch
 
 from common.io import previous_of, sidecar_of
 from common.progress import eta_seconds, format_epoch_line, progress
-from common.status import collect_status, render_status
-from common.trainer import load_checkpoint, load_resumable, save_checkpoint
+from slurm.status import collect_status, render_status
+from training.trainer import load_checkpoint, load_resumable, save_checkpoint
 from tests.test_train import ROOT, TINY_TRAIN, _env, analysed, make_work, train_cmd  # noqa: F401 (fixture)
 
 

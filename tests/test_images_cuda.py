@@ -156,7 +156,7 @@ def trained(images: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -
     """The same segresnet epoch (CPU, --gpus 0) in the train image and natively."""
     from monai.apps.auto3dseg import DataAnalyzer
 
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     tmp = tmp_path_factory.mktemp("images_cuda")
     tmp.chmod(0o755)

@@ -77,7 +77,7 @@ def _find(node: object, target: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def subset_wd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """14 classes configured, 6 present; 4 training cases (2 validation) + 1 labelled held-out case."""
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     wd = tmp_path_factory.mktemp("official") / "work"
     make_blobs_dataset(wd, n_cases=4, shape=(32, 32, 32), n_classes=6, n_val=2, n_test=1, seed=1, unknown_label=None)

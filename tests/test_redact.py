@@ -28,7 +28,7 @@ def test_mlflow_uri_with_credentials_is_not_logged(tmp_path: Path, caplog: pytes
     """A tracking URI with a password (here an unreachable server, so MLflow fails and the
     tracker logs its error, which quotes the URL): the password is in no log record."""
     pytest.importorskip("mlflow", reason="mlflow is installed by the dev extra")
-    from common.training.tracking import Tracker
+    from training.tracking import Tracker
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")

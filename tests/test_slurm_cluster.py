@@ -143,7 +143,7 @@ def _assert_dependency_order(wd: WorkDir, states: dict[str, dict[str, str]]) -> 
 
 
 def _status(wd: WorkDir) -> dict:
-    out = subprocess.run([sys.executable, "-m", "common.status", "--work-dir", str(wd.root), "--json"],
+    out = subprocess.run([sys.executable, "-m", "slurm.status", "--work-dir", str(wd.root), "--json"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -156,7 +156,7 @@ def _status_rows(wd: WorkDir) -> dict[str, dict]:
 
 
 def _blobs(tmp: Path, train: str) -> WorkDir:
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     wd = tmp / "work"
     make_blobs_dataset(wd, n_cases=4, shape=(32, 32, 16), n_classes=2, n_val=1, seed=0)
@@ -172,7 +172,7 @@ def test_full_chain_two_clusters_with_requeue(slurm_cluster: dict[str, str], tmp
     cluster" (native runner) | wait.bundlegen -> train -> ensemble on the "GPU cluster" (stand-in
     apptainer). The train job is sent SIGUSR1 mid-training: it checkpoints, requeues itself,
     resumes and completes, and the ensemble after it still runs. All jobs COMPLETED in order."""
-    from common.synthetic_cellmap import make_synthetic_cellmap
+    from tools.synthetic_cellmap import make_synthetic_cellmap
 
     app, py = _stand_ins(tmp_path, fake=False)
     cpu, gpu = _profiles(tmp_path, app, py)
@@ -230,7 +230,7 @@ def test_failure_cancels_dependants_then_resubmit_skips_done(slurm_cluster: dict
     rows = _status_rows(wd)
     assert rows["bundlegen"]["state"] == "failed" and "injected failure" in (rows["bundlegen"].get("reason") or "")
     assert rows["train.dints_0"]["job_state"] == "CANCELLED"
-    table = subprocess.run([sys.executable, "-m", "common.status", "--work-dir", str(wd.root)],
+    table = subprocess.run([sys.executable, "-m", "slurm.status", "--work-dir", str(wd.root)],
                            capture_output=True, text=True, cwd=ROOT).stdout
     assert "bundlegen" in table and "failed" in table
 

@@ -1,4 +1,4 @@
-"""common.status: every state on a real work dir with real markers, with and without SLURM tools."""
+"""slurm.status: every state on a real work dir with real markers, with and without SLURM tools."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from common.status import collect_status, render_status, status_json
+from slurm.status import collect_status, render_status, status_json
 from common.workdir import WorkDir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,7 +129,7 @@ def test_status_live_slurm_states(status_wd: Path, tmp_path: Path, monkeypatch: 
 
     # the JSON form through the real CLI
     res = subprocess.run(
-        [sys.executable, "-m", "common.status", "--work-dir", str(status_wd), "--json"],
+        [sys.executable, "-m", "slurm.status", "--work-dir", str(status_wd), "--json"],
         capture_output=True, text=True, cwd=ROOT, env={**os.environ}, check=True,
     )
     data = json.loads(res.stdout)
@@ -140,10 +140,10 @@ def test_status_live_slurm_states(status_wd: Path, tmp_path: Path, monkeypatch: 
 
 
 def test_status_cli_table_and_missing_dir(status_wd: Path, tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "common.status", "--work-dir", str(status_wd)],
+    res = subprocess.run([sys.executable, "-m", "slurm.status", "--work-dir", str(status_wd)],
                          capture_output=True, text=True, cwd=ROOT, check=True)
     assert res.stdout.splitlines()[1].split()[:2] == ["name", "state"]
-    res = subprocess.run([sys.executable, "-m", "common.status", "--work-dir", str(tmp_path / "nope")],
+    res = subprocess.run([sys.executable, "-m", "slurm.status", "--work-dir", str(tmp_path / "nope")],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2 and "work dir not found" in res.stderr
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 import yaml
 
-import common
-from common.training import autoconfig
-from common.training.losses import MaskedSegLoss, dice_per_class
-from common.training.networks import build_network, fit_roi
+import training
+from training import autoconfig
+from training.losses import MaskedSegLoss, dice_per_class
+from training.networks import build_network, fit_roi
 
-TEMPLATES = Path(common.__file__).resolve().parent / "algorithm_templates"
+TEMPLATES = Path(training.__file__).resolve().parent / "templates"
 ALGOS = ("segresnet", "swinunetr", "dints")
 CLASSES = ["ecs", "pm", "mito_mem"]
 
@@ -36,7 +36,7 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Blob dataset (class 3 missing from one case) + a real DataAnalyzer datastats."""
     from monai.apps.auto3dseg import DataAnalyzer
 
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     wd = tmp_path_factory.mktemp("tpl") / "work"
     dl = make_blobs_dataset(wd, n_cases=4, shape=(40, 40, 24), n_classes=3, n_val=2, seed=1, missing={0: (3,)})
@@ -177,7 +177,7 @@ def test_dice_per_class_values() -> None:
 
 
 def test_cli_overrides_keep_types() -> None:
-    from common.trainer import parse_cli_overrides
+    from training.trainer import parse_cli_overrides
 
     cfg, ov = parse_cli_overrides(["run", "--config_file", "a.yaml", "--roi_size", "[32,32,16]",
                                    "--num_epochs=2", "--training#learning_rate", "1e-3", "--amp", "false"])
@@ -189,7 +189,7 @@ def test_cli_overrides_keep_types() -> None:
 
 
 def test_share_weights_are_max_share_over_class_share_clipped() -> None:
-    from common.training.losses import loss_class_weights, share_weights
+    from training.losses import loss_class_weights, share_weights
 
     shares = [0.6, 0.3, 0.01, 0.0, 0.09]
     assert share_weights(shares, 5, 20.0) == pytest.approx([1.0, 2.0, 20.0, 1.0, 6.666667])  # 60 clipped; absent -> 1
@@ -218,7 +218,7 @@ def test_focal_weights_favour_the_rare_class() -> None:
 def test_deep_supervision_heads_train_and_only_the_main_head_infers() -> None:
     """segresnet trains on dsdepth heads (MONAI DeepSupervisionLoss weights 1, 1/2, ...; the
     label shrunk by nearest neighbour so unknown stays unknown) and predicts with the main one."""
-    from common.training.losses import deep_supervision_loss
+    from training.losses import deep_supervision_loss
 
     cfg = {"algo": "segresnet", "output_classes": 4,
            "network": {"init_filters": 4, "blocks_down": [1, 1, 1, 1], "dsdepth": 3}}
@@ -246,8 +246,8 @@ def test_class_balanced_crops_skip_unknown_and_padding(tmp_path: Path) -> None:
     Geometry from tests/data/real_crops.csv-like odd shapes: a (37, 29, 23) crop, 60 % unknown,
     smaller than the patch along z (so padding happens)."""
     from common.nifti import save_nifti, spacing_affine
-    from common.trainer import _transforms
-    from common.training.sampling import INDICES_KEY, KnownClassIndicesd
+    from training.trainer import _transforms
+    from training.sampling import INDICES_KEY, KnownClassIndicesd
 
     rng = np.random.default_rng(0)
     shape = (37, 29, 23)
@@ -284,7 +284,7 @@ def test_pretrained_swinunetr_from_a_local_file(tmp_path: Path) -> None:
     ``module.`` prefix and a ``state_dict`` wrapper are accepted); a missing file is one
     clear ConfigError, nothing is downloaded."""
     from common.errors import ConfigError
-    from common.training.networks import load_pretrained_swinunetr
+    from training.networks import load_pretrained_swinunetr
 
     cfg = {"algo": "swinunetr", "output_classes": 4, "network": {"feature_size": 12}}
     torch.manual_seed(0)

@@ -34,7 +34,7 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """nifti_data (6 blob cases, unknown slab, 2 validation) + datastats, made once."""
     from monai.apps.auto3dseg import DataAnalyzer
 
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     base = tmp_path_factory.mktemp("train_base")
     dl = make_blobs_dataset(base, n_cases=6, shape=(40, 40, 24), n_classes=3, n_val=2, seed=0)
@@ -110,7 +110,7 @@ def test_three_algorithms_train_concurrently(analysed: Path, tmp_path: Path) -> 
         assert obj["best_metric"] == pytest.approx(best)
         assert (wd / "logs" / f"train.{a}.log").is_file()
     # dints: the searched architecture is saved in the bundle and is the one trained
-    from common.training.networks import build_network, dints_dense_code
+    from training.networks import build_network, dints_dense_code
 
     arch = json.loads((wd / "dints_0" / "model" / "arch_code.json").read_text())
     assert arch["search_epochs"] >= 1 and len(arch["history"]) == arch["search_epochs"]
@@ -236,7 +236,7 @@ def test_official_segresnet_trains(tmp_path: Path) -> None:
 
     from monai.apps.auto3dseg import DataAnalyzer
 
-    from common.synthetic import make_blobs_dataset
+    from tools.synthetic import make_blobs_dataset
 
     wd = tmp_path / "work"  # the official templates cannot ignore an unknown label: none here
     dl = make_blobs_dataset(wd, n_cases=4, shape=(40, 40, 24), n_classes=3, n_val=2, seed=0, unknown_label=None)

@@ -88,7 +88,7 @@ def _run(argv: list[str], log: Path) -> float:
 @click.option("--fresh", is_flag=True, help="Delete the demo work dir and data first.")
 def main(work_dir: Path, data_root: Path, fresh: bool) -> None:
     """Generate the synthetic dataset and run convert → analyze → bundlegen → train → ensemble."""
-    from common.synthetic_cellmap import make_synthetic_cellmap
+    from tools.synthetic_cellmap import make_synthetic_cellmap
 
     if fresh:
         shutil.rmtree(work_dir, ignore_errors=True)
@@ -119,7 +119,7 @@ def main(work_dir: Path, data_root: Path, fresh: bool) -> None:
     for algo in yaml.safe_load(cfg.read_text()).get("algos", DEMO_ALGOS):
         times[f"train {algo}"] = _run([py, "-m", "stages.train", *wd, "--algo", algo], log)
     times["ensemble"] = _run([py, "-m", "stages.ensemble", *wd], log)
-    _run([py, "-m", "common.status", *wd], log)
+    _run([py, "-m", "slurm.status", *wd], log)
     click.echo("\nstage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     click.echo(f"demo finished in {time.perf_counter() - t_all:.0f} s; outputs in {work_dir}")
     report = work_dir / "reports" / "ensemble.json"

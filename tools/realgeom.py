@@ -15,7 +15,7 @@ and writes, for chosen crops, a Zarr-v2 OME-NGFF tree laid out like the real one
   holds ids of the crop's own classes (plus the ``mito`` group 50 where the crop lists
   it, which maps to unknown); one array per listed class among the 14 default classes
   (semantic 0/1, ``nuc`` instance ids), annotation attributes as in
-  :mod:`common.synthetic_cellmap`.
+  :mod:`tools.synthetic_cellmap`.
 
 Run ``python -m tools.realgeom OUT [--crops 1,238] [--all-eligible]`` to write a tree.
 """
@@ -157,7 +157,7 @@ def label_ids(shape: tuple[int, ...], ids: list[int], rng: np.random.Generator, 
     return np.ascontiguousarray(a)
 
 
-# ---- writers (same layout as common.synthetic_cellmap) ---------------------------------
+# ---- writers (same layout as tools.synthetic_cellmap) ---------------------------------
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2))

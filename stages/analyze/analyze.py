@@ -45,7 +45,7 @@ from common.cli import select_shard
 from common.config import PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, read_json, read_yaml
-from common.training.autoconfig import ANALYZE_STATS_KEY
+from training.autoconfig import ANALYZE_STATS_KEY
 from common.workdir import WorkDir, digest, file_fingerprint
 
 log = logging.getLogger("cellmap.analyze")
@@ -362,7 +362,7 @@ def with_pooled_statistics(summary: dict[str, Any], report: dict[str, Any]) -> t
 
     Returns:
         ``(summary copy, block)``; the block is written under ``ANALYZE_STATS_KEY`` and read by
-        :mod:`common.training.autoconfig` (``class_voxels``, ``class_shares``, ``intensity_clip``).
+        :mod:`training.autoconfig` (``class_voxels``, ``class_shares``, ``intensity_clip``).
     """
     summary = copy.deepcopy(summary)
     fg = summary.setdefault("image_foreground_stats", {}).setdefault("intensity", {})

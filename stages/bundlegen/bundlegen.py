@@ -6,7 +6,7 @@ What this adds to a plain ``BundleGen(...).generate()``:
   percentiles, the users' deliberate choice; MONAI's segresnet rejects ``em`` and the
   others silently treat it as MRI) and carries our keys (``output_classes``,
   ``unknown_label``, ``target_gpu_mem_gb``, ...).
-* Template source from the config: ``builtin`` (``common/algorithm_templates``),
+* Template source from the config: ``builtin`` (``training/templates``),
   ``official`` (a local copy of research-contributions @21ed8e5; never downloaded) or a
   directory. ``official`` with ``unknown_label != 0`` is a config error.
 * Output classes are **pinned** to ``len(classes) + 1`` (the templates count the labels
@@ -33,7 +33,7 @@ from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
-import common
+import training
 from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, PipelineError, StageFailed
 from common.io import atomic_write_json, atomic_write_yaml, read_yaml
@@ -42,7 +42,7 @@ from common.workdir import WorkDir, digest, utc_now
 log = logging.getLogger("cellmap.bundlegen")
 
 STAGE = "bundlegen"
-BUILTIN_TEMPLATES = Path(common.__file__).resolve().parent / "algorithm_templates"
+BUILTIN_TEMPLATES = Path(training.__file__).resolve().parent / "templates"
 BUNDLE_RECORD = "cellmap_bundle.json"
 SWINUNETR_WEIGHTS = "swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt"
 MODALITY = {"em": "ct", "ct": "ct", "mri": "mri"}
@@ -97,7 +97,7 @@ def template_style(src: Path, algo: str) -> str:
     ``training#output_classes``) and the offline settings just the same.
     """
     code = (src / algo / "scripts" / "algo.py").read_text(errors="replace")
-    return "builtin" if "common.training.autoconfig" in code else "official"
+    return "builtin" if "training.autoconfig" in code else "official"
 
 
 def tree_fingerprint(path: Path) -> str:
@@ -225,7 +225,7 @@ def bundle_digest(inp: dict[str, Any], wd: WorkDir, kind: str, src: Path, algo: 
                   cfg: PipelineConfig) -> str:
     """What one bundle depends on (not the interpreter path: it differs inside containers)."""
     stats = wd.datastats.read_bytes()
-    extra = tree_fingerprint(Path(common.__file__).resolve().parent / "training") if kind == "builtin" else ""
+    extra = tree_fingerprint(Path(training.__file__).resolve().parent) if kind == "builtin" else ""
     return digest([inp, hashlib.sha256(stats).hexdigest(), kind, str(src), tree_fingerprint(src / algo), extra,
                    algo, fold, cfg.bundlegen, "bundlegen-v1"])
 

@@ -18,7 +18,7 @@ How a crop is predicted:
   directly; otherwise EM s0 (any other finer aligned level if s0 was not fetched) is
   cut exactly and block-averaged to ``T``. Missing EM chunks under the box fail the
   crop with the fetch command that fixes it; the scale never changes silently.
-* **Block by block** (:mod:`common.training.blockwise`): bounded memory whatever the
+* **Block by block** (:mod:`common.blockwise`): bounded memory whatever the
   crop size; every member predicts each window with a halo of context; probabilities
   (not labels) are brought to the manifest grid (linear interpolation for finer grids,
   footprint average for coarser ones), then argmax.
@@ -53,7 +53,7 @@ from common.config import PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, read_json
 from common.ngff import Level, NeverFetchedError, NgffError, chunk_keys, em_cut, fmt_vec, read_multiscales
-from common.training.blockwise import (
+from common.blockwise import (
     ArrayPredictor,
     BlockwiseInstances,
     TrainGrid,
@@ -193,7 +193,7 @@ def inside(root: Path, *parts: str) -> Path:
 
 # ---- training resolution -----------------------------------------------------------------
 def bundle_resolution(member: Member, wd: WorkDir) -> tuple[tuple[float | None, float, float], str]:
-    """See :func:`common.training.blockwise.bundle_training_resolution` (bad input: exit 2)."""
+    """See :func:`common.blockwise.bundle_training_resolution` (bad input: exit 2)."""
     try:
         return bundle_training_resolution(member.bundle_dir, wd.reports_dir)
     except ValueError as exc:

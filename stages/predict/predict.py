@@ -7,7 +7,7 @@
   as for the export); the input is block-averaged to it in the ROI's phase, predicted, and
   the probabilities are brought back to the input grid (linear interpolation where the
   input is finer, footprint average where coarser), then argmax.
-* **Block-wise** with a halo and bounded memory (:mod:`common.training.blockwise`); the
+* **Block-wise** with a halo and bounded memory (:mod:`common.blockwise`); the
   output arrays are chunked exactly by block, so ``--shard I/N`` jobs (blocks ``k`` with
   ``k % N == I``) never write the same chunk; a block ledger (``.ledger/<k>``, written
   after the block) makes a killed run resume where it stopped.
@@ -35,7 +35,7 @@ import numpy as np
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_write_json, read_json
 from common.ngff import Level, fmt_vec, multiscales_attrs, read_multiscales
-from common.training.blockwise import (
+from common.blockwise import (
     ArrayPredictor,
     TrainGrid,
     argmax0,

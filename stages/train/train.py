@@ -1,7 +1,7 @@
 """The train stage: train one algorithm's bundle(s), each fold in turn, with exact resume.
 
 * **builtin** bundles (``cellmap_bundle.json`` ``templates: builtin``, or no record) run the
-  shared trainer (:func:`common.trainer.train_bundle`) in this process, or the bundle's own
+  shared trainer (:func:`training.trainer.train_bundle`) in this process, or the bundle's own
   ``scripts/train.py`` under ``torchrun`` for ``--gpus N > 1``;
 * **official** bundles run their own ``scripts/train.py run --config_file ...`` with this
   interpreter, the job's devices and the ``train:`` section as CLI overrides; the output is
@@ -119,7 +119,7 @@ def run_streamed(argv: list[str], log_file: Path, env: dict[str, str], cwd: Path
     Returns:
         ``(exit code, signal forwarded or None)``.
     """
-    from common.training.signals import EARLY
+    from training.signals import EARLY
 
     if EARLY:  # stopped before anything ran: nothing to save
         return EXIT_REQUEUE, EARLY[-1]
@@ -151,7 +151,7 @@ def _device_env(gpus: int | None) -> dict[str, str]:
 
 def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | None) -> float:
     """Train one builtin bundle; returns the best mean foreground Dice."""
-    from common.trainer import PROGRESS_YAML, train_bundle
+    from training.trainer import PROGRESS_YAML, train_bundle
 
     hp = bundle / "configs" / HP
     overrides = dict(cfg.train)

@@ -1,6 +1,6 @@
 """The segresnet Auto3DSeg algorithm (builtin template): MONAI looks up ``segresnet.scripts.algo.SegresnetAlgo``.
 
-All logic is shared (``common.training.autoconfig``); this template contributes only its
+All logic is shared (``training.autoconfig``); this template contributes only its
 defaults in ``configs/hyper_parameters.yaml`` (network and learning rate).
 """
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from monai.apps.auto3dseg import BundleAlgo
 
-from common.training.autoconfig import fill_template
+from training.autoconfig import fill_template
 
 # this template's own defaults (never the filled copy inside a bundle)
 DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "hyper_parameters.yaml"

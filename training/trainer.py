@@ -47,10 +47,10 @@ from common.errors import ConfigError, PipelineError, RequeueRequested, StageFai
 from common.io import (atomic_write_text, atomic_write_yaml, read_json, read_yaml, remove_sealed,
                        remove_stale_tmp, sealed_candidates, sealed_path)
 from common.progress import EventLog, eta_seconds, format_epoch_line
-from common.training.autoconfig import HYPER_PARAMETERS
-from common.training.losses import LOSSES, MaskedSegLoss, deep_supervision_loss, loss_class_weights
-from common.training.networks import build_network, fit_roi, load_pretrained_swinunetr
-from common.training.signals import EARLY, STOP_SIGNALS, catch_stop_signals_early
+from training.autoconfig import HYPER_PARAMETERS
+from training.losses import LOSSES, MaskedSegLoss, deep_supervision_loss, loss_class_weights
+from training.networks import build_network, fit_roi, load_pretrained_swinunetr
+from training.signals import EARLY, STOP_SIGNALS, catch_stop_signals_early
 
 log = logging.getLogger("cellmap.trainer")
 
@@ -276,7 +276,7 @@ def _transforms(cfg: dict[str, Any], train: bool) -> Any:
     if mode == "classes":
         n_cls = int(cfg["output_classes"])
         ratios = cfg.get("crop_ratios")
-        from common.training.sampling import INDICES_KEY, KnownClassIndicesd
+        from training.sampling import INDICES_KEY, KnownClassIndicesd
 
         xs += [
             KnownClassIndicesd(n_cls),  # deterministic: cached with the volume when cache_rate > 0
@@ -549,7 +549,7 @@ def _dints_architecture(cfg: dict[str, Any], model_dir: Path, train_items: list[
 
     Order: an ``arch_code`` given in the config (``train: {network: {arch_code: ...}}``) wins;
     else ``<model>/arch_code.json`` from an earlier search of this bundle; else the search runs
-    now (:func:`common.training.dints_search.search_dints`, ``search_epochs`` epochs; 0 = the
+    now (:func:`training.dints_search.search_dints`, ``search_epochs`` epochs; 0 = the
     dense fallback topology) and writes that file. The code then travels in every checkpoint's
     ``config``, so inference rebuilds the same network.
     """
@@ -560,7 +560,7 @@ def _dints_architecture(cfg: dict[str, Any], model_dir: Path, train_items: list[
     if path.is_file():
         net["arch_code"] = read_json(path)["arch_code"]
     elif int(cfg.get("search_epochs") if cfg.get("search_epochs") is not None else max(1, int(cfg["num_epochs"]) // 4)) > 0:
-        from common.training.dints_search import search_dints
+        from training.dints_search import search_dints
 
         with stop_on_signals() as stop:
             result = search_dints(cfg, train_items, loss_fn, dev, lambda: _stop_requested(stop, dev),
@@ -694,7 +694,7 @@ def train_bundle(
 
     from tqdm import tqdm
 
-    from common.training.tracking import Tracker
+    from training.tracking import Tracker
 
     tracker = Tracker(plain_cfg, model_dir, enabled=rank == 0 and bool(cfg.get("mlflow", False)))
     events = EventLog(model_dir, enabled=rank == 0)

@@ -122,7 +122,7 @@ def dints_arch_code(net: dict[str, Any]) -> dict[str, Any]:
 
 def dints(cfg: dict[str, Any]) -> torch.nn.Module:
     """MONAI ``DiNTS`` on the ``TopologyInstance`` of ``network.arch_code`` (the searched one;
-    the trainer runs the search first, see :mod:`common.training.dints_search`)."""
+    the trainer runs the search first, see :mod:`training.dints_search`)."""
     from monai.networks.nets import DiNTS, TopologyInstance
 
     net = {**DINTS_DEFAULTS, **(cfg.get("network") or {})}

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from common.errors import RequeueRequested
-from common.training.networks import DINTS_DEFAULTS
+from training.networks import DINTS_DEFAULTS
 
 log = logging.getLogger("cellmap.dints_search")
 

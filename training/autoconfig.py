@@ -34,7 +34,7 @@ ROI_MIN = {"segresnet": 16, "swinunetr": 64, "dints": 32}
 COMMON_DEFAULTS: dict[str, Any] = {
     "optimizer": "adamw",
     "weight_decay": 1.0e-5,
-    "loss": "dicece",  # or "focal", "dicefocal" (common/training/losses.py)
+    "loss": "dicece",  # or "focal", "dicefocal" (training/losses.py)
     "loss_weights": "auto",  # CE/focal class weights: auto (focal*: max share / class share), none, or a list
     "loss_weight_max": 20.0,  # clip of the auto weights
     "lr_schedule": "cosine",  # cosine decay over num_epochs with a linear warm-up
@@ -64,7 +64,7 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "search_learning_rate_arch": 1.0e-3,  # dints: Adam learning rate of the architecture logits
     "search_ram_cost_factor": 0.8,  # dints: weight of the memory cost in the search loss
     "pretrained_weights": None,  # swinunetr: a local weights file for the encoder (never downloaded)
-    "mlflow": False,  # MLflow tracking (common/training/tracking.py); needs the mlflow extra
+    "mlflow": False,  # MLflow tracking (training/tracking.py); needs the mlflow extra
     "mlflow_tracking_uri": None,  # None: sqlite:///<bundle>/mlflow.db, never a network URI by default
     "mlflow_experiment": "cellmap-auto3dseg",
 }

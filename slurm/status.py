@@ -1,6 +1,6 @@
 """One table of the whole pipeline: every stage and every algo/fold, from the work dir.
 
-Run as ``python -m common.status --work-dir W [--json] [--no-slurm]``.
+Run as ``python -m slurm.status --work-dir W [--json] [--no-slurm]``.
 
 Sources, all read-only:
 

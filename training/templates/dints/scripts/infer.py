@@ -1,6 +1,6 @@
 """``InferClass`` used by MONAI's ``BundleAlgo.predict`` and the ensemble (loads the model once)."""
 
-from common.trainer import BundlePredictor
+from training.trainer import BundlePredictor
 
 
 class InferClass(BundlePredictor):

@@ -6,7 +6,7 @@ SIGUSR1/SIGTERM (rerun the same command to resume).
 
 import sys
 
-from common.trainer import cli_main
+from training.trainer import cli_main
 
 if __name__ == "__main__":
     sys.exit(cli_main())
