@@ -318,7 +318,7 @@ def summarize(by_case: list[dict[str, Any]]) -> dict[str, Any]:
 
     summarizer = SegSummarizer("image", "label", average=True, do_ccp=False, hist_bins=0,
                                hist_range=[-500, 500], histogram_only=False)
-    summary = summarizer.summarize(by_case)
+    summary: dict[str, Any] = summarizer.summarize(by_case)
     summary["n_cases"] = len(by_case)
     return summary
 
