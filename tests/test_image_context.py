@@ -134,7 +134,8 @@ def test_image_copies_exactly_the_packages_its_stage_imports(stage: str) -> None
     missing, extra = sorted(need - have), sorted(have - need)
     assert not missing and not extra, (
         f"stages/{stage}/Dockerfile: missing {missing} (imported: "
-        f"{sorted(m for m in needed_modules(stage) if copy_unit(m) in missing)}); not imported: {extra}")
+        f"{sorted(m for m in needed_modules(stage) if copy_unit(m) in missing)}); not imported: {extra}"
+    )
 
 
 def test_no_image_carries_tools_tests_or_the_scheduler() -> None:
@@ -160,10 +161,12 @@ def test_the_torch_free_images_stay_torch_free() -> None:
 def test_closure_follows_lazy_relative_and_submodule_imports(tmp_path: Path) -> None:
     """The resolver itself: a lazy import inside a function counts, ``from common import x``
     resolves to the module ``common.x``, a guarded optional import does not count."""
-    src = ("from common import config\n"
-           "def f():\n    from common.ngff import read_multiscales\n"
-           "try:\n    import training.trainer\nexcept ImportError:\n    pass\n"
-           "from . import convert\n")
+    src = (
+        "from common import config\n"
+        "def f():\n    from common.ngff import read_multiscales\n"
+        "try:\n    import training.trainer\nexcept ImportError:\n    pass\n"
+        "from . import convert\n"
+    )
     p = tmp_path / "x.py"
     p.write_text(src)
     got = first_party_imports(p, "stages.convert.x")
@@ -198,8 +201,11 @@ def test_stage_imports_are_in_its_image(stage: str) -> None:
                     if top in sys.stdlib_module_names or top == "__future__":
                         continue
                     if top in CODE_ROOTS:
-                        if top == "stages" and mod != "stages" and not any(
-                                mod == e or mod.startswith(e + ".") for e in entries):
+                        if (
+                            top == "stages"
+                            and mod != "stages"
+                            and not any(mod == e or mod.startswith(e + ".") for e in entries)
+                        ):
                             problems.append(f"{mod} (another stage's package is not in this image)")
                         continue
                     dists = {d.lower().replace("_", "-") for d in top_to_dists.get(top, [])}
@@ -213,11 +219,15 @@ def test_build_context_is_what_the_dockerfile_copies(stage: str) -> None:
     """``containers/build.sh`` builds each stage from a context derived from its Dockerfile's COPY
     lines (its own ``dockerfile_sources``, run here), so a Dockerfile change cannot leave the context
     short or carrying code the image does not copy."""
-    fn = re.search(r"^dockerfile_sources\(\) \{.*?^\}$", (ROOT / "containers" / "build.sh").read_text(),
-                   re.M | re.S)
+    fn = re.search(r"^dockerfile_sources\(\) \{.*?^\}$", (ROOT / "containers" / "build.sh").read_text(), re.M | re.S)
     assert fn, "containers/build.sh defines dockerfile_sources"
-    res = subprocess.run(["bash", "-c", fn.group(0) + '\ndockerfile_sources "$1"', "_",
-                          f"stages/{stage}/Dockerfile"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    res = subprocess.run(
+        ["bash", "-c", fn.group(0) + '\ndockerfile_sources "$1"', "_", f"stages/{stage}/Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert res.returncode == 0, res.stderr
     context = set(res.stdout.split())
     want = {s.rstrip("/") for s in copied_code(stage)}
