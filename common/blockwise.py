@@ -323,9 +323,11 @@ def training_factors(train_res: Sequence[float | None], s0_scale: Sequence[float
     Raises:
         ValueError: the training voxel is not a whole multiple of the source voxel.
     """
-    f_yx = float(train_res[1]) / s0_scale[1]
-    t = (float(train_res[0]) if train_res[0] is not None else s0_scale[0] * f_yx, float(train_res[1]),
-         float(train_res[2]))
+    ty, tx = train_res[1], train_res[2]
+    if ty is None or tx is None:
+        raise ValueError(f"training voxel {list(train_res)}: only z may be unset")
+    f_yx = float(ty) / s0_scale[1]
+    t = (float(train_res[0]) if train_res[0] is not None else s0_scale[0] * f_yx, float(ty), float(tx))
     g = [v / e for v, e in zip(t, s0_scale)]
     if not all(abs(x - round(x)) <= 1e-3 and round(x) >= 1 for x in g):
         raise ValueError(f"training voxel {list(t)} nm is not a whole multiple of the source voxel {list(s0_scale)} nm")

@@ -19,6 +19,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+# analyze's own per-class statistics block in datastats.yaml (pooled per-class voxel counts with
+# unknown excluded, the pooled intensity clip): exact where MONAI's summary is not. Written by
+# analyze, read by the training library's auto-configuration.
+ANALYZE_STATS_KEY = "cellmap_stats"
+
 # name -> (canonical id, atomic ids included; empty for atoms)
 CELLMAP_CLASSES: dict[str, tuple[int, tuple[int, ...]]] = {
     "ecs": (1, ()), "pm": (2, ()), "mito_mem": (3, ()), "mito_lum": (4, ()),

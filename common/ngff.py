@@ -149,7 +149,8 @@ def read_multiscales(group_path: str | Path | RemotePath) -> list[Level]:
         names = tuple(a.get("name") if isinstance(a, dict) else a for a in axes)
         if names != AXES:
             raise NgffError(f"{group}: axes {list(names)}, expected ['z', 'y', 'x']")
-    g_scale, g_trans = (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)
+    g_scale: tuple[float, ...] = (1.0, 1.0, 1.0)
+    g_trans: tuple[float, ...] = (0.0, 0.0, 0.0)
     if m.get("coordinateTransformations"):
         g_scale, g_trans = _transforms(m["coordinateTransformations"], f"{group} (multiscale)")
     datasets = m.get("datasets")
@@ -181,7 +182,7 @@ def pyramid_issues(levels: Sequence[Level]) -> list[str]:
     Only informative: the cut uses each level's own metadata, so a deviating level is
     still exact; callers log these.
     """
-    out = []
+    out: list[str] = []
     if not levels:
         return out
     s0, t0 = levels[0].scale, levels[0].translation

@@ -246,7 +246,7 @@ class RemotePath:
         return os.stat_result((0o100644, 0, 0, 1, 0, 0, size, 0, 0, 0))
 
 
-def path(root: str | os.PathLike[str]) -> Path | RemotePath:
+def path(root: str | os.PathLike[str] | RemotePath) -> Path | RemotePath:
     """A local :class:`Path` or a :class:`RemotePath` for ``root``."""
     if isinstance(root, (Path, RemotePath)):
         return root

@@ -77,6 +77,18 @@ make_context() {  # make_context <target> <path>...; prints the context dir
   echo "$ctx"
 }
 
+# The repository paths a Dockerfile COPYs from the context (every stage of it, not --from), less
+# the lock and wheelhouse, which build_stage places under the names the Dockerfile expects.
+dockerfile_sources() {  # dockerfile_sources <Dockerfile>
+  awk '$1 == "COPY" && $2 !~ /^--from/ {
+         for (i = 2; i < NF; i++) {
+           s = $i; sub(/\/$/, "", s)
+           if (s ~ /^--/ || s ~ /^containers\/locks\// || (s ~ /^\.whl\// && s != ".whl/templates")) continue
+           print s
+         }
+       }' "$1" | sort -u
+}
+
 build() {  # build <target> <dockerfile> <context> [--build-arg ...]
   local target="$1" dockerfile="$2" ctx="$3"
   shift 3
@@ -156,10 +168,9 @@ build_stage() {
   ensure_base "$base"
   TORCH_FLAVOUR="$flavour" "$python" -m containers.wheelhouse "$stage"
   prepare_templates
-  local extra_paths=()
-  [[ "$stage" == train ]] && extra_paths=(bench/__init__.py bench/gpu.py)  # the GPU check rides along
-  ctx="$(make_context "$stage" common stages/__init__.py "stages/$stage" containers/fetch-templates.sh .whl/templates \
-    ${extra_paths[@]+"${extra_paths[@]}"})"
+  local sources
+  mapfile -t sources < <(dockerfile_sources "stages/$stage/Dockerfile")
+  ctx="$(make_context "$stage" "${sources[@]}")"
   # The lock and wheelhouse of the flavour, under the names the Dockerfile copies.
   mkdir -p "$ctx/containers/locks" "$ctx/.whl"
   cp -l "containers/locks/$name.txt" "$ctx/containers/locks/$stage.txt" 2>/dev/null \

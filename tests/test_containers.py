@@ -141,23 +141,6 @@ def _optional_imports(tree: ast.AST) -> set[int]:
     return optional
 
 
-def _imports(stage: str) -> set[str]:
-    """Top-level modules imported anywhere in ``stages/<stage>`` (lazy imports included, imports
-    guarded by ``except ImportError`` excluded)."""
-    names: set[str] = set()
-    for py in (ROOT / "stages" / stage).rglob("*.py"):
-        tree = ast.parse(py.read_text(), filename=str(py))
-        optional = _optional_imports(tree)
-        for node in ast.walk(tree):
-            if id(node) in optional:
-                continue
-            if isinstance(node, ast.Import):
-                names.update(a.name for a in node.names)
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                names.add(node.module)
-    return names
-
-
 def _allowed_dists(stage: str) -> set[str]:
     """Distributions in the image: its lock, else the dependency group and what it requires."""
     lock = ROOT / "containers" / "locks" / f"{stage}.txt"
@@ -178,31 +161,8 @@ def _allowed_dists(stage: str) -> set[str]:
     return seen
 
 
-@pytest.mark.parametrize("stage", STAGES)
-def test_stage_imports_are_in_its_image(stage: str) -> None:
-    """Each image holds common/, its own stage package and its lock; the code must not need more
-    (e.g. convert must not import torch; no stage imports another stage's package)."""
-    if not any((ROOT / "stages" / stage).glob("*.py")):
-        pytest.skip(f"stages/{stage} has no code yet")
-    allowed = _allowed_dists(stage)
-    top_to_dists = md.packages_distributions()
-    problems = []
-    for mod in sorted(_imports(stage)):
-        top = mod.split(".")[0]
-        if top in sys.stdlib_module_names or top == "common" or top == "__future__":
-            continue
-        if top == "training":
-            if "COPY training/" not in (ROOT / "stages" / stage / "Dockerfile").read_text():
-                problems.append(f"{mod} (the image does not copy training/)")
-            continue
-        if top == "stages":
-            if mod not in ("stages", f"stages.{stage}") and not mod.startswith(f"stages.{stage}."):
-                problems.append(f"{mod} (another stage's package is not in this image)")
-            continue
-        dists = {d.lower().replace("_", "-") for d in top_to_dists.get(top, [])}
-        if not dists & allowed:
-            problems.append(f"{mod} (no distribution of it in the {stage} image)")
-    assert not problems, f"stages/{stage} imports: " + "; ".join(problems)
+# Which code and which distributions each image needs (computed from the imports) is checked in
+# tests/test_image_context.py, which uses _allowed_dists/_optional_imports from here.
 
 
 def test_locks_follow_constraints() -> None:

@@ -15,12 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from common.classes import ANALYZE_STATS_KEY
 from common.io import atomic_write_yaml, read_json, read_yaml
 
 HYPER_PARAMETERS = "hyper_parameters.yaml"
-# analyze's own statistics block in datastats.yaml (pooled per-class voxel counts with unknown
-# excluded, the pooled intensity clip): exact where MONAI's summary is not.
-ANALYZE_STATS_KEY = "cellmap_stats"
 
 # Voxels of one patch (batch 1, AMP) that fit in 1 GiB of GPU memory, measured roughly from the
 # official templates' own sizing (segresnet: 224*224*144 at 16 GiB; swinunetr/dints: ~96^3 x 2).

@@ -41,11 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from common.classes import ANALYZE_STATS_KEY
 from common.cli import select_shard
 from common.config import PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, read_json, read_yaml
-from training.autoconfig import ANALYZE_STATS_KEY
 from common.workdir import WorkDir, digest, file_fingerprint
 
 log = logging.getLogger("cellmap.analyze")
@@ -318,7 +318,7 @@ def summarize(by_case: list[dict[str, Any]]) -> dict[str, Any]:
 
     summarizer = SegSummarizer("image", "label", average=True, do_ccp=False, hist_bins=0,
                                hist_range=[-500, 500], histogram_only=False)
-    summary = summarizer.summarize(by_case)
+    summary: dict[str, Any] = summarizer.summarize(by_case)
     summary["n_cases"] = len(by_case)
     return summary
 

@@ -74,7 +74,7 @@ def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[s
     total = vox.sum(axis=0)
     known = int(total.sum())
     fg_total = int(total[1:].sum())
-    classes = []
+    classes: list[dict[str, Any]] = []
     for cid, name in enumerate(names):
         present = [o["case"] for o, row in zip(own, vox) if row[cid] > 0]
         classes.append({
@@ -235,7 +235,8 @@ def write_plots(reports: Path, r: dict[str, Any]) -> list[Path]:
     from common.plots import pyplot, save_figure
 
     plt = pyplot()
-
+    if plt is None:  # no matplotlib: the report's tables still hold every number
+        return []
     out = []
     names = [c["name"] for c in r["classes"]]
     shares = [c["share"] for c in r["classes"]]
@@ -253,7 +254,7 @@ def write_plots(reports: Path, r: dict[str, Any]) -> list[Path]:
     h = r["intensity"]["histogram"]
     fig, ax = plt.subplots(figsize=(7, 4))
     if h.get("image"):
-        edges = np.linspace(*h["range"], len(h["image"]) + 1)
+        edges = np.linspace(float(h["range"][0]), float(h["range"][1]), len(h["image"]) + 1)
         for key, col in (("image", "tab:gray"), ("foreground", "tab:blue")):
             counts = np.asarray(h[key], dtype=np.float64)
             if counts.sum():

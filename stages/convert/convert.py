@@ -295,17 +295,17 @@ def run_convert(
     _write_outputs(cfg, wd, summary, bool(opts["report_png"]), budget)
     if summary.count(CONVERTED) == 0:
         marker.fail("no crop converted", **details)
-        exc = StageFailed(f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}")
-        exc.summary = summary  # type: ignore[attr-defined]
-        raise exc
+        failure = StageFailed(f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}")
+        failure.summary = summary  # type: ignore[attr-defined]
+        raise failure
     if summary.failed_fraction() > budget:
         msg = (f"{summary.count(FAILED)} of {summary.count(CONVERTED) + summary.count(FAILED)} eligible crops failed "
                f"({100 * summary.failed_fraction():.1f} % > convert.max_failed_fraction {100 * budget:g} %); "
                f"reasons in {summary.report}")
         marker.fail(msg, **details)
-        exc = StageFailed(msg)
-        exc.summary = summary  # type: ignore[attr-defined]
-        raise exc
+        failure = StageFailed(msg)
+        failure.summary = summary  # type: ignore[attr-defined]
+        raise failure
     marker.done(**details)
     return summary
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from common.io import atomic_path
 
+_isal: Any
 try:  # optional: the convert image and pyproject's convert extra carry it
     from isal import isal_zlib as _isal
 except ImportError:  # pragma: no cover - exercised where isal is absent
@@ -99,7 +100,7 @@ def write_nifti_gz(path: str | Path, block_zyx: np.ndarray, affine: np.ndarray, 
         rle: deflate with ``Z_RLE`` (faster and smaller for label maps, which are runs;
             poor for EM). Still plain gzip for every reader.
     """
-    data = memoryview(np.ascontiguousarray(block_zyx)).cast("B")  # C order (z,y,x) == F order (x,y,z)
+    data = memoryview(np.ascontiguousarray(block_zyx)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer  # C order (z,y,x) == F order (x,y,z)
     comp = gzip_compressor(level, rle)
     written = 0
     with atomic_path(path) as tmp:

@@ -255,6 +255,8 @@ def plot(r: dict[str, Any], path: Path) -> None:
     from common.plots import pyplot, save_figure
 
     plt = pyplot()
+    if plt is None:  # no matplotlib: the JSON and markdown reports hold every number
+        return
     names = list(r["semantic"]) + list(r["instance"])
     vals = [r["semantic"][c]["iou"] for c in r["semantic"]] + [r["instance"][c]["combined"] for c in r["instance"]]
     colors = ["tab:blue"] * len(r["semantic"]) + ["tab:orange"] * len(r["instance"])
