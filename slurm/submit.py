@@ -470,7 +470,7 @@ def preflight_problems(wd: WorkDir, cfg: PipelineConfig, jobs: list[Job], from_s
 @work_dir_option
 @config_option
 @click.option("--profile", default=None, help="Site profile (sycamore, longleaf, local, or a YAML path): train, ensemble, and all stages unless --cpu-profile.")
-@click.option("--cpu-profile", default=None, help="Profile of the CPU cluster for convert, analyze, bundlegen.")
+@click.option("--cpu-profile", default=None, help=f"Profile of the CPU cluster for {', '.join(CPU_STAGES)}.")
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None, help="Start the chain at this stage.")
 @click.option("--algos", default=None, help="Comma-separated subset of the configured algorithms.")
 @click.option("--convert-shards", type=click.IntRange(min=1), default=None, help="Run convert as an array of N shards + a merge job.")
