@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,6 +108,8 @@ def test_fourth_algorithm_needs_only_registry_entry_factory_and_template(tmp_pat
         assert torch.allclose(prob.sum(0), torch.ones(32, 32, 16), atol=1e-4)
     finally:
         _forget_templates(BUILTIN_TEMPLATES, None)
+        for mod in [m for m in sys.modules if m.split(".")[0] == NAME]:  # MONAI imported tiny.scripts.*
+            del sys.modules[mod]
     assert NAME not in algorithms.names()
     assert _repo_state() == before, "the fourth algorithm needed an edit of the repository"
 

@@ -269,6 +269,8 @@ def bundle_digest(inp: dict[str, Any], wd: WorkDir, kind: str, src: Path, algo: 
     """What one bundle depends on (not the interpreter path: it differs inside containers)."""
     stats = wd.datastats.read_bytes()
     extra = tree_fingerprint(Path(training.__file__).resolve().parent) if kind == "builtin" else ""
+    if kind == "builtin":  # the registry entry's rules (roi, memory model, factory) shape the bundle too
+        extra += repr(algorithms.get(algo))
     return digest([inp, hashlib.sha256(stats).hexdigest(), kind, str(src), tree_fingerprint(template_folder(kind, src, algo)), extra,
                    algo, fold, cfg.bundlegen, "bundlegen-v1"])
 
