@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -221,3 +222,16 @@ def test_no_restatement_creeps_back() -> None:
     # config.STAGE_SECTIONS is the config sections (owned by the typed-config work), not the chain
     problems = [p for p in problems if "STAGE_SECTIONS" not in p]
     assert not problems, "restated instead of derived:\n" + "\n".join(problems)
+
+
+def test_plugin_module_reaches_a_stage_process(tmp_path: Path) -> None:
+    """A module named in ``CELLMAP_A3DS_ALGORITHM_PLUGINS`` registers its algorithm in every new
+    process: the train command then accepts it (how a plugin reaches SLURM jobs)."""
+    (tmp_path / "my_plugin.py").write_text(
+        "from common.algorithms import register\nfrom tests.tiny_algo import tiny_spec\n"
+        f"register(tiny_spec({str(tmp_path)!r}))\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]),
+               **{algorithms.PLUGINS_ENV: "my_plugin"})
+    out = subprocess.run([sys.executable, "-m", "stages.train", "--help"], cwd=ROOT, env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert f"[{'|'.join((*algorithms.names(), NAME))}]" in out.replace("\n", "").replace(" ", "")
