@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from common import algorithms
 from common.classes import DEFAULT_CLASSES, check_class_names
 from common.errors import ConfigError
 from common.io import atomic_write_yaml
 
-ALGOS: tuple[str, ...] = ("segresnet", "swinunetr", "dints")
+# the algorithm registry, live: an algorithm registered later (plugin, test) is valid too
+ALGOS: Sequence[str] = algorithms.NAMES
 STAGE_SECTIONS: tuple[str, ...] = ("convert", "analyze", "bundlegen", "train", "ensemble")
 OFFICIAL_TEMPLATES_ENV = "CELLMAP_A3DS_OFFICIAL_TEMPLATES"
 OFFICIAL_TEMPLATES_DEFAULT = "/opt/monai-algo-templates/21ed8e5"

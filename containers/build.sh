@@ -148,11 +148,9 @@ prepare_templates() {
 
 build_stage() {
   local stage="$1" base ctx name flavour="" stage_args=()
-  case "$stage" in
-    convert | analyze | bundlegen) base="base-cpu" ;;
-    train | ensemble) base="base-cuda"; flavour="${TORCH_FLAVOUR:-cu130}" ;;
-    *) echo "build.sh: unknown target $stage" >&2; exit 2 ;;
-  esac
+  # the base (cpu or cuda) comes from the pipeline definition (common/pipeline.py)
+  base="$("$python" -m common.pipeline base "$stage")" || { echo "build.sh: unknown target $stage" >&2; exit 2; }
+  [[ "$base" == base-cuda ]] && flavour="${TORCH_FLAVOUR:-cu130}"
   if [[ "$stage" == bundlegen || "$stage" == train ]]; then
     if [[ -z "${ALGO_TEMPLATES_SHA256:-}" ]]; then
       echo "build.sh: $stage bakes the official templates: set ALGO_TEMPLATES_SHA256 to the sha256 of $algo_hash.tar.gz (check it once with sha256sum), or to 'unverified'" >&2
@@ -181,7 +179,11 @@ build_stage() {
 }
 
 targets=("$@")
-[[ ${#targets[@]} -gt 0 ]] || targets=(base-cpu base-cuda convert analyze bundlegen train ensemble)
+if [[ ${#targets[@]} -eq 0 ]]; then  # both bases, then every stage image of the pipeline definition
+  mapfile -t targets < <("$python" -m common.pipeline images)
+  [[ ${#targets[@]} -gt 0 ]] || { echo "build.sh: cannot list the images (python -m common.pipeline images)" >&2; exit 2; }
+  targets=(base-cpu base-cuda "${targets[@]}")
+fi
 for t in "${targets[@]}"; do
   case "$t" in
     base-cpu | base-cuda) build_base "$t" ;;

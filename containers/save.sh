@@ -2,7 +2,7 @@
 # Save stage images as docker archives, images/<stage>.tar, for `apptainer build
 # <stage>.sif docker-archive:images/<stage>.tar` on a cluster without docker or podman.
 #
-# usage: containers/save.sh [STAGE...]     (default: all five stages)
+# usage: containers/save.sh [STAGE...]     (default: every image of `python -m common.pipeline images`)
 # env:   CONTAINER_CLI, IMAGE_PREFIX, VERSION, IMAGES_DIR as in build.sh / sif.sh
 set -euo pipefail
 
@@ -22,7 +22,9 @@ fi
 mkdir -p "$out"
 
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(convert analyze bundlegen train ensemble)
+# default: every stage image of the pipeline definition (common/pipeline.py; stdlib only)
+[[ ${#stages[@]} -gt 0 ]] || mapfile -t stages < <("${PYTHON:-python3}" -m common.pipeline images)
+[[ ${#stages[@]} -gt 0 ]] || { echo "$(basename "$0"): cannot list the images (python3 -m common.pipeline images)" >&2; exit 2; }
 for stage in "${stages[@]}"; do
   image="$prefix/$stage:$version"
   rm -f "$out/$stage.tar.tmp"

@@ -5,7 +5,7 @@
 #     (written here with `podman save` when missing, or copied from a machine that has docker:
 #      `make save` there, then `make sif` on the cluster, where only apptainer is needed).
 #
-# usage: containers/sif.sh [STAGE...]      (default: all five stages)
+# usage: containers/sif.sh [STAGE...]      (default: every image of `python -m common.pipeline images`)
 # env:   APPTAINER      apptainer binary (default: apptainer; tests put a stand-in here)
 #        CONTAINER_CLI  docker|podman|none (default: docker if its daemon answers, else podman
 #                       if installed, else none = archives only)
@@ -32,7 +32,9 @@ command -v "$apptainer" >/dev/null 2>&1 || {
 mkdir -p "$out"
 
 stages=("$@")
-[[ ${#stages[@]} -gt 0 ]] || stages=(convert analyze bundlegen train ensemble)
+# default: every stage image of the pipeline definition (common/pipeline.py; stdlib only)
+[[ ${#stages[@]} -gt 0 ]] || mapfile -t stages < <("${PYTHON:-python3}" -m common.pipeline images)
+[[ ${#stages[@]} -gt 0 ]] || { echo "$(basename "$0"): cannot list the images (python3 -m common.pipeline images)" >&2; exit 2; }
 for stage in "${stages[@]}"; do
   image="$prefix/$stage:$version"
   archive="$out/$stage.tar"

@@ -15,10 +15,11 @@ from typing import Any
 
 import yaml
 
+from common import pipeline
 from common.errors import ConfigError
 
 PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
-STAGES: tuple[str, ...] = ("convert", "analyze", "bundlegen", "train", "ensemble")
+STAGES: tuple[str, ...] = pipeline.chain_names()  # the chain, from the one pipeline definition
 JOB_KINDS: tuple[str, ...] = (*STAGES, "wait")
 RUNNERS: tuple[str, ...] = ("apptainer", "native")
 

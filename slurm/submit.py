@@ -29,6 +29,7 @@ from pathlib import Path
 
 import click
 
+from common import pipeline
 from common.cli import config_option, setup_logging, stage_command, work_dir_option
 from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, StageFailed
@@ -41,7 +42,8 @@ from slurm.profiles import STAGES, Profile, load_profile
 
 log = logging.getLogger("cellmap.slurm")
 TEMPLATES = Path(__file__).resolve().parent / "templates"
-CPU_STAGES = ("convert", "analyze", "bundlegen")
+# the chain's CPU stages (the wait job's upstream on a two-cluster run), from the pipeline definition
+CPU_STAGES = tuple(s.name for s in pipeline.chain() if s.device == "cpu")
 JOB_PREFIX = "a3ds"
 
 
@@ -72,8 +74,11 @@ class Job:
 
 
 def job_kind(job: Job) -> str:
-    """The profile resources and image a job uses: ``predict`` runs in the ensemble image, with its resources."""
-    return "ensemble" if job.stage == "predict" else job.stage
+    """The profile resources and image a job uses: its stage's image (``common.pipeline``;
+    ``predict`` runs in the ensemble image, with its resources), ``wait`` for the wait job."""
+    if job.stage == "wait":
+        return "wait"
+    return pipeline.get(job.stage).image or job.stage
 
 
 def plan_predict(wd: WorkDir, gpu: Profile, input_path: Path, out: Path, shards: int = 1,
@@ -117,40 +122,41 @@ def plan_jobs(
     def needed(name: str) -> bool:
         return submitted_upstream or not wd.marker(name).is_done()
 
-    # convert (an array of shards plus a merge job when shards > 1)
-    if start <= 0 and needed("convert"):
-        shards = convert_shards or cpu.res("convert").shards
-        if shards > 1:
-            jobs.append(Job("convert.shards", "convert", cpu, [],
-                            ["--shard", f"${{SLURM_ARRAY_TASK_ID}}/{shards}"], array=f"0-{shards - 1}"))
-            jobs.append(Job("convert", "convert", cpu, ["convert.shards"], ["--merge"]))
-        else:
-            jobs.append(Job("convert", "convert", cpu))
-        last, submitted_upstream = ["convert"], True
-    for stage in ("analyze", "bundlegen"):
-        if start <= STAGES.index(stage) and needed(stage):
-            jobs.append(Job(stage, stage, cpu, list(last)))
-            last, submitted_upstream = [stage], True
-    if two_clusters and submitted_upstream:
-        # the GPU cluster cannot see CPU-side job ids: wait for the marker on shared storage
-        jobs.append(Job("wait.bundlegen", "wait", gpu))
-        last = ["wait.bundlegen"]
-    trains: list[str] = []
-    if start <= STAGES.index("train"):
-        res = gpu.res("train")
-        stage_gpus = res.stage_gpus if res.stage_gpus is not None else (res.gpus or None)
-        for algo in algos:
-            for fold in range(cfg.num_folds):
-                name = f"train.{algo}_{fold}"
-                if needed(name):
-                    args = ["--algo", algo, "--fold", str(fold)]
-                    args += ["--gpus", str(stage_gpus)] if stage_gpus is not None else []
-                    jobs.append(Job(name, "train", gpu, list(last), args, requeue=True))
-                    trains.append(name)
-    if trains:
-        last, submitted_upstream = trains, True
-    if needed("ensemble"):
-        jobs.append(Job("ensemble", "ensemble", gpu, list(last) if submitted_upstream else []))
+    previous: pipeline.Stage | None = None
+    for stage in pipeline.chain():  # the pipeline definition: order, device, fan-out, markers
+        prof = cpu if stage.device == "cpu" else gpu
+        if previous is not None and previous.device == "cpu" and stage.device != "cpu" and two_clusters \
+                and submitted_upstream:
+            # the GPU cluster cannot see CPU-side job ids: wait for the marker on shared storage
+            jobs.append(Job(f"wait.{previous.name}", "wait", gpu))
+            last = [f"wait.{previous.name}"]
+        previous = stage
+        if start > STAGES.index(stage.name):
+            continue
+        name = stage.name
+        if stage.fanout == "algo_fold":  # one job per algorithm and fold, in parallel
+            res = prof.res(name)
+            stage_gpus = res.stage_gpus if res.stage_gpus is not None else (res.gpus or None)
+            parts: list[str] = []
+            for algo in algos:
+                for fold in range(cfg.num_folds):
+                    part = str(stage.marker).format(algo=algo, fold=fold)
+                    if needed(part):
+                        args = ["--algo", algo, "--fold", str(fold)]
+                        args += ["--gpus", str(stage_gpus)] if stage_gpus is not None else []
+                        jobs.append(Job(part, name, prof, list(last), args, requeue=True))
+                        parts.append(part)
+            if parts:
+                last, submitted_upstream = parts, True
+        elif needed(name):
+            shards = (convert_shards or prof.res(name).shards) if stage.fanout == "shards" else 1
+            if shards > 1:  # an array of shards plus a merge job
+                jobs.append(Job(f"{name}.shards", name, prof, list(last),
+                                ["--shard", f"${{SLURM_ARRAY_TASK_ID}}/{shards}"], array=f"0-{shards - 1}"))
+                jobs.append(Job(name, name, prof, [f"{name}.shards"], ["--merge"]))
+            else:
+                jobs.append(Job(name, name, prof, list(last)))
+            last, submitted_upstream = [name], True
     return jobs
 
 
@@ -264,7 +270,7 @@ def render_script(
         text = (TEMPLATES / "wait.sbatch").read_text(encoding="utf-8")
         subs = {
             "MARKERS_DIR": shlex.quote(str(wd.markers_dir)),
-            "MARKER": "bundlegen",
+            "MARKER": job.name.split(".", 1)[1],  # wait.<stage>: that stage's done marker
             "UPSTREAM": " ".join(map(shlex.quote, CPU_STAGES)),
             "SUBMITTED": str(submitted_epoch),
             "TIMEOUT_S": str(job.profile.wait_timeout_s),
@@ -451,10 +457,10 @@ def preflight_problems(wd: WorkDir, cfg: PipelineConfig, jobs: list[Job], from_s
     if from_stage is not None:
         before = STAGES[: STAGES.index(from_stage)]
         for stage in before:
-            if stage == "train":
-                names = [f"train.{a}_{f}" for a in cfg.algos for f in range(cfg.num_folds)]
+            if pipeline.get(stage).fanout == "algo_fold":
+                names = pipeline.get(stage).marker_names(cfg.algos, cfg.num_folds)
                 if not any(wd.marker(n).is_done() for n in names):
-                    problems.append(f"--from {from_stage}: no train marker is done")
+                    problems.append(f"--from {from_stage}: no {stage} marker is done")
             elif not wd.marker(stage).is_done():
                 problems.append(f"--from {from_stage}: stage {stage} is not done (markers/{stage}.json)")
     return problems
@@ -464,7 +470,7 @@ def preflight_problems(wd: WorkDir, cfg: PipelineConfig, jobs: list[Job], from_s
 @work_dir_option
 @config_option
 @click.option("--profile", default=None, help="Site profile (sycamore, longleaf, local, or a YAML path): train, ensemble, and all stages unless --cpu-profile.")
-@click.option("--cpu-profile", default=None, help="Profile of the CPU cluster for convert, analyze, bundlegen.")
+@click.option("--cpu-profile", default=None, help=f"Profile of the CPU cluster for {', '.join(CPU_STAGES)}.")
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None, help="Start the chain at this stage.")
 @click.option("--algos", default=None, help="Comma-separated subset of the configured algorithms.")
 @click.option("--convert-shards", type=click.IntRange(min=1), default=None, help="Run convert as an array of N shards + a merge job.")

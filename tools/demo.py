@@ -19,6 +19,8 @@ from typing import Any
 import click
 import yaml
 
+from common import algorithms, pipeline
+
 # What makes the demo learn within minutes on 2 CPU cores (tuned data, network, epochs and
 # sampling; the metric is the ensemble report's pooled per-class Dice, untouched):
 # * data: 10 crops of 40x64x64 at 4 nm whose EM is painted from their labels (grey levels >= 30
@@ -38,14 +40,15 @@ DEMO_TRAIN = {
     "val_every": 10,
     "learning_rate": 0.01,
     "augment": "flips",
-    "network": {"init_filters": 8, "blocks_down": [1, 1], "dsdepth": 2, "norm": "batch",  # segresnet
-                "feature_size": 12,  # swinunetr
-                "num_blocks": 4, "num_depths": 3, "channel_mul": 0.25, "search_channel_mul": 0.25},  # dints
+    # every registered algorithm's small network (common/algorithms.py: demo_network)
+    "network": algorithms.demo_network(),
     "search_epochs": 2,
 }
 DEMO_CROPS = 10
 DEMO_CROP_SHAPE = (40, 64, 64)
-DEMO_ALGOS = ["segresnet"]
+DEMO_ALGOS = [algorithms.names()[0]]  # the first registered algorithm (segresnet)
+# extra command-line flags of a stage in the demo (2 CPU cores, no GPU)
+DEMO_STAGE_ARGS = {"convert": ["--workers", "2"], "analyze": ["--workers", "2", "--device", "cpu"]}
 
 
 def demo_config(data_root: Path) -> dict[str, Any]:
@@ -113,12 +116,13 @@ def main(work_dir: Path, data_root: Path, fresh: bool) -> None:
     wd = ["--work-dir", str(work_dir)]
     times: dict[str, float] = {}
     t_all = time.perf_counter()
-    times["convert"] = _run([py, "-m", "stages.convert", *wd, "--workers", "2"], log)
-    times["analyze"] = _run([py, "-m", "stages.analyze", *wd, "--workers", "2", "--device", "cpu"], log)
-    times["bundlegen"] = _run([py, "-m", "stages.bundlegen", *wd], log)
-    for algo in yaml.safe_load(cfg.read_text()).get("algos", DEMO_ALGOS):
-        times[f"train {algo}"] = _run([py, "-m", "stages.train", *wd, "--algo", algo], log)
-    times["ensemble"] = _run([py, "-m", "stages.ensemble", *wd], log)
+    for stage in pipeline.chain():  # the one pipeline definition: order and fan-out
+        argv = [py, "-m", f"stages.{stage.name}", *wd, *DEMO_STAGE_ARGS.get(stage.name, [])]
+        if stage.fanout == "algo_fold":  # every fold of one algorithm per command
+            for algo in yaml.safe_load(cfg.read_text()).get("algos", DEMO_ALGOS):
+                times[f"{stage.name} {algo}"] = _run([*argv, "--algo", algo], log)
+        else:
+            times[stage.name] = _run(argv, log)
     _run([py, "-m", "slurm.status", *wd], log)
     click.echo("\nstage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in times.items()))
     click.echo(f"demo finished in {time.perf_counter() - t_all:.0f} s; outputs in {work_dir}")

@@ -15,18 +15,14 @@ from typing import Any
 
 import numpy as np
 
+from common import algorithms
 from common.classes import ANALYZE_STATS_KEY
 from common.io import atomic_write_yaml, read_json, read_yaml
 
 HYPER_PARAMETERS = "hyper_parameters.yaml"
 
-# Voxels of one patch (batch 1, AMP) that fit in 1 GiB of GPU memory, measured roughly from the
-# official templates' own sizing (segresnet: 224*224*144 at 16 GiB; swinunetr/dints: ~96^3 x 2).
-VOXELS_PER_GIB = {"segresnet": 300_000, "swinunetr": 55_000, "dints": 60_000}
-# Patch sizes must be multiples of this (the networks down-sample by it).
-ROI_DIVISOR = {"segresnet": 16, "swinunetr": 32, "dints": 32}
-# SwinUNETR's bottleneck (1/32) must hold more than one voxel for instance norm.
-ROI_MIN = {"segresnet": 16, "swinunetr": 64, "dints": 32}
+# Per-algorithm rules (patch divisor/min/max, memory model, epoch heuristic, network factory)
+# live in the registry, common/algorithms.py; autoconfig runs at generation time only.
 
 # Keys every builtin template shares; templates add their own ``network`` section.
 COMMON_DEFAULTS: dict[str, Any] = {
@@ -54,14 +50,6 @@ COMMON_DEFAULTS: dict[str, Any] = {
     "deterministic": True,
     "max_grad_norm": 12.0,
     "keep_latest": False,  # keep checkpoint_latest.pt after a clean finish
-    # algorithm-specific keys live in every builtin bundle, so one pipeline-wide ``train:``
-    # section can set them for all algorithms (the others ignore them)
-    "search_epochs": None,  # dints: search length; None = num_epochs // 4, 0 = no search
-    "search_warmup_fraction": 0.5,  # dints: share of the search that trains weights only
-    "search_learning_rate": 0.025,  # dints: SGD learning rate of the search's weights
-    "search_learning_rate_arch": 1.0e-3,  # dints: Adam learning rate of the architecture logits
-    "search_ram_cost_factor": 0.8,  # dints: weight of the memory cost in the search loss
-    "pretrained_weights": None,  # swinunetr: a local weights file for the encoder (never downloaded)
     "mlflow": False,  # MLflow tracking (training/tracking.py); needs the mlflow extra
     "mlflow_tracking_uri": None,  # None: sqlite:///<bundle>/mlflow.db, never a network URI by default
     "mlflow_experiment": "cellmap-auto3dseg",
@@ -159,16 +147,20 @@ def class_weights_from_shares(shares: list[float] | None, output_classes: int) -
 def auto_roi_batch(algo: str, median_shape: list[int], gpu_mem_gb: float) -> tuple[list[int], int]:
     """Patch size and batch from the GPU memory and the typical image shape.
 
-    The voxel budget is ``VOXELS_PER_GIB[algo] * gpu_mem_gb``; a cube of half the budget (batch
-    2) is clipped per axis to the median image shape rounded to the network's divisor; the
-    batch then grows to use the budget (at most 8).
+    The voxel budget is ``voxels_per_gib * gpu_mem_gb`` (the algorithm's registry entry); a
+    cube of half the budget (batch 2) is clipped per axis to the median image shape rounded to
+    the network's divisor, and to the entry's ``roi_min``/``roi_max``; the batch then grows to
+    use the budget (at most 8).
     """
-    div, lo = ROI_DIVISOR[algo], ROI_MIN[algo]
-    budget = VOXELS_PER_GIB[algo] * gpu_mem_gb
+    spec = algorithms.get(algo)
+    div, lo = spec.roi_divisor, spec.roi_min
+    budget = spec.voxels_per_gib * gpu_mem_gb
     edge = (budget / 2.0) ** (1.0 / 3.0)
     roi = []
     for s in median_shape:
         cap = max(lo, (int(s) // div) * div)
+        if spec.roi_max is not None:
+            cap = min(cap, max(lo, (spec.roi_max // div) * div))
         roi.append(int(max(lo, min(cap, (int(edge) // div) * div))))
     batch = int(max(1, min(8, budget // float(np.prod(roi)))))
     return roi, batch
@@ -177,6 +169,8 @@ def auto_roi_batch(algo: str, median_shape: list[int], gpu_mem_gb: float) -> tup
 def auto_num_epochs(algo: str, n_cases: int, batch_size: int, roi: list[int] | None = None,
                     mean_shape: list[float] | None = None) -> int:
     """The official templates' epoch heuristics, converted to this trainer's epoch.
+
+    The algorithm's registry entry names the heuristic (``epochs_rule``).
 
     An epoch here is one pass over the training cases, one patch per case (``batch_size``
     cases per step). The official templates take ``b`` patches per image and step; their
@@ -191,10 +185,11 @@ def auto_num_epochs(algo: str, n_cases: int, batch_size: int, roi: list[int] | N
     ``n`` is the number of analysed cases (``stats_summary.n_cases``), as in the templates.
     """
     n, b = max(1, int(n_cases)), max(1, int(batch_size))
-    if algo == "segresnet":
+    rule = algorithms.get(algo).epochs_rule
+    if rule == "segresnet":
         e = int(np.clip(math.ceil(80000.0 / n), 300, 1250)) // min(3, b)
         return max(1, b * e)
-    if algo == "swinunetr":
+    if rule == "swinunetr":
         return max(1, 2 * b * min(1000, int(800000 / n / (2 * b))))
     f = 1251.0 / n
     for s, ref in zip(mean_shape or (240, 240, 155), (240.0, 240.0, 155.0)):
@@ -217,7 +212,7 @@ def fill_hyper_parameters(
     """Write ``<bundle_root>/configs/hyper_parameters.yaml`` and return it.
 
     Args:
-        algo: ``segresnet``, ``swinunetr`` or ``dints``.
+        algo: a registered algorithm (:func:`common.algorithms.names`).
         defaults: the template's own defaults (``network`` section, learning rate, ...).
         input_yaml: bundlegen's ``input.yaml`` (``dataroot``, ``datalist``, ``class_names``,
             ``output_classes``, ``unknown_label``, ``target_gpu_mem_gb``, ...).
@@ -272,8 +267,14 @@ def fill_hyper_parameters(
         "class_shares": shares,
         "class_weights": class_weights_from_shares(shares, output_classes),
         "learning_rate": 2.0e-4,
+        # how the bundle's own trainer builds the network and rounds the patch size, so it
+        # never needs the registry (self-contained bundles)
+        **algorithms.get(algo).bundle_keys(),
     }
     cfg.update(COMMON_DEFAULTS)
+    # algorithm-specific keys live in every builtin bundle, so one pipeline-wide ``train:``
+    # section can set them for all algorithms (the others ignore them)
+    cfg.update(algorithms.shared_defaults())
     cfg.update(defaults)
     for k, v in (overrides or {}).items():
         cfg[k] = v

@@ -1,4 +1,8 @@
-"""Network factories of the builtin templates, selected by ``algo`` in the bundle config.
+"""Network factories of the builtin templates, named by ``network_factory`` in the bundle config.
+
+Which factory an algorithm uses is in the algorithm registry (``common/algorithms.py``);
+autoconfig writes it into each bundle, so this module (part of the bundle's runtime) never
+imports the registry.
 
 Each template's ``configs/hyper_parameters.yaml`` carries a ``network`` mapping whose keys
 are passed to the MONAI network (plus the channel counts, which come from the config).
@@ -8,7 +12,9 @@ demo and the tests shrink them through ``train: {network: {...}}``.
 
 from __future__ import annotations
 
+import importlib
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,32 +145,72 @@ def dints(cfg: dict[str, Any]) -> torch.nn.Module:
                  node_a=np.asarray(code["node_a"], dtype=int))
 
 
-def fit_roi(cfg: dict[str, Any], roi: list[int]) -> list[int]:
-    """Round a patch size up to what the network accepts.
+def _round_up(roi: list[int], div: int) -> list[int]:
+    return [int(-(-int(r) // div) * div) for r in roi]
 
-    segresnet: multiples of ``2**(levels-1)``; dints: multiples of ``2**(num_depths+1)``;
-    swinunetr: multiples of 32 with more than one voxel at 1/32 (its instance norms need it).
-    """
-    net = dict(cfg.get("network") or {})
-    algo = cfg["algo"]
-    if algo == "segresnet":
-        div = 2 ** (len(net.get("blocks_down", SEGRESNET_DEFAULTS["blocks_down"])) - 1)
-    elif algo == "dints":
-        div = 2 ** (int(net.get("num_depths", DINTS_DEFAULTS["num_depths"])) + 1)
-    else:
-        div = 32
-    out = [int(-(-int(r) // div) * div) for r in roi]
-    if algo == "swinunetr" and int(np.prod([r // 32 for r in out])) < 2:
+
+def segresnet_fit_roi(roi: list[int], network: dict[str, Any]) -> list[int]:
+    """segresnet: multiples of ``2**(levels-1)`` (levels = ``len(blocks_down)``)."""
+    return _round_up(roi, 2 ** (len(network.get("blocks_down", SEGRESNET_DEFAULTS["blocks_down"])) - 1))
+
+
+def dints_fit_roi(roi: list[int], network: dict[str, Any]) -> list[int]:
+    """dints: multiples of ``2**(num_depths+1)``."""
+    return _round_up(roi, 2 ** (int(network.get("num_depths", DINTS_DEFAULTS["num_depths"])) + 1))
+
+
+def swinunetr_fit_roi(roi: list[int], network: dict[str, Any]) -> list[int]:
+    """swinunetr: multiples of 32 with more than one voxel at 1/32 (its instance norms need it)."""
+    out = _round_up(roi, 32)
+    if int(np.prod([r // 32 for r in out])) < 2:
         out[int(np.argmax(out))] *= 2
     return out
 
 
-FACTORIES = {"segresnet": segresnet, "swinunetr": swinunetr, "dints": dints}
+def resolve(path: str) -> Callable[..., Any]:
+    """The function named by ``"module:function"``.
+
+    A leading dot is relative to this training library (``".networks:segresnet"``): resolved
+    with a relative import, so a bundle's own copy of the library builds its own network. Any
+    other path is absolute (``"my_pkg.nets:tiny"``) and imported with importlib.
+
+    Raises:
+        ConfigError: the path is malformed, or the module or function does not exist.
+    """
+    mod_name, _, fn_name = str(path).partition(":")
+    if not mod_name or not fn_name:
+        raise ConfigError(f"network factory {path!r}: expected 'module:function'")
+    try:
+        mod = importlib.import_module(mod_name, __package__) if mod_name.startswith(".") else importlib.import_module(mod_name)
+    except ImportError as exc:
+        raise ConfigError(f"network factory {path!r}: cannot import {mod_name} ({exc})") from exc
+    fn = getattr(mod, fn_name, None)
+    if not callable(fn):
+        raise ConfigError(f"network factory {path!r}: {mod_name} has no function {fn_name}")
+    return fn
+
+
+def fit_roi(cfg: dict[str, Any], roi: list[int]) -> list[int]:
+    """Round a patch size up to what the network accepts.
+
+    The bundle's ``roi_fit`` (``fn(roi, network)``, e.g. :func:`segresnet_fit_roi`, whose divisor
+    follows the ``network`` section) when set, else multiples of its ``roi_divisor``. Both keys
+    are written by autoconfig from the algorithm registry; a bundle generated before they
+    existed uses the builtin ``<algo>_fit_roi`` here.
+    """
+    net = dict(cfg.get("network") or {})
+    if "roi_fit" in cfg or "roi_divisor" in cfg:
+        rule = cfg.get("roi_fit")
+    else:  # generated before the registry: the builtin rule of its algorithm
+        rule = f".networks:{cfg['algo']}_fit_roi"
+    if rule:
+        return [int(r) for r in resolve(rule)(list(roi), net)]
+    return _round_up(roi, int(cfg.get("roi_divisor", 1)))
 
 
 def build_network(cfg: dict[str, Any]) -> torch.nn.Module:
-    """The network named by ``cfg['algo']``."""
-    algo = cfg["algo"]
-    if algo not in FACTORIES:
-        raise ValueError(f"unknown algorithm {algo!r} (known: {', '.join(FACTORIES)})")
-    return FACTORIES[algo](cfg)
+    """The network of a bundle config: its ``network_factory`` (``"module:function"``, see
+    :func:`resolve`), written by autoconfig from the algorithm registry; a bundle generated
+    before that key existed uses the builtin factory named after its ``algo``."""
+    path = cfg.get("network_factory") or f".networks:{cfg['algo']}"
+    return resolve(path)(cfg)

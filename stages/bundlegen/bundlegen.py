@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import training
+from common import algorithms
 from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, PipelineError, StageFailed
 from common.io import atomic_write_json, atomic_write_yaml, read_yaml
@@ -46,6 +47,12 @@ BUILTIN_TEMPLATES = Path(training.__file__).resolve().parent / "templates"
 BUNDLE_RECORD = "cellmap_bundle.json"
 SWINUNETR_WEIGHTS = "swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt"
 MODALITY = {"em": "ct", "ct": "ct", "mri": "mri"}
+# Facts about MONAI's official templates (research-contributions @21ed8e5), not about the
+# algorithm registry: the folder names its archive holds, the one that keeps its settings in
+# ``training``/``searching`` sections, and the one with pre-trained weights.
+OFFICIAL_TEMPLATE_NAMES = ("segresnet", "segresnet2d", "swinunetr", "dints")
+OFFICIAL_SECTIONED = "dints"
+OFFICIAL_PRETRAINED = "swinunetr"
 
 
 # ---- template source ---------------------------------------------------------------
@@ -80,23 +87,38 @@ def template_source(cfg: PipelineConfig, algos: list[str]) -> tuple[str, Path]:
     if not (src / algos[0] / "scripts" / "algo.py").is_file() and nested.is_dir():
         src = nested
     for algo in algos:
-        if not (src / algo / "scripts" / "algo.py").is_file():
-            raise PipelineError(f"{src}: no '{algo}' template ({algo}/scripts/algo.py missing)")
-    if kind == "path" and cfg.unknown_label != 0 and any(template_style(src, a) == "official" for a in algos):
+        folder = template_folder(kind, src, algo)
+        if not (folder / "scripts" / "algo.py").is_file():
+            raise PipelineError(f"{folder.parent}: no '{algo}' template ({folder.name}/scripts/algo.py missing)")
+    if kind == "path" and cfg.unknown_label != 0 and any(template_style(src / a) == "official" for a in algos):
         raise ConfigError(
             f"templates: {t} holds MONAI-style templates, which need unknown_label: 0 (got "
             f"{cfg.unknown_label}): they train on every label value and cannot ignore an unknown value")
     return kind, src
 
 
-def template_style(src: Path, algo: str) -> str:
-    """``builtin`` when the template fills its config through our autoconfig, else ``official``.
+def template_folder(kind: str, src: Path, algo: str) -> Path:
+    """The template folder of ``algo``.
+
+    With builtin templates, the algorithm registry says where (``template_dir``/``template``
+    of its entry; default ``training/templates/<algo>``); official and path sources hold one
+    folder per algorithm name.
+    """
+    if kind == "builtin" and algo in algorithms.NAMES:
+        spec = algorithms.get(algo)
+        base = Path(spec.template_dir).expanduser().resolve() if spec.template_dir else src
+        return base / spec.template
+    return src / algo
+
+
+def template_style(folder: Path) -> str:
+    """``builtin`` when the template in ``folder`` fills its config through our autoconfig, else ``official``.
 
     Decided by content, not by how the directory was named: an official copy given as a
     path (``templates: /opt/...``) needs the official key names (dints pins
     ``training#output_classes``) and the offline settings just the same.
     """
-    code = (src / algo / "scripts" / "algo.py").read_text(errors="replace")
+    code = (folder / "scripts" / "algo.py").read_text(errors="replace")
     return "builtin" if "training.autoconfig" in code else "official"
 
 
@@ -146,11 +168,32 @@ def _forget_templates(src: Path, keep: Path | None) -> None:
     MONAI imports ``<algo>.scripts.algo`` by name from ``sys.path``; a later run in the same
     process (tests, notebooks, another stage) would otherwise reuse these templates.
     """
-    names = {p.name for p in src.iterdir() if p.is_dir()} | {"segresnet", "segresnet2d", "swinunetr", "dints"}
+    names = {p.name for p in src.iterdir() if p.is_dir()} | set(algorithms.names()) | set(OFFICIAL_TEMPLATE_NAMES)
     for mod in list(sys.modules):
         if mod.split(".")[0] in names:
             del sys.modules[mod]
     sys.path[:] = [p for p in sys.path if not (p.endswith("algorithm_templates") and p != str(keep))]
+
+
+def stage_templates(kind: str, src: Path, algos: list[str], dest: Path) -> Path:
+    """Where MONAI's ``BundleGen`` should take the templates from.
+
+    ``src`` itself when every algorithm's template is in it (MONAI copies it to ``dest``);
+    otherwise (a registered algorithm with its own ``template_dir``) ``dest``, filled here as
+    MONAI would: a fresh copy of ``src`` plus each outside template as ``dest/<algo>``.
+    """
+    outside = {a: template_folder(kind, src, a) for a in algos}
+    outside = {a: f for a, f in outside.items() if f != src / a}
+    if not outside:
+        return src
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(src, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for algo, folder in outside.items():
+        shutil.rmtree(dest / algo, ignore_errors=True)
+        shutil.copytree(folder, dest / algo, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    log.info("templates staged in %s (from %s and %s)", dest, src, ", ".join(str(f) for f in outside.values()))
+    return dest
 
 
 def size_probes_for(algos: list[str], gpu_mem_gb: float) -> list[str]:
@@ -177,7 +220,7 @@ def pin_kwargs(style: str, algo: str, n: int) -> dict[str, Any]:
     """``export_to_disk`` fill kwargs that pin the output classes (official key names)."""
     if style != "official":
         return {"output_classes": n}
-    if algo == "dints":
+    if algo == OFFICIAL_SECTIONED:
         return {"training#output_classes": n, "searching#output_classes": n}
     return {"output_classes": n}
 
@@ -197,13 +240,13 @@ def offline_settings(bundle: Path, algo: str, cfg: PipelineConfig) -> dict[str, 
     hp_file = bundle / "configs" / "hyper_parameters.yaml"
     hp = read_yaml(hp_file) or {}
     uri = f"sqlite:///{bundle / 'mlflow.db'}"  # one store per bundle: no sqlite locking across nodes
-    section = hp["training"] if algo == "dints" and isinstance(hp.get("training"), dict) else hp
+    section = hp["training"] if algo == OFFICIAL_SECTIONED and isinstance(hp.get("training"), dict) else hp
     done: dict[str, Any] = {}
     for d in (hp, section):
         if "mlflow_tracking_uri" in d:
             d["mlflow_tracking_uri"] = uri
             done["mlflow_tracking_uri"] = uri
-    if algo == "swinunetr":
+    if algo == OFFICIAL_PRETRAINED:
         staged = cfg.bundlegen.get("swinunetr_pretrained")
         if staged and Path(staged).is_file():
             dest = bundle / "pretrained_model" / SWINUNETR_WEIGHTS
@@ -226,7 +269,9 @@ def bundle_digest(inp: dict[str, Any], wd: WorkDir, kind: str, src: Path, algo: 
     """What one bundle depends on (not the interpreter path: it differs inside containers)."""
     stats = wd.datastats.read_bytes()
     extra = tree_fingerprint(Path(training.__file__).resolve().parent) if kind == "builtin" else ""
-    return digest([inp, hashlib.sha256(stats).hexdigest(), kind, str(src), tree_fingerprint(src / algo), extra,
+    if kind == "builtin":  # the registry entry's rules (roi, memory model, factory) shape the bundle too
+        extra += repr(algorithms.get(algo))
+    return digest([inp, hashlib.sha256(stats).hexdigest(), kind, str(src), tree_fingerprint(template_folder(kind, src, algo)), extra,
                    algo, fold, cfg.bundlegen, "bundlegen-v1"])
 
 
@@ -300,8 +345,10 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
     from common.progress import progress
 
     algos = sorted({a for a, _ in todo})
-    # MONAI copies the templates to <wd>/algorithm_templates and builds one algo object each
-    gen = BundleGen(algo_path=str(wd.root), algos=algos, templates_path_or_url=str(src),
+    templates = stage_templates(kind, src, algos, wd.templates_dir)
+    # MONAI copies the templates to <wd>/algorithm_templates (unless staged there already) and
+    # builds one algo object each
+    gen = BundleGen(algo_path=str(wd.root), algos=algos, templates_path_or_url=str(templates),
                     data_stats_filename=str(wd.datastats), data_src_cfg_name=str(wd.input_yaml))
     by_name = {a.name: a for a in gen.algos}
     patched = size_probes_for(algos, cfg.target_gpu_mem_gb)
@@ -319,7 +366,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
             algo.set_data_source(str(wd.input_yaml))
             algo.set_mlflow_tracking_uri(None)
             algo.set_mlflow_experiment_name(None)
-            style = template_style(src, algo_name)
+            style = template_style(template_folder(kind, src, algo_name))
             algo.export_to_disk(str(wd.root), name, fold=fold, **pin_kwargs(style, algo_name, n))
             offline = offline_settings(bundle, algo_name, cfg) if style == "official" else {}
             got = bundle_output_classes(bundle)
