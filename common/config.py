@@ -53,7 +53,8 @@ def setting(default: Any, doc: str = "", *, choices: tuple[str, ...] = (), bound
     """One documented config key (a dataclass field).
 
     Args:
-        default: the default value, or a section class (its own defaults).
+        default: the default value, a section class (its own defaults), or a function giving
+            the default (read when a config is built: ``algos`` follows the registry).
         doc: one sentence: what the key means (the reference's "meaning" column); a section's
             is the first line of its class docstring.
         choices: the allowed values of a string key.
@@ -62,10 +63,11 @@ def setting(default: Any, doc: str = "", *, choices: tuple[str, ...] = (), bound
         loose: ``check`` accepts more forms than the annotation (``resolution_nm: 8`` for
             ``[8]``) and does the type check itself.
     """
-    if isinstance(default, type):
-        doc = doc or (default.__doc__ or "").strip().splitlines()[0]
     meta = {"doc": doc, "choices": choices, "bounds": bounds, "check": check, "loose": loose}
     if isinstance(default, type):
+        meta["doc"] = doc or (default.__doc__ or "").strip().splitlines()[0]
+        return field(default_factory=default, metadata=meta)
+    if callable(default):
         return field(default_factory=default, metadata=meta)
     if isinstance(default, (list, dict)):
         return field(default_factory=functools.partial(copy.deepcopy, default), metadata=meta)
@@ -334,7 +336,7 @@ class PipelineConfig(Section):
                                       check=_crop_ids, loose=True)
     split: SplitConfig = setting(SplitConfig)
     modality: str = setting("EM", "Image modality written into `input.yaml`: EM, CT or MRI.")
-    algos: list[str] = setting(list(ALGOS), "Algorithms to generate and train.", check=_algos, loose=True)
+    algos: list[str] = setting(lambda: list(ALGOS), "Algorithms to generate and train.", check=_algos, loose=True)
     num_folds: int = setting(1, "Cross-validation folds (one bundle per algorithm and fold).")
     templates: str = setting("builtin", "Bundle templates: `builtin`, `official` (MONAI's research-contributions "
                                         "templates, needs `unknown_label: 0`) or a folder.")
