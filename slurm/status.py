@@ -277,7 +277,7 @@ def _add_progress(row: StatusRow, wd: WorkDir, cfg: PipelineConfig | None) -> No
     from common.progress import fold_progress
 
     bundle = wd.root / row.name.split(".", 1)[1]
-    prog = fold_progress(bundle, dict(cfg.train) if cfg is not None else None)
+    prog = fold_progress(bundle, cfg.train.given() if cfg is not None else None)
     if prog is None:
         return
     row.epochs_done, row.num_epochs = prog["epochs_done"], prog["num_epochs"]

@@ -44,7 +44,7 @@ def test_precedence_file_then_config_then_cli(tmp_path: Path) -> None:
     cfg = load_config(tmp_path, extra, overrides={"target_gpu_mem_gb": 80})
     assert cfg.resolution_zyx == (None, 4.0, 4.0)
     assert cfg.classes == ["ecs", "pm"] and cfg.output_classes == 3
-    assert cfg.train == {"num_epochs": 5, "batch_size": 2}
+    assert cfg.train.given() == {"num_epochs": 5, "batch_size": 2}
     assert cfg.split.seed == 7 and cfg.split.validation_fraction == 0.15
     assert cfg.target_gpu_mem_gb == 80.0
 

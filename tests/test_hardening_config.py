@@ -103,20 +103,20 @@ def test_failing_convert_leaves_no_pipeline_yaml(tmp_path: Path) -> None:
     assert (wd / "pipeline.yaml").read_text() == "resolution_nm: 8\n"
 
 
-def test_sections_keep_dict_reads_and_digests(tmp_path: Path) -> None:
+def test_sections_keep_given_keys_and_digests(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text("train: {num_epochs: 2, my_new_trainer_key: [1, 2]}\nanalyze: {hist_bins: 64}\n"
                  "convert: {compress_level: 3}\n")
     cfg = load_config(tmp_path / "w", f)
-    assert cfg.analyze.get("hist_bins", 256) == 64 and cfg.analyze.get("top_unknown", 10) == 10
-    assert cfg.analyze.hist_bins == 64 and cfg.analyze.top_unknown == AnalyzeOptions().top_unknown
-    assert cfg.convert["compress_level"] == 3 and dict(cfg.convert) == {"compress_level": 3}
-    assert dict(cfg.train) == {"num_epochs": 2, "my_new_trainer_key": [1, 2]}  # only what the user set
-    assert digest([cfg.analyze]) == digest([{"hist_bins": 64}])  # done markers of old work dirs still match
+    assert cfg.analyze.hist_bins == 64 and cfg.analyze.top_unknown == AnalyzeOptions().top_unknown == 10
+    assert cfg.convert.compress_level == 3 and cfg.convert.given() == {"compress_level": 3}
+    assert cfg.train.given() == {"num_epochs": 2, "my_new_trainer_key": [1, 2]}  # only what the user set
+    assert cfg.train.num_epochs == 2 and cfg.train.batch_size is None  # None: the bundle's own value
+    assert digest([cfg.analyze.given()]) == digest([{"hist_bins": 64}])  # done markers of old work dirs still match
     dumped = yaml.safe_load((tmp_path / "w" / "pipeline.yaml").read_text())
     assert dumped["train"] == {"num_epochs": 2, "my_new_trainer_key": [1, 2]}
     again = load_config(tmp_path / "w", dump=False)
-    assert again.train == cfg.train and json.dumps(again.analyze) == '{"hist_bins": 64}'
+    assert again.train.given() == cfg.train.given() and json.dumps(again.analyze.given()) == '{"hist_bins": 64}'
 
 
 def test_train_keys_checked_against_the_bundle(tmp_path: Path) -> None:

@@ -117,13 +117,7 @@ def training_items(wd: WorkDir) -> list[CaseItem]:
 
 def settings_from(cfg: PipelineConfig, wd: WorkDir, device: str) -> AnalyzeSettings:
     """Analysis settings from the config's ``analyze`` section."""
-    sec = cfg.analyze
-    rng = sec.get("hist_range", [0, 256])
-    if not (isinstance(rng, list) and len(rng) == 2 and float(rng[0]) < float(rng[1])):
-        raise PipelineError(f"analyze.hist_range must be [lo, hi] with lo < hi, got {rng!r}")
-    bins = int(sec.get("hist_bins", 256))
-    if bins < 2:
-        raise PipelineError(f"analyze.hist_bins must be >= 2, got {bins}")
+    rng, bins = cfg.analyze.hist_range, int(cfg.analyze.hist_bins)  # validated by common.config
     return AnalyzeSettings(
         n_classes=len(cfg.classes),
         unknown_label=cfg.unknown_label,
@@ -139,7 +133,7 @@ def inputs_digest(cfg: PipelineConfig, items: Sequence[CaseItem], wd: WorkDir) -
     files = [[it.case, file_fingerprint(it.image), file_fingerprint(it.label)] for it in items
              if it.image.exists() and it.label.exists()]
     return digest([file_fingerprint(wd.datalist), files, cfg.classes, cfg.unknown_label,
-                   cfg.analyze, "analyze-v1"])
+                   cfg.analyze.given(), "analyze-v1"])  # the keys as given: markers of older work dirs match
 
 
 # ---- our own per-case pass -------------------------------------------------------------
@@ -546,5 +540,5 @@ def run_analyze_entry(work_dir: Path, config_file: Path | None = None, workers: 
     """Load the config and run the stage (what the CLI calls)."""
     wd = WorkDir.at(work_dir).ensure()
     cfg = load_config(wd.root, config_file)
-    n = workers if workers is not None else int(cfg.analyze.get("workers", 1))
+    n = workers if workers is not None else int(cfg.analyze.workers)
     return run_analyze(wd, cfg, workers=n, device=device, shard=shard, merge=merge, force=force)

@@ -67,7 +67,7 @@ def _intensity(counts: np.ndarray, s: AnalyzeSettings, pcts: tuple[float, float]
 def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[str, Any],
                  s: AnalyzeSettings) -> dict[str, Any]:
     """The report as plain data (what ``analysis.json`` holds)."""
-    pcts = tuple(float(p) for p in cfg.analyze.get("clip_percentiles", [0.5, 99.5]))
+    pcts = tuple(float(p) for p in cfg.analyze.clip_percentiles)
     names = ["background", *cfg.classes]
     vox = np.array([o["class_voxels"] for o in own], dtype=np.int64)  # cases x labels
     isum = np.array([o["class_intensity_sum"] for o in own], dtype=np.float64)
@@ -114,7 +114,7 @@ def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[s
     spacings = Counter(tuple(round(v, 4) for v in o["spacing"]) for o in own)
     n_vox = sum(o["voxels"] for o in own)
     unknown_total = sum(o["unknown_voxels"] for o in own)
-    top_n = int(cfg.analyze.get("top_unknown", 10))
+    top_n = int(cfg.analyze.top_unknown)
     top = sorted(own, key=lambda o: (-o["unknown_voxels"] / max(1, o["voxels"]), o["case"]))[:top_n]
     fg_monai = summary.get("image_foreground_stats", {}).get("intensity", {})
 

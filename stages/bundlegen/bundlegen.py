@@ -136,7 +136,7 @@ def input_config(wd: WorkDir, cfg: PipelineConfig, target_gpu_mem_gb: float) -> 
     """The task description MONAI's templates read (``data_src_cfg``)."""
     modality = MODALITY[cfg.modality.lower()]
     return {
-        "name": str(cfg.bundlegen.get("name", "cellmap")),
+        "name": str(cfg.bundlegen.name),
         "task": "segmentation",
         "modality": modality,
         "dataroot": str(wd.nifti_dir),
@@ -247,7 +247,7 @@ def offline_settings(bundle: Path, algo: str, cfg: PipelineConfig) -> dict[str, 
             d["mlflow_tracking_uri"] = uri
             done["mlflow_tracking_uri"] = uri
     if algo == OFFICIAL_PRETRAINED:
-        staged = cfg.bundlegen.get("swinunetr_pretrained")
+        staged = cfg.bundlegen.swinunetr_pretrained
         if staged and Path(staged).is_file():
             dest = bundle / "pretrained_model" / SWINUNETR_WEIGHTS
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -271,8 +271,8 @@ def bundle_digest(inp: dict[str, Any], wd: WorkDir, kind: str, src: Path, algo: 
     extra = tree_fingerprint(Path(training.__file__).resolve().parent) if kind == "builtin" else ""
     if kind == "builtin":  # the registry entry's rules (roi, memory model, factory) shape the bundle too
         extra += repr(algorithms.get(algo))
-    return digest([inp, hashlib.sha256(stats).hexdigest(), kind, str(src), tree_fingerprint(template_folder(kind, src, algo)), extra,
-                   algo, fold, cfg.bundlegen, "bundlegen-v1"])
+    return digest([inp, hashlib.sha256(stats).hexdigest(), kind, str(src), tree_fingerprint(template_folder(kind, src, algo)),
+                   extra, algo, fold, cfg.bundlegen.given(), "bundlegen-v1"])
 
 
 def _has_model(bundle: Path) -> bool:
@@ -296,7 +296,7 @@ def run_bundlegen(wd: WorkDir, cfg: PipelineConfig, force: bool = False) -> list
         raise PipelineError(f"{wd.datalist}: datalist not found (run convert first)")
     kind, src = template_source(cfg, algos)
     gpu = float(cfg.target_gpu_mem_gb)
-    interpreter = str(cfg.bundlegen.get("python", sys.executable))
+    interpreter = str(cfg.bundlegen.python or sys.executable)
     inp = write_input_yaml(wd, cfg, gpu)
     names = [(a, f) for a in algos for f in range(cfg.num_folds)]
     digests = {(a, f): bundle_digest(inp, wd, kind, src, a, f, cfg) for a, f in names}

@@ -23,8 +23,8 @@ from typing import Any
 import click
 
 from common.cli import select_shard, setup_logging
-from common.config import PipelineConfig, load_config
-from common.errors import ConfigError, PipelineError, StageFailed
+from common.config import ConvertOptions, PipelineConfig, load_config
+from common.errors import PipelineError, StageFailed
 from common.io import TMP_MARK, atomic_path, atomic_write_text, read_json, remove_stale_tmp
 from common.ngff import chunk_keys, fmt_vec
 from common.progress import progress_bar
@@ -47,9 +47,6 @@ from stages.convert.split import split_crops
 
 log = logging.getLogger("cellmap.convert")
 STAGE = "convert"
-# the ``convert:`` config section and its defaults
-OPTIONS: dict[str, Any] = {"compress_level": 1, "report_png": True, "max_failed_fraction": 0.02,
-                           "crop_manifest": None, "chunk_cache": None, "remote_timeout_s": 60.0, "remote_retries": 4}
 
 
 @dataclass
@@ -88,25 +85,12 @@ class ConvertSummary:
         return "\n".join(lines)
 
 
-def convert_options(cfg: PipelineConfig) -> dict[str, Any]:
-    """The validated ``convert:`` section merged over :data:`OPTIONS`."""
-    opts = dict(OPTIONS)
-    for k, v in cfg.convert.items():
-        if k not in OPTIONS:
-            raise ConfigError(f"config: unknown key 'convert.{k}' (known: {', '.join(sorted(OPTIONS))})")
-        opts[k] = v
-    lvl = opts["compress_level"]
-    if isinstance(lvl, bool) or not isinstance(lvl, int) or not 0 <= lvl <= 9:
-        raise ConfigError(f"config: 'convert.compress_level' must be an integer 0..9, got {lvl!r}")
-    mff = opts["max_failed_fraction"]
-    if isinstance(mff, bool) or not isinstance(mff, (int, float)) or not 0.0 <= mff <= 1.0:
-        raise ConfigError(f"config: 'convert.max_failed_fraction' must be a number in [0, 1], got {mff!r}")
-    if not isinstance(opts["report_png"], bool):
-        raise ConfigError(f"config: 'convert.report_png' must be true or false, got {opts['report_png']!r}")
-    return opts
+def convert_options(cfg: PipelineConfig) -> ConvertOptions:
+    """The ``convert:`` section (validated and defaulted by :mod:`common.config`)."""
+    return cfg.convert
 
 
-def open_data_root(cfg: PipelineConfig, opts: dict[str, Any]) -> Path | RemotePath:
+def open_data_root(cfg: PipelineConfig, opts: ConvertOptions) -> Path | RemotePath:
     """``data_root`` as a local path or a remote tree (configures remote reads for workers too).
 
     Raises:
@@ -114,21 +98,21 @@ def open_data_root(cfg: PipelineConfig, opts: dict[str, Any]) -> Path | RemotePa
     """
     if not cfg.data_root:
         raise PipelineError("data_root is not set (data_root: in pipeline.yaml, or --data-root)")
-    configure(timeout_s=float(opts["remote_timeout_s"]), retries=int(opts["remote_retries"]),
-              chunk_cache=str(opts["chunk_cache"] or ""))
+    configure(timeout_s=float(opts.remote_timeout_s), retries=int(opts.remote_retries),
+              chunk_cache=str(opts.chunk_cache or ""))
     root = store_path(cfg.data_root)
     if isinstance(root, Path) and not root.is_dir():
         raise PipelineError(f"{root}: data_root not found")
     return root
 
 
-def find_crops(root: Path | RemotePath, cfg: PipelineConfig, opts: dict[str, Any]) -> list[CropRef]:
+def find_crops(root: Path | RemotePath, cfg: PipelineConfig, opts: ConvertOptions) -> list[CropRef]:
     """The crops under ``root``: listed, or from ``convert.crop_manifest`` when set.
 
     Raises:
         PipelineError: a remote root that cannot be listed and no manifest (exit 2).
     """
-    manifest = opts["crop_manifest"]
+    manifest = opts.crop_manifest
     try:
         return discover_crops(root, cfg.datasets, cfg.crops, manifest)
     except FileNotFoundError:
@@ -264,7 +248,7 @@ def run_convert(
     mine = select_shard(refs, shard)
     st = Settings(
         resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
-        compress_level=int(opts["compress_level"]), out_dir=str(wd.nifti_dir),
+        compress_level=int(opts.compress_level), out_dir=str(wd.nifti_dir),
     )
     wd.nifti_dir.mkdir(parents=True, exist_ok=True)
     rdir = crop_records_dir(wd)
@@ -291,8 +275,8 @@ def run_convert(
     if shard is not None:
         marker.done(**details)
         return summary
-    budget = float(opts["max_failed_fraction"])
-    _write_outputs(cfg, wd, summary, bool(opts["report_png"]), budget)
+    budget = float(opts.max_failed_fraction)
+    _write_outputs(cfg, wd, summary, bool(opts.report_png), budget)
     if summary.count(CONVERTED) == 0:
         marker.fail("no crop converted", **details)
         failure = StageFailed(f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}")
@@ -450,7 +434,7 @@ def _apply_flags(cfg: PipelineConfig, remote: dict[str, Any] | None) -> None:
     """``--crop-manifest``/``--chunk-cache`` over the ``convert:`` keys of the same name."""
     for key, val in (remote or {}).items():
         if val is not None:
-            cfg.convert[key] = str(val)
+            setattr(cfg.convert, key, str(val))
 
 
 def run_plan_entry(config_file: Path | None, work_dir: Path, data_root: str | Path | None, json_out: str | None,
@@ -460,7 +444,7 @@ def run_plan_entry(config_file: Path | None, work_dir: Path, data_root: str | Pa
     cfg = load_config(work_dir, config_file, overrides, dump=False)
     _apply_flags(cfg, remote)
     rows = plan_convert(cfg)
-    budget = float(convert_options(cfg)["max_failed_fraction"])
+    budget = float(cfg.convert.max_failed_fraction)
     if json_out == "-":
         click.echo(json.dumps({"resolution_zyx": list(cfg.resolution_zyx), "crops": rows}, indent=2))
         return 0

@@ -274,7 +274,7 @@ def bundle_predictor(member: Member, wd: WorkDir, cfg: PipelineConfig) -> Predic
     from monai.apps.auto3dseg.utils import algo_from_json
 
     algo, _ = algo_from_json(str(member.bundle_dir / "algo_object.json"), template_path=str(wd.templates_dir))
-    inferer = algo.get_inferer(**dict(cfg.ensemble.get("infer_params") or {}))
+    inferer = algo.get_inferer(**dict(cfg.ensemble.infer_params or {}))
 
     def predict(image: Path) -> Any:
         # what MONAI's AlgoEnsemble passes (datalist items): the official InferClass applies
@@ -618,18 +618,18 @@ def run_ensemble(
         StageFailed: a member fails to load or predict (exit 1).
     """
     ens = cfg.ensemble
-    method = method or ens.get("method", "best_n")
-    n_best = int(n_best if n_best is not None else ens.get("n_best", 3))
-    mode = mode or ens.get("mode", "mean")
-    on = on or ens.get("on", HELDOUT)
-    prob_dtype = str(ens.get("prob_dtype", "float16"))
+    method = method or ens.method
+    n_best = int(n_best if n_best is not None else ens.n_best)
+    mode = mode or ens.mode
+    on = on or ens.on
+    prob_dtype = str(ens.prob_dtype)
     if mode not in MODES:
         raise PipelineError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     if prob_dtype not in PROB_DTYPES:
         raise PipelineError(f"ensemble.prob_dtype must be one of {', '.join(PROB_DTYPES)}, got {prob_dtype!r}")
     predictor_factory = predictor_factory or bundle_predictor
 
-    trained, skipped = trained_members(wd, only, ens.get("members"))
+    trained, skipped = trained_members(wd, only, ens.members)
     for msg in skipped:
         log.warning("skipping %s", msg)
     if not trained:

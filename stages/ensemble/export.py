@@ -432,17 +432,10 @@ def export_crop(
 def choose_members(wd: WorkDir, cfg: PipelineConfig, method: str, n_best: int,
                    only: Sequence[str] | None) -> list[Member]:
     """Trained bundles, restricted to ``only`` (``--members``, else ``ensemble.members``), then selected."""
-    trained, skipped = trained_members(wd, only, cfg.ensemble.get("members"))
+    trained, skipped = trained_members(wd, only, cfg.ensemble.members)
     if not trained:
         raise PipelineError(f"{wd.root}: no trained bundle to export with ({'; '.join(skipped) or 'none found'})")
     return select_members(trained, method, n_best)
-
-
-def _int_key(ens: dict[str, Any], key: str, default: int, minimum: int) -> int:
-    v = ens.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise PipelineError(f"ensemble.{key} must be an integer >= {minimum}, got {v!r}")
-    return v
 
 
 def run_export(
@@ -485,16 +478,12 @@ def run_export(
         StageFailed: a member cannot be loaded or predicts the wrong shape (exit 1).
     """
     ens = cfg.ensemble
-    method = method or ens.get("method", "best_n")
-    n_best = int(n_best if n_best is not None else ens.get("n_best", 3))
-    mode = mode or ens.get("mode", "mean")
+    method = method or ens.method
+    n_best = int(n_best if n_best is not None else ens.n_best)
+    mode = mode or ens.mode
     if mode not in MODES:
         raise PipelineError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    block_t = _int_key(ens, "export_block", 96, 8)
-    halo = _int_key(ens, "export_halo", 16, 0)
-    min_inst = ens.get("min_instance_voxels", 8)
-    if isinstance(min_inst, bool) or not isinstance(min_inst, (int, float)) or min_inst < 0:
-        raise PipelineError(f"ensemble.min_instance_voxels must be a number >= 0, got {min_inst!r}")
+    block_t, halo, min_inst = ens.export_block, ens.export_halo, ens.min_instance_voxels  # validated by common.config
     if not str(data_root or cfg.data_root or ""):
         raise PipelineError("no data root: set data_root in the config or pass --data-root")
     root = Path(data_root or cfg.data_root or "")

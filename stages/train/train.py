@@ -154,7 +154,7 @@ def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | No
     from training.trainer import PROGRESS_YAML, train_bundle
 
     hp = bundle / "configs" / HP
-    overrides = dict(cfg.train)
+    overrides = cfg.train.given()
     if gpus is not None and gpus > 1:
         argv = [*_launcher(gpus), str(bundle / "scripts" / "train.py"), "run", "--config_file", str(hp), *override_args(overrides)]
         rc, sig = run_streamed(argv, wd.logs_dir / f"train.{bundle.name}.log", _device_env(gpus), cwd=bundle)
@@ -173,7 +173,7 @@ def train_official(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | N
     """Train one official-template bundle with its own ``scripts/train.py``."""
     configs = sorted(str(p) for p in (bundle / "configs").iterdir() if p.suffix in (".yaml", ".json"))
     argv = [*_launcher(gpus or 1), str(bundle / "scripts" / "train.py"), "run",
-            "--config_file", ",".join(configs), *override_args(dict(cfg.train))]
+            "--config_file", ",".join(configs), *override_args(cfg.train.given())]
     env = _device_env(gpus)
     env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 refuses the templates' file store
     log_file = wd.logs_dir / f"train.{bundle.name}.log"
@@ -199,10 +199,10 @@ def train_fold(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int, gpus: int
     if not hp.is_file() or not (bundle / "algo_object.json").is_file():
         raise PipelineError(f"{bundle}: bundle not generated (run bundlegen for {algo} first)")
     check_bundle_location(wd, bundle)  # a copied work dir must not train into the original
-    check_train_overrides(dict(cfg.train), bundle_hyper_parameters(bundle), f"{wd.config_file} or --config")
+    check_train_overrides(cfg.train.given(), bundle_hyper_parameters(bundle), f"{wd.config_file} or --config")
     kind = bundle_kind(bundle)
     marker = wd.marker(f"{STAGE}.{name}")
-    inputs = digest([kind, cfg.train, file_fingerprint(hp)])
+    inputs = digest([kind, cfg.train.given(), file_fingerprint(hp)])
     prev = marker.read() or {}
     model_dir = Path((read_yaml(hp) or {}).get("ckpt_path") or bundle / "model")
     if marker.is_done() and (model_dir / "progress.yaml").is_file():
