@@ -118,6 +118,21 @@ def test_vendor_copies_the_runtime_with_a_manifest(tmp_path: Path) -> None:
     assert mod.__name__ == f"{rec['alias']}.inference" and Path(mod.__file__).parent == lib
 
 
+def test_two_library_versions_live_in_one_process(tmp_path: Path) -> None:
+    """Bundles vendored from different trainer versions each get their own modules (the ensemble)."""
+    old = vendor.vendor_into(tmp_path / "old")
+    vendor.vendor_into(tmp_path / "new")
+    lib = tmp_path / "new" / "scripts" / vendor.VENDOR_DIR
+    (lib / "errors.py").write_text((lib / "errors.py").read_text() + "\nLIBRARY_GENERATION = 2\n")
+    (lib / "MANIFEST").write_text("".join(f"{vendor._sha256(lib / n)}  {n}\n" for n in sorted(old["files"])))
+    a = vendor.load_bundle_library(tmp_path / "old", "errors")
+    b = vendor.load_bundle_library(tmp_path / "new", "errors")
+    assert a.__name__ != b.__name__ and a.__name__ in sys.modules and b.__name__ in sys.modules
+    assert not hasattr(a, "LIBRARY_GENERATION") and b.LIBRARY_GENERATION == 2
+    ta, tb = vendor.load_bundle_library(tmp_path / "old"), vendor.load_bundle_library(tmp_path / "new")
+    assert ta.RequeueRequested is not tb.RequeueRequested and ta.RequeueRequested.exit_code == 75
+
+
 @pytest.fixture(scope="module")
 def trained(analysed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     """A segresnet bundle trained by the train stage (one tiny epoch); first refused without its library."""
