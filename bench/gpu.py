@@ -143,7 +143,7 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
     """``steps`` timed training steps (after ``warmup``) fed by ``feed`` = compute | loader."""
     import torch
 
-    from training.trainer import _epoch_batches, _train_dataset, datalist_split
+    from training.data import datalist_split, epoch_batches, train_dataset
     from training.losses import MaskedSegLoss
     from training.networks import build_network
 
@@ -159,7 +159,7 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
         batches: Any = iter(lambda: {"image": fixed[0], "label": fixed[1]}, None)
     else:
         items, _ = datalist_split(cfg)
-        batches = _epoch_batches({**cfg, "num_steps_per_epoch": steps + warmup}, _train_dataset(cfg, items), 0)
+        batches = epoch_batches({**cfg, "num_steps_per_epoch": steps + warmup}, train_dataset(cfg, items), 0)
 
     def step(batch: dict[str, Any]) -> int:
         img = batch["image"].to(dev, non_blocking=True)
@@ -200,11 +200,11 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
 
 def bench_algo(wd: Path, algo: str, dev: Any, precisions: list[str], steps: int, warmup: int,
                cpu: bool) -> dict[str, Any]:
-    from training.trainer import load_config
+    from training.hparams import read_hyper_parameters
     from training.networks import fit_roi
 
     hp = wd / f"{algo}_0" / "configs" / "hyper_parameters.yaml"
-    cfg = load_config(hp, TINY if cpu else None)
+    cfg = read_hyper_parameters(hp, TINY if cpu else None)
     cfg["roi_size"] = fit_roi(cfg, list(cfg["roi_size"]))
     out: dict[str, Any] = {"roi_size": cfg["roi_size"], "batch_size": int(cfg["batch_size"]),
                            "num_workers": int(cfg.get("num_workers", 0)),

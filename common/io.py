@@ -8,7 +8,6 @@ leaves a partial file under the final name and a rerun simply redoes the work.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import tempfile
@@ -84,97 +83,6 @@ def atomic_path(path: str | os.PathLike[str], durable: bool = False) -> Iterator
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
         raise
-
-
-SIDECAR = ".sha256.json"  # <file>.sha256.json: {"size", "sha256"} of a sealed file
-PREVIOUS = ".prev"  # <file>.prev: the previous good version, kept until the new one is durable
-
-
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file, read in 4 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def sidecar_of(path: str | os.PathLike[str]) -> Path:
-    """Where the size/sha256 record of ``path`` lives."""
-    p = Path(path)
-    return p.with_name(p.name + SIDECAR)
-
-
-def previous_of(path: str | os.PathLike[str]) -> Path:
-    """Where the previous good version of ``path`` is kept."""
-    p = Path(path)
-    return p.with_name(p.name + PREVIOUS)
-
-
-def verify_sealed(path: str | os.PathLike[str]) -> str | None:
-    """Why ``path`` is not the file its sidecar describes (``None``: it is, or no sidecar).
-
-    A file without a sidecar (written before sidecars existed) is not judged here.
-    """
-    p = Path(path)
-    if not p.is_file():
-        return "missing"
-    side = sidecar_of(p)
-    if not side.is_file():
-        return None
-    try:
-        rec = read_json(side)
-        size, sha = int(rec["size"]), str(rec["sha256"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unreadable size/sha256 record"
-    actual = p.stat().st_size
-    if actual != size:
-        return f"{actual} bytes, {size} expected (torn)"
-    if file_sha256(p) != sha:
-        return "sha256 differs from its record (corrupt)"
-    return None
-
-
-@contextlib.contextmanager
-def sealed_path(path: str | os.PathLike[str], keep_previous: bool = False) -> Iterator[Path]:
-    """Like :func:`atomic_path` for large files that must survive crashes: the new file is
-    fsynced, described by a size/sha256 sidecar, and renamed into place with a directory
-    fsync. With ``keep_previous`` the current good file becomes ``<name>.prev`` (with its
-    sidecar) first, so a reader always finds one whole version (:func:`sealed_candidates`).
-    """
-    final = Path(path)
-    with atomic_path(final, durable=True) as tmp:
-        yield tmp
-        record = {"size": tmp.stat().st_size, "sha256": file_sha256(tmp)}
-        if keep_previous and final.is_file() and verify_sealed(final) is None:
-            prev = previous_of(final)
-            os.replace(final, prev)
-            if sidecar_of(final).is_file():
-                os.replace(sidecar_of(final), sidecar_of(prev))
-            else:
-                sidecar_of(prev).unlink(missing_ok=True)
-        # the old record goes before the rename and the new one comes after it: a crash in
-        # between leaves a whole file without a record (trusted, as before sidecars existed),
-        # never a record describing another file
-        sidecar_of(final).unlink(missing_ok=True)
-    # atomic_path renamed tmp -> final and fsynced the directory
-    atomic_write_text(sidecar_of(final), json.dumps(record, sort_keys=True) + "\n")
-
-
-def sealed_candidates(path: str | os.PathLike[str]) -> list[tuple[Path, str | None]]:
-    """``[(file, why it is unusable or None)]`` for ``path`` and its ``.prev``, existing ones only."""
-    out = []
-    for p in (Path(path), previous_of(path)):
-        if p.is_file():
-            out.append((p, verify_sealed(p)))
-    return out
-
-
-def remove_sealed(path: str | os.PathLike[str]) -> None:
-    """Delete a sealed file with its sidecar and previous version."""
-    for p in (Path(path), previous_of(path)):
-        p.unlink(missing_ok=True)
-        sidecar_of(p).unlink(missing_ok=True)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.io import previous_of, sidecar_of
+from training.checkpoint import previous_of, sidecar_of
 from common.progress import eta_seconds, format_epoch_line, progress
 from slurm.status import collect_status, render_status
 from training.trainer import load_checkpoint, load_resumable, save_checkpoint

@@ -246,7 +246,7 @@ def test_class_balanced_crops_skip_unknown_and_padding(tmp_path: Path) -> None:
     Geometry from tests/data/real_crops.csv-like odd shapes: a (37, 29, 23) crop, 60 % unknown,
     smaller than the patch along z (so padding happens)."""
     from common.nifti import save_nifti, spacing_affine
-    from training.trainer import _transforms
+    from training.data import build_transforms
     from training.sampling import INDICES_KEY, KnownClassIndicesd
 
     rng = np.random.default_rng(0)
@@ -268,7 +268,7 @@ def test_class_balanced_crops_skip_unknown_and_padding(tmp_path: Path) -> None:
     def rare_share(mode: str) -> float:
         cfg = {"intensity_bounds": [0, 300], "unknown_label": 255, "roi_size": roi, "output_classes": 3,
                "crop_mode": mode, "augment": "none", "num_crops_per_image": 60}
-        xf = _transforms(cfg, train=True)
+        xf = build_transforms(cfg, train=True)
         xf.set_random_state(seed=1)
         crops = xf({"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")})
         assert all(tuple(c["label"].shape[1:]) == tuple(roi) for c in crops)
@@ -283,7 +283,7 @@ def test_pretrained_swinunetr_from_a_local_file(tmp_path: Path) -> None:
     """``pretrained_weights``: every tensor but the output head comes from the file (a
     ``module.`` prefix and a ``state_dict`` wrapper are accepted); a missing file is one
     clear ConfigError, nothing is downloaded."""
-    from common.errors import ConfigError
+    from training.errors import ConfigError
     from training.networks import load_pretrained_swinunetr
 
     cfg = {"algo": "swinunetr", "output_classes": 4, "network": {"feature_size": 12}}

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from common.errors import RequeueRequested
-from training.networks import DINTS_DEFAULTS
+from .errors import RequeueRequested
+from .networks import DINTS_DEFAULTS
 
 log = logging.getLogger("cellmap.dints_search")
 

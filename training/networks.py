@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from common.errors import ConfigError
+from .errors import ConfigError
 
 log = logging.getLogger("cellmap.networks")
 

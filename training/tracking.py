@@ -13,12 +13,29 @@ A tracking failure never stops training: it is logged once and tracking is switc
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
-from common.redact import redact
+from .fileio import atomic_write_text
 
 log = logging.getLogger(__name__)
+
+# Deliberately a copy of ``common.redact`` (same patterns): this package is copied into every
+# trained bundle and must run without this repository; a tracking URI's credentials must not
+# reach a log line.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s@]+@")
+_SECRET_QUERY = re.compile(
+    r"(?P<key>[?&;](?:[\w.-]*(?:token|secret|password|passwd|pwd|key|signature|sig|credential|auth)[\w.-]*)=)"
+    r"[^&;#\s]+",
+    re.IGNORECASE,
+)
+
+
+def redact(text: str) -> str:
+    """``text`` with URI credentials (userinfo, secret query values) replaced by ``***``."""
+    return _SECRET_QUERY.sub(r"\g<key>***", _USERINFO.sub(r"\g<scheme>***@", str(text)))
+
 
 RUN_ID_FILE = "mlflow_run_id"
 PARAM_KEYS = (
@@ -54,8 +71,6 @@ class Tracker:
             run_id = id_file.read_text().strip() if id_file.is_file() else None
             run = mlflow.start_run(run_id=run_id, run_name=None if run_id else bundle.name)
             if run_id is None:
-                from common.io import atomic_write_text
-
                 atomic_write_text(id_file, run.info.run_id + "\n")
                 mlflow.log_params({k: str(cfg[k])[:500] for k in PARAM_KEYS if k in cfg})
                 mlflow.set_tags({"bundle": bundle.name, "class_names": ",".join(cfg.get("class_names") or [])})

@@ -39,6 +39,7 @@ from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, PipelineError, StageFailed
 from common.io import atomic_write_json, atomic_write_yaml, read_yaml
 from common.workdir import WorkDir, digest, utc_now
+from training.vendor import vendor_into
 
 log = logging.getLogger("cellmap.bundlegen")
 
@@ -369,6 +370,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
             style = template_style(template_folder(kind, src, algo_name))
             algo.export_to_disk(str(wd.root), name, fold=fold, **pin_kwargs(style, algo_name, n))
             offline = offline_settings(bundle, algo_name, cfg) if style == "official" else {}
+            library = vendor_into(bundle) if style == "builtin" else None  # the bundle runs its own copy of training/
             got = bundle_output_classes(bundle)
             if got != n:
                 raise StageFailed(f"{name}: output_classes is {got!r} after generation, expected {n}")
@@ -387,6 +389,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
                 "modality": inp["modality"],
                 "interpreter": interpreter,
                 "offline_settings": offline,
+                "library": library,  # scripts/cellmap_training: version, MANIFEST sha256, module alias
                 "generated_at": utc_now(),
             }
             atomic_write_json(bundle / BUNDLE_RECORD, record)

@@ -1,8 +1,9 @@
 """The train stage: train one algorithm's bundle(s), each fold in turn, with exact resume.
 
 * **builtin** bundles (``cellmap_bundle.json`` ``templates: builtin``, or no record) run the
-  shared trainer (:func:`training.trainer.train_bundle`) in this process, or the bundle's own
-  ``scripts/train.py`` under ``torchrun`` for ``--gpus N > 1``;
+  bundle's own copy of the trainer (``scripts/cellmap_training``, written by bundlegen;
+  ``train_bundle``) in this process, or the bundle's own ``scripts/train.py`` under ``torchrun``
+  for ``--gpus N > 1``; a bundle without that copy is bad input (rerun bundlegen);
 * **official** bundles run their own ``scripts/train.py run --config_file ...`` with this
   interpreter, the job's devices and the ``train:`` section as CLI overrides; the output is
   streamed line by line to ``logs/train.<algo>_<fold>.log``.
@@ -28,7 +29,7 @@ from typing import Any
 
 from common.cli import setup_logging
 from common.config import PipelineConfig, bundle_hyper_parameters, check_train_overrides, load_config
-from common.errors import EXIT_REQUEUE, PipelineError, RequeueRequested, StageFailed
+from common.errors import EXIT_FAILED, EXIT_REQUEUE, PipelineError, RequeueRequested, StageFailed
 from common.io import read_json, read_yaml
 from common.redact import redact
 from common.workdir import WorkDir, check_bundle_location, digest, file_fingerprint
@@ -149,12 +150,40 @@ def _device_env(gpus: int | None) -> dict[str, str]:
     return env
 
 
+def _as_stage_error(exc: BaseException) -> BaseException:
+    """The bundle library's own errors (an int ``exit_code``: 2 bad config, 1 failed, 75 requeue)
+    as ``common.errors`` ones, so the stage skeleton gives them their exit code and one line.
+
+    (Until ``common.cli`` maps any exception with an int ``exit_code`` itself.)
+    """
+    code = getattr(exc, "exit_code", None)
+    if isinstance(exc, (PipelineError, RequeueRequested)) or not isinstance(code, int):
+        return exc
+    msg = " ".join(str(exc).split())
+    if code == EXIT_REQUEUE:
+        return RequeueRequested(msg)
+    if code == EXIT_FAILED:
+        return StageFailed(msg)
+    err = PipelineError(msg)
+    err.exit_code = code
+    return err
+
+
 def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | None) -> float:
-    """Train one builtin bundle; returns the best mean foreground Dice."""
-    from training.trainer import PROGRESS_YAML, train_bundle
+    """Train one builtin bundle with the bundle's own copy of the training library
+    (``scripts/cellmap_training``); returns the best mean foreground Dice.
+
+    Raises:
+        PipelineError: the bundle has no copy (generated before bundles carried one): rerun bundlegen.
+    """
+    from training.vendor import load_bundle_library
 
     hp = bundle / "configs" / HP
     overrides = cfg.train.given()
+    try:
+        trainer = load_bundle_library(bundle, "trainer")
+    except Exception as exc:
+        raise _as_stage_error(exc) from exc
     if gpus is not None and gpus > 1:
         argv = [*_launcher(gpus), str(bundle / "scripts" / "train.py"), "run", "--config_file", str(hp), *override_args(overrides)]
         rc, sig = run_streamed(argv, wd.logs_dir / f"train.{bundle.name}.log", _device_env(gpus), cwd=bundle)
@@ -162,11 +191,17 @@ def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | No
             raise RequeueRequested(f"{bundle.name}: stopped by signal {sig} (rc {rc})")
         if rc != 0:
             raise StageFailed(f"{bundle.name}: torchrun training exited with {rc}; see {wd.logs_dir / f'train.{bundle.name}.log'}")
-        prog = read_yaml(Path(read_yaml(hp)["ckpt_path"]) / PROGRESS_YAML)
+        prog = read_yaml(Path(read_yaml(hp)["ckpt_path"]) / trainer.PROGRESS_YAML)
         return float(prog[-1]["best_avg_dice_score"])
     device = "cpu" if gpus == 0 else None
-    res = train_bundle(hp, overrides, device=device)
-    return res.best_metric
+    try:
+        res = trainer.train_bundle(hp, overrides, device=device)
+    except Exception as exc:
+        converted = _as_stage_error(exc)
+        if converted is exc:
+            raise
+        raise converted from exc
+    return float(res.best_metric)
 
 
 def train_official(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | None) -> float:

@@ -1,12 +1,54 @@
 """Train this bundle: ``python scripts/train.py run --config_file configs/hyper_parameters.yaml [--key value]``.
 
-Works under ``torchrun`` too. Exit 0 when done (or already done), 75 after a checkpoint on
-SIGUSR1/SIGTERM (rerun the same command to resume).
+Works under ``torchrun`` too, and with this repository absent: it runs the bundle's own copy of
+the training library. Exit 0 when done (or already done), 2 bad config (or a bundle to
+regenerate), 1 failed, 75 after a checkpoint on SIGUSR1/SIGTERM (rerun the same command to resume).
 """
 
-import sys
+from __future__ import annotations
 
-from training.trainer import cli_main
+import hashlib
+import importlib
+import importlib.util
+import sys
+import types
+from pathlib import Path
+
+
+def _library(module: str) -> types.ModuleType:
+    """``<module>`` of this bundle's own copy of the training library (``scripts/cellmap_training``).
+
+    Imported under a name unique to the copy's content (``cellmap_training_<sha12>`` of its
+    MANIFEST, as ``training.vendor.library_alias``), so the repository's ``training`` on
+    ``sys.path`` never stands in for it and bundles with different copies share one process.
+    The same function is in ``train.py`` and ``infer.py``: MONAI loads each file on its own.
+    """
+    lib = Path(__file__).resolve().parent / "cellmap_training"
+    if not (lib / "MANIFEST").is_file():
+        raise _BundleOutdated(f"{lib.parents[1]}: bundle has no scripts/cellmap_training (generated before bundles "
+                              "carried their training library); rerun bundlegen --force for it")
+    name = "cellmap_training_" + hashlib.sha256((lib / "MANIFEST").read_bytes()).hexdigest()[:12]
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, lib / "__init__.py", submodule_search_locations=[str(lib)])
+        assert spec is not None and spec.loader is not None
+        pkg = importlib.util.module_from_spec(spec)
+        sys.modules[name] = pkg
+        try:
+            spec.loader.exec_module(pkg)
+        except BaseException:
+            del sys.modules[name]
+            raise
+    return importlib.import_module(f"{name}.{module}")
+
+
+class _BundleOutdated(Exception):
+    exit_code = 2  # bad input: regenerate the bundle
+
 
 if __name__ == "__main__":
-    sys.exit(cli_main())
+    try:
+        main = _library("trainer").cli_main
+    except _BundleOutdated as exc:
+        print(f"error: train: {exc}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(main())
