@@ -29,7 +29,7 @@ from typing import Any
 from common.errors import PipelineError
 
 log = logging.getLogger("cellmap.lock")
-LOCKS_DIR = "locks"
+LOCKS_DIR = "locks"  # WorkDir.locks_dir
 
 
 class LockHeld(PipelineError):

@@ -52,7 +52,7 @@ from common.classes import CELLMAP_CLASSES, INSTANCE_CLASSES, atoms
 from common.config import PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, read_json
-from common.ngff import Level, NeverFetchedError, NgffError, chunk_keys, em_cut, fmt_vec, read_multiscales
+from common.ngff import EM_GROUP, Level, NeverFetchedError, NgffError, chunk_keys, em_cut, fmt_vec, read_multiscales
 from common.blockwise import (
     ArrayPredictor,
     BlockwiseInstances,
@@ -78,7 +78,6 @@ from stages.ensemble.ensemble import (
 log = logging.getLogger("cellmap.ensemble.export")
 
 MANIFEST_COLUMNS = ("crop_name", "dataset", "class_label", "voxel_size", "translation", "shape")
-EM_GROUP = "recon-1/em/fibsem-uint8"
 EXPORT_MARKER = "ensemble.export"
 BUNDLE_RECORD = "cellmap_bundle.json"
 FORMAT_VERSION = 2  # bump when the written arrays change meaning (invalidates the crop ledger)
