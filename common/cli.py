@@ -170,7 +170,7 @@ def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, 
     again: its settings (a mistyped flag) must not become what every later run reuses. The
     check happens under the lock, so a file another run wrote is never touched.
     """
-    from common.lock import LockHeld, hold_locks, stage_lock_names
+    from common.lock import hold_locks, stage_lock_names
 
     cfg_file = wd / "pipeline.yaml" if wd is not None else None
     had_config = True

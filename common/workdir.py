@@ -6,7 +6,7 @@ Layout (MONAI's own names are kept so its tools work on our work_dir)::
       pipeline.yaml                 the resolved configuration
       nifti_data/                   convert: <case>_image.nii.gz, <case>_label.nii.gz
       nifti_data/datalist.json      convert: MONAI datalist (training/testing, fold keys)
-      analyze_shards/<N>/           analyze --shard I/N: per-shard results until --merge
+      analyze_shards/n<N>/          analyze --shard I/N: per-shard results until --merge
       datastats.yaml                analyze (MONAI DataAnalyzer)
       datastats_by_case.yaml        analyze
       input.yaml                    bundlegen (MONAI task description)
@@ -156,9 +156,13 @@ class WorkDir:
         """Default parent of a submitted predict job's output folder."""
         return self.root / "predictions"
 
+    @property
+    def analyze_shards_root(self) -> Path:
+        return self.root / ANALYZE_SHARDS_DIR
+
     def analyze_shards_dir(self, n: int) -> Path:
-        """Per-shard results of an ``N``-way analyze sharding."""
-        return self.root / ANALYZE_SHARDS_DIR / str(n)
+        """Per-shard results of an ``N``-way analyze sharding: ``analyze_shards/n<N>/``."""
+        return self.analyze_shards_root / f"n{n}"
 
     def stage_log(self, name: str) -> Path:
         """``logs/<name>.log`` (``name``: a stage, a shard or ``train.<algo>``)."""
@@ -198,8 +202,9 @@ class Bundle:
     """One MONAI bundle ``<work_dir>/<algo>_<fold>/``: its paths and what it is.
 
     The one answer to "what is a bundle": a folder named ``<algo>_<fold>`` (lower-case
-    algorithm, fold number) in the work dir. It is *generated* when bundlegen finished it
-    (``configs/`` and MONAI's ``algo_object.json``), *trained* when its train marker is done.
+    algorithm, fold number) in the work dir; :meth:`WorkDir.bundles` lists those bundlegen
+    started (``configs/`` exists). It is *generated* when bundlegen finished it (MONAI's
+    ``algo_object.json``, written last), *trained* when also its train marker is done.
     """
 
     wd: WorkDir
@@ -279,8 +284,8 @@ class Bundle:
 
     @property
     def generated(self) -> bool:
-        """bundlegen wrote it: ``configs/`` and ``algo_object.json`` exist."""
-        return self.configs_dir.is_dir() and self.algo_object.is_file()
+        """bundlegen finished it: MONAI's ``algo_object.json`` (written last) exists."""
+        return self.algo_object.is_file()
 
     @property
     def train_marker(self) -> Marker:
