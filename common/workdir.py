@@ -321,6 +321,18 @@ def slurm_ids() -> dict[str, str]:
     return {k.lower(): os.environ[k] for k in keys if os.environ.get(k)}
 
 
+def slurm_job_id(ids: Mapping[str, Any]) -> str | None:
+    """The one name of a SLURM job from :func:`slurm_ids`: ``<array job>_<task>`` for an array task, else the job id.
+
+    What ``scontrol show job`` accepts, so status and the lock name the same job.
+    """
+    array, task = ids.get("slurm_array_job_id"), ids.get("slurm_array_task_id")
+    if array and task is not None and str(task) != "":
+        return f"{array}_{task}"
+    job = ids.get("slurm_job_id") or array
+    return str(job) if job else None
+
+
 def digest(items: Iterable[Any]) -> str:
     """A stable sha256 over JSON-serialisable items (config parts, file stats).
 
