@@ -261,7 +261,7 @@ class Bundle:
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             hp = {}
         ckpt = hp.get("ckpt_path") if isinstance(hp, dict) else None
-        return Path(str(ckpt)) if ckpt else self.default_model_dir
+        return self.dir / str(ckpt) if ckpt else self.default_model_dir  # a relative ckpt_path is inside the bundle
 
     @property
     def progress_file(self) -> Path:
