@@ -29,7 +29,7 @@ from common.io import atomic_path
 try:  # optional: the convert image and pyproject's convert extra carry it
     from isal import isal_zlib as _isal
 except ImportError:  # pragma: no cover - exercised where isal is absent
-    _isal = None
+    _isal = None  # type: ignore[assignment]
 
 GZIP_BACKEND = "isal" if _isal is not None else "zlib"
 DEFAULT_LEVEL = 1  # nibabel's own default gzip level

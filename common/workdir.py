@@ -17,9 +17,13 @@ Layout (MONAI's own names are kept so its tools work on our work_dir)::
         algo_object.json                MONAI's record of the bundle (``algo_from_json``)
         cellmap_bundle.json             bundlegen's record (templates, resolution_nm, output_classes)
       ensemble_output/              ensemble
+      .analyze_tmp/                 analyze scratch (removed after each run)
+      submission/                   ensemble --export-submission: submission.zarr, submission.zip
       reports/                      human-facing reports: *.md, *.json, *.png
       markers/<name>.json           done markers (see :class:`Marker`)
-      logs/                         stage and job logs
+      markers/convert/<case>.json   convert's per-crop records
+      logs/                         stage logs (<stage>.log, <stage>.shard-I-of-N.log, train.<algo>.log)
+      logs/slurm/                   SLURM job output files
       slurm/                        generated sbatch scripts and job ids (slurm/jobs.json)
       predictions/<input name>/     the default output of a submitted predict job
       locks/<name>.lock             who runs a stage now (common/lock.py; removed at the end)
@@ -150,6 +154,34 @@ class WorkDir:
     @property
     def locks_dir(self) -> Path:
         return self.root / "locks"
+
+    @property
+    def crop_records_dir(self) -> Path:
+        """convert's per-crop records: ``markers/convert/<case>.json``."""
+        return self.markers_dir / "convert"
+
+    @property
+    def analyze_tmp_dir(self) -> Path:
+        """analyze's scratch folder (label views), removed after each run."""
+        return self.root / ".analyze_tmp"
+
+    @property
+    def submission_dir(self) -> Path:
+        """The default output folder of the challenge export (``submission.zarr``, ``.zip``)."""
+        return self.root / "submission"
+
+    @property
+    def slurm_logs_dir(self) -> Path:
+        """SLURM job output files ``<name>-<job id>.out``."""
+        return self.logs_dir / "slurm"
+
+    def sbatch_script(self, job_name: str) -> Path:
+        """A generated sbatch script ``slurm/<job name>.sbatch``."""
+        return self.slurm_dir / f"{job_name}.sbatch"
+
+    def report(self, name: str) -> Path:
+        """``reports/<name>`` (``convert.json``, ``analysis.md``, ``ensemble.png``, ...)."""
+        return self.reports_dir / name
 
     @property
     def predictions_dir(self) -> Path:

@@ -230,7 +230,7 @@ def collect_status(
             row.cluster = job.get("cluster")
         if row.job_id and query is not None:
             if row.job_id not in state_cache:
-                state_cache[row.job_id] = query(row.job_id, wd.logs_dir / "slurm", name)
+                state_cache[row.job_id] = query(row.job_id, wd.slurm_logs_dir, name)
             info = state_cache[row.job_id]
             row.job = dict(info or {})
             row.job_state = info["state"] if info else None

@@ -180,6 +180,9 @@ def test_every_work_dir_path_is_known_to_workdir(tmp_path: Path) -> None:
     assert wd.analyze_shards_dir(4) == wd.root / "analyze_shards" / "n4"
     assert wd.stage_log("train.dints") == wd.root / "logs" / "train.dints.log"
     assert wd.predictions_dir == wd.root / "predictions"
+    assert wd.crop_records_dir == wd.root / "markers" / "convert" and wd.submission_dir == wd.root / "submission"
+    assert wd.slurm_logs_dir == wd.root / "logs" / "slurm" and wd.sbatch_script("train.dints_0").name == "train.dints_0.sbatch"
+    assert wd.report("convert.json") == wd.root / "reports" / "convert.json"
 
 
 # ---- one deterministic NIfTI writer ---------------------------------------------------------

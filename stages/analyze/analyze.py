@@ -51,7 +51,6 @@ from common.workdir import WorkDir, digest, file_fingerprint, shard_name
 log = logging.getLogger("cellmap.analyze")
 
 STAGE = "analyze"
-TMP_DIR = ".analyze_tmp"
 
 
 @dataclass(frozen=True)
@@ -129,7 +128,7 @@ def settings_from(cfg: PipelineConfig, wd: WorkDir, device: str) -> AnalyzeSetti
         hist_bins=bins,
         hist_range=(float(rng[0]), float(rng[1])),
         device=device,
-        tmp_dir=str(wd.root / TMP_DIR),
+        tmp_dir=str(wd.analyze_tmp_dir),
     )
 
 
@@ -406,7 +405,7 @@ def write_outputs(wd: WorkDir, cfg: PipelineConfig, items: Sequence[CaseItem], r
 
 
 def _clear_tmp(wd: WorkDir) -> None:
-    shutil.rmtree(wd.root / TMP_DIR, ignore_errors=True)
+    shutil.rmtree(wd.analyze_tmp_dir, ignore_errors=True)
 
 
 # ---- shards -----------------------------------------------------------------------------

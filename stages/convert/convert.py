@@ -140,7 +140,7 @@ def find_crops(root: Path | RemotePath, cfg: PipelineConfig, opts: dict[str, Any
 
 def crop_records_dir(wd: WorkDir) -> Path:
     """Where per-crop records live: ``markers/convert/``."""
-    return wd.markers_dir / STAGE
+    return wd.crop_records_dir
 
 
 def _write_json_if_changed(path: Path, obj: Any, sync: bool = True) -> bool:

@@ -503,7 +503,7 @@ def run_export(
     chosen = choose_members(wd, cfg, method, n_best, members)
     train_res = training_resolution(chosen, wd)
     log.info("export with %s at training resolution %s nm", ", ".join(m.name for m in chosen), fmt_vec(train_res))
-    out = Path(out_dir) if out_dir else wd.root / "submission"
+    out = Path(out_dir) if out_dir else wd.submission_dir
     work = out / ".work"
     work_store = work / "store.zarr"
     ledger = work / "crops"
