@@ -104,7 +104,8 @@ def stale_reason(owner: dict[str, Any], age_s: float | None = None) -> str | Non
         if not pid_alive(owner["pid"]):
             return f"process {owner['pid']} on {owner['host']} is gone"
     limit = owner.get("stale_after_s")
-    limit = float(limit) if isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0 else STALE_AFTER_S
+    ok = isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0
+    limit = float(limit) if ok else STALE_AFTER_S
     if age_s is not None and age_s > limit:
         return f"not refreshed for {age_s:.0f} s (> {limit:g} s): its holder is gone"
     return None
@@ -113,7 +114,8 @@ def stale_reason(owner: dict[str, Any], age_s: float | None = None) -> str | Non
 class WorkDirLock:
     """An exclusive lock file; use as a context manager or with :meth:`acquire`/:meth:`release`."""
 
-    def __init__(self, path: Path, name: str, refresh_s: float = REFRESH_S, stale_after_s: float = STALE_AFTER_S) -> None:
+    def __init__(self, path: Path, name: str, refresh_s: float = REFRESH_S,
+                 stale_after_s: float = STALE_AFTER_S) -> None:
         self.path = path
         self.name = name
         self.refresh_s = refresh_s

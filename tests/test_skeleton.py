@@ -85,7 +85,7 @@ def test_stage_marker_done_failed_and_requeue(tmp_path: Path) -> None:
         with stage_marker(wd.marker("bundlegen"), "d"):
             raise ValueError("segresnet:\n  not in the registry")
     reason = wd.marker("bundlegen").read()["reason"]  # type: ignore[index]
-    assert reason == "ValueError: segresnet: not in the registry" == failure_reason(ValueError("segresnet:\n  not in the registry"))
+    assert reason == "ValueError: segresnet: not in the registry"
 
     with pytest.raises(TrainerStopped):  # a stop for requeue resumes later: the marker stays running
         with stage_marker(wd.marker("train.dints_0"), "d"):
@@ -181,7 +181,8 @@ def test_every_work_dir_path_is_known_to_workdir(tmp_path: Path) -> None:
     assert wd.stage_log("train.dints") == wd.root / "logs" / "train.dints.log"
     assert wd.predictions_dir == wd.root / "predictions"
     assert wd.crop_records_dir == wd.root / "markers" / "convert" and wd.submission_dir == wd.root / "submission"
-    assert wd.slurm_logs_dir == wd.root / "logs" / "slurm" and wd.sbatch_script("train.dints_0").name == "train.dints_0.sbatch"
+    assert wd.slurm_logs_dir == wd.root / "logs" / "slurm"
+    assert wd.sbatch_script("train.dints_0") == wd.root / "slurm" / "train.dints_0.sbatch"
     assert wd.report("convert.json") == wd.root / "reports" / "convert.json"
 
 
@@ -256,8 +257,8 @@ def _string_constants(path: Path) -> list[str]:
     ("recon-1/em/fibsem-uint8", "common/ngff.py"),
 ])
 def test_names_are_spelled_once(literal: str, home: str) -> None:
-    where = [str(f.relative_to(ROOT)) for pkg in ("common", "stages", "slurm", "tools") for f in sorted((ROOT / pkg).rglob("*.py"))
-             if literal in _string_constants(f)]
+    files = [f for pkg in ("common", "stages", "slurm", "tools") for f in sorted((ROOT / pkg).rglob("*.py"))]
+    where = [str(f.relative_to(ROOT)) for f in files if literal in _string_constants(f)]
     assert where == [home]
 
 
@@ -287,13 +288,15 @@ def test_every_option_of_every_command_has_help() -> None:
 
 def test_console_script_version_help_and_lazy_imports() -> None:
     code = ("import sys; from stages.cli import main\n"
-            "try:\n    main(['convert', '--help'], prog_name='cellmap-a3ds')\nexcept SystemExit as e:\n    rc = e.code\n"
+            "try:\n    main(['convert', '--help'], prog_name='cellmap-a3ds')\n"
+            "except SystemExit as e:\n    rc = e.code\n"
             "print('RC', rc, 'TORCH', 'torch' in sys.modules, 'MONAI', 'monai' in sys.modules)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
     assert "--data-root" in res.stdout and "RC 0 TORCH False MONAI False" in res.stdout, res.stdout + res.stderr
     res = subprocess.run([sys.executable, "-m", "stages.cli", "--version"], capture_output=True, text=True, cwd=ROOT,
                          env=ENV, timeout=120)
-    assert res.returncode == 0 and res.stdout.startswith("cellmap-a3ds, version ") and res.stdout.split()[-1] != "unknown"
+    assert res.returncode == 0 and res.stdout.startswith("cellmap-a3ds, version ")
+    assert res.stdout.split()[-1] != "unknown"
     res = subprocess.run([sys.executable, "-m", "stages.cli", "--help"], capture_output=True, text=True, cwd=ROOT,
                          env=ENV, timeout=120)
     assert all(c in res.stdout for c in ("convert", "analyze", "bundlegen", "train", "ensemble", "status"))

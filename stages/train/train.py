@@ -39,6 +39,8 @@ from stages.train.gpu import require_gpus
 log = logging.getLogger("cellmap.train")
 
 STAGE = "train"
+
+
 def folds_of(wd: WorkDir, algo: str) -> list[int]:
     """Folds that have a generated ``<algo>_<fold>`` bundle, sorted."""
     return sorted(b.fold for b in wd.bundles(algo))
