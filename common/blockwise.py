@@ -292,7 +292,9 @@ def bundle_training_resolution(bundle_dir: Path, reports_dir: Path | None = None
     """
     import json
 
-    rec = Path(bundle_dir) / "cellmap_bundle.json"
+    from common.workdir import BUNDLE_RECORD
+
+    rec = Path(bundle_dir) / BUNDLE_RECORD
     try:
         res = json.loads(rec.read_text(encoding="utf-8")).get("resolution_nm")
     except (OSError, ValueError, AttributeError):

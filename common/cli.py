@@ -1,18 +1,32 @@
-"""What every stage's thin click command shares: logging, errors, shards."""
+"""The stage skeleton every stage shares: logging, config, markers, errors, shards.
+
+* :class:`StageContext` sets up a stage run once: the work dir (created, checked writable),
+  logging to ``logs/<name>.log`` and the resolved configuration.
+* :func:`stage_marker` brackets the work: marker ``running`` with the inputs digest, then
+  ``done`` (versions, timings, details) or ``failed`` with the one reason format of
+  :func:`failure_reason`; a stop for requeue (exit 75) leaves it ``running``.
+* :func:`stage_command` turns any exception into the exit-code contract (0/1/2/75).
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
 import logging
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from common.errors import EXIT_FAILED, EXIT_USAGE, PipelineError, RequeueRequested
+from common.errors import EXIT_FAILED, EXIT_REQUEUE, EXIT_USAGE, PipelineError
+from common.workdir import Marker, WorkDir, shard_name
+
+if TYPE_CHECKING:
+    from common.config import PipelineConfig
 
 T = TypeVar("T")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -58,12 +72,94 @@ def parse_shard(text: str | None) -> tuple[int, int] | None:
     return i, n
 
 
+def shard_label(stage: str, shard: tuple[int, int] | None) -> str:
+    """The marker, lock and log name of a run: the stage, or its shard (:func:`common.workdir.shard_name`)."""
+    return stage if shard is None else shard_name(stage, shard)
+
+
 def select_shard(items: Sequence[T], shard: tuple[int, int] | None) -> list[T]:
     """The deterministic subset of ``items`` (already sorted) owned by one shard."""
     if shard is None:
         return list(items)
     i, n = shard
     return [it for k, it in enumerate(items) if k % n == i]
+
+
+# ---- the stage skeleton ------------------------------------------------------------------
+REASON_MAX = 300
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The one failure format of every marker: ``<ExceptionType>: <message on one line>`` (<= 300 chars)."""
+    msg = " ".join(str(exc).split())
+    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+    return text if len(text) <= REASON_MAX else text[: REASON_MAX - 3] + "..."
+
+
+def exit_code_of(exc: BaseException) -> int | None:
+    """The exit code an exception carries (an int ``exit_code`` attribute, from any library), else ``None``."""
+    code = getattr(exc, "exit_code", None)
+    return code if isinstance(code, int) and not isinstance(code, bool) else None
+
+
+@contextlib.contextmanager
+def stage_marker(marker: Marker, inputs_digest: str | None = None, **details: Any) -> Iterator[Marker]:
+    """Bracket one unit of work with its marker.
+
+    ``running`` (with ``inputs_digest`` and ``details``) on entry; on a clean exit ``done``
+    unless the body already finished the marker itself (``marker.done(**more)`` to add
+    details, or ``marker.fail(reason)`` for a soft failure it reports otherwise); on an
+    exception ``failed`` with :func:`failure_reason`, then the exception propagates. A stop
+    for requeue (an exception whose ``exit_code`` is 75) leaves the marker ``running``: the
+    work resumes on the next attempt.
+    """
+    marker.start(inputs_digest, **details)
+    try:
+        yield marker
+    except BaseException as exc:
+        if exit_code_of(exc) != EXIT_REQUEUE and not marker.finished:
+            marker.fail(failure_reason(exc))
+        raise
+    if not marker.finished:
+        marker.done()
+
+
+@dataclass
+class StageContext:
+    """A stage run's work dir, logger and configuration, set up once.
+
+    Attributes:
+        stage: the stage (``convert``, ``train``, ...).
+        wd: the work dir (created and checked writable).
+        log: the stage's logger; logs go to stderr and ``logs/<log name>.log``.
+        cfg: the resolved configuration (written to ``pipeline.yaml`` unless ``dump=False``).
+    """
+
+    stage: str
+    wd: WorkDir
+    log: logging.Logger
+    cfg: PipelineConfig
+
+    @classmethod
+    def open(cls, stage: str, work_dir: str | os.PathLike[str], config_file: Path | None = None,
+             overrides: dict[str, Any] | None = None, *, log_name: str | None = None, verbose: bool = False,
+             dump: bool = True) -> StageContext:
+        """Work dir, logging (``logs/<log_name or stage>.log``) and config, in this order.
+
+        Raises:
+            PipelineError: the work dir is not writable, or the configuration is invalid (exit 2).
+        """
+        from common.config import load_config
+
+        wd = WorkDir.at(work_dir).ensure()
+        log = setup_logging(log_name or stage, wd.logs_dir, verbose)
+        cfg = load_config(wd.root, config_file, overrides, dump=dump)
+        return cls(stage, wd, log, cfg)
+
+    def marker(self, inputs_digest: str | None = None, name: str | None = None,
+               **details: Any) -> contextlib.AbstractContextManager[Marker]:
+        """:func:`stage_marker` over ``markers/<name or stage>.json``."""
+        return stage_marker(self.wd.marker(name or self.stage), inputs_digest, **details)
 
 
 def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], wd: Path | None,
@@ -74,7 +170,7 @@ def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, 
     again: its settings (a mistyped flag) must not become what every later run reuses. The
     check happens under the lock, so a file another run wrote is never touched.
     """
-    from common.lock import LockHeld, hold_locks, stage_lock_names
+    from common.lock import hold_locks, stage_lock_names
 
     cfg_file = wd / "pipeline.yaml" if wd is not None else None
     had_config = True
@@ -85,8 +181,8 @@ def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, 
             had_config = cfg_file is None or cfg_file.exists()
             try:
                 rc = int(fn(*args, **kwargs) or 0)
-            except (PipelineError, Exception) as exc:  # noqa: BLE001 - classified below
-                if not had_config and cfg_file is not None and getattr(exc, "exit_code", EXIT_FAILED) in (
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not had_config and cfg_file is not None and (exit_code_of(exc) or EXIT_FAILED) in (
                         EXIT_FAILED, EXIT_USAGE):
                     with contextlib.suppress(OSError):
                         cfg_file.unlink(missing_ok=True)
@@ -94,20 +190,20 @@ def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, 
             if rc in (EXIT_FAILED, EXIT_USAGE) and not had_config and cfg_file is not None:
                 with contextlib.suppress(OSError):
                     cfg_file.unlink(missing_ok=True)
-    except LockHeld as exc:
-        click.echo(f"error: {stage}: {exc}", err=True)
-        return exc.exit_code
-    except PipelineError as exc:
-        click.echo(f"error: {stage}: {exc}", err=True)
-        return exc.exit_code
-    except RequeueRequested as exc:
-        click.echo(f"{stage}: stopped for requeue: {exc}", err=True)
-        return exc.exit_code
     except KeyboardInterrupt:
         click.echo(f"error: {stage}: interrupted", err=True)
         return 130
-    except Exception:  # noqa: BLE001 - the last line of defence, logged in full
-        logging.getLogger(f"cellmap.{stage}").exception("%s crashed", stage)
+    except Exception as exc:  # noqa: BLE001 - classified by the exit code it carries
+        code = exit_code_of(exc)  # common.errors, the lock, or any library's own (the trainer's)
+        if code == EXIT_REQUEUE:
+            click.echo(f"{stage}: stopped for requeue: {exc}", err=True)
+            return code
+        if code == 0:  # e.g. click.exceptions.Exit(0)
+            return 0
+        if code is not None:
+            click.echo(f"error: {stage}: {exc}", err=True)
+            return code
+        logging.getLogger(f"cellmap.{stage}").exception("%s crashed", stage)  # the last line of defence
         return EXIT_FAILED
     return rc
 
@@ -115,8 +211,10 @@ def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, 
 def stage_command(stage: str, lock: bool = True) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Wrap a click callback: one-line errors, documented exit codes, one writer per work dir.
 
-    ``PipelineError`` -> ``error: <message>`` and its exit code (2 or 1);
-    ``RequeueRequested`` -> exit 75; anything else -> logged traceback, exit 1.
+    An exception carrying an int ``exit_code`` (``PipelineError`` and its kin, ``LockHeld``,
+    ``RequeueRequested``, or the training library's own) -> exit 75 with ``<stage>: stopped
+    for requeue: <message>``, any other code with ``error: <stage>: <message>``; anything
+    else -> logged traceback, exit 1.
 
     With ``lock`` (every stage), the run holds ``<work_dir>/locks/<stage>.lock`` (per shard,
     per bundle for train: :func:`common.lock.stage_lock_names`) while it runs; a second run

@@ -7,6 +7,11 @@ Exit codes (documented in the README, relied on by ``slurm/``):
 * ``2``  bad input: config, paths, arguments, data that cannot be used at all
 * ``75`` interrupted by SIGUSR1/SIGTERM after a clean checkpoint: requeue me
   (``EX_TEMPFAIL`` from sysexits.h)
+
+The contract is the ``exit_code`` attribute: :func:`common.cli.stage_command` maps *any*
+exception carrying an int ``exit_code`` (these classes, ``common.lock.LockHeld``, or a
+library's own, e.g. the training library's stop signal) to that exit code, 75 printed as
+``<stage>: stopped for requeue: <message>``, others as ``error: <stage>: <message>``.
 """
 
 from __future__ import annotations

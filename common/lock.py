@@ -2,14 +2,20 @@
 
 A lock is a file ``<work_dir>/locks/<name>.lock`` created with ``O_CREAT | O_EXCL`` (atomic
 on NFSv3+ and Lustre, unlike ``fcntl`` locks on some mounts) that holds who took it: host,
-pid, SLURM job id, start time, command line. It is removed when the run ends. A lock left by
-a run that died is *stale* and is taken over when
+pid, SLURM job id, start time, command line. It is removed when the run ends. While it
+holds the lock, the holder refreshes the file's mtime from a daemon thread every
+``refresh_s`` (30 s). A lock left by a run that died is *stale* and is taken over when
 
 * it was taken on this host and its pid is gone, or
-* it names a SLURM job that SLURM says has ended (``slurm.jobs.job_state``, when present).
+* it was not refreshed for ``stale_after_s`` (300 s, recorded in the file), on any host:
+  the holder's node died, or its job was killed with the lock held, or
+* it names the SLURM job this process runs in, from another process (the job was requeued
+  and restarted: one job runs once at a time; read from the environment only).
 
 Anything else is a live holder: the second run prints who holds the lock and exits 2, or
-waits for it with ``--wait``.
+waits for it with ``--wait``. No scheduler is asked (``common/`` is scheduler-free); the
+age of a lock is measured against the lock directory's own clock (the file server's,
+through a probe file), so nodes with skewed clocks agree.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -29,7 +36,9 @@ from typing import Any
 from common.errors import PipelineError
 
 log = logging.getLogger("cellmap.lock")
-LOCKS_DIR = "locks"
+LOCKS_DIR = "locks"  # WorkDir.locks_dir
+REFRESH_S = 30.0  # how often a holder touches its lock file
+STALE_AFTER_S = 300.0  # a lock not touched for this long is stale (ten missed refreshes)
 
 
 class LockHeld(PipelineError):
@@ -49,27 +58,28 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _job_ended(job_id: str) -> bool | None:
-    """``True`` when SLURM says the job ended, ``None`` when nobody can tell."""
+def fs_now(directory: Path) -> float:
+    """The current time as the file system holding ``directory`` stamps it (``time.time()`` when unwritable)."""
+    probe = directory / f".clock-{socket.gethostname()}-{os.getpid()}-{threading.get_ident()}"
     try:
-        from slurm.jobs import LIVE, job_state  # SLURM commands live in slurm/; absent in some images
-    except ImportError:
-        return None
-    info = job_state(job_id)
-    if info is None:
-        return None
-    return info["state"] not in LIVE
+        probe.write_bytes(b"")
+        try:
+            return probe.stat().st_mtime
+        finally:
+            probe.unlink(missing_ok=True)
+    except OSError:
+        return time.time()
 
 
-def lock_owner() -> dict[str, Any]:
+def lock_owner(refresh_s: float = REFRESH_S, stale_after_s: float = STALE_AFTER_S) -> dict[str, Any]:
     """What a lock file records about the process that takes it."""
-    job = os.environ.get("SLURM_JOB_ID")
-    if job and os.environ.get("SLURM_ARRAY_TASK_ID") and os.environ.get("SLURM_ARRAY_JOB_ID"):
-        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    from common.workdir import slurm_ids, slurm_job_id
+
+    job = slurm_job_id(slurm_ids())
     return {
         "host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job,
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
-        "token": uuid.uuid4().hex,
+        "token": uuid.uuid4().hex, "refresh_s": refresh_s, "stale_after_s": stale_after_s,
     }
 
 
@@ -79,8 +89,13 @@ def describe(owner: dict[str, Any]) -> str:
     return f"pid {owner.get('pid')} on {owner.get('host')}{job} since {owner.get('started')}"
 
 
-def stale_reason(owner: dict[str, Any]) -> str | None:
-    """Why the holder recorded in ``owner`` is gone, or ``None`` if it may still run."""
+def stale_reason(owner: dict[str, Any], age_s: float | None = None) -> str | None:
+    """Why the holder recorded in ``owner`` is gone, or ``None`` if it may still run.
+
+    Args:
+        owner: the lock file's content.
+        age_s: seconds since the lock file was last refreshed (its mtime), when known.
+    """
     mine = lock_owner()["slurm_job_id"]
     if mine and owner.get("slurm_job_id") == mine and owner.get("pid") != os.getpid():
         # one SLURM job runs once at a time: this is our own earlier attempt (killed, requeued)
@@ -88,19 +103,50 @@ def stale_reason(owner: dict[str, Any]) -> str | None:
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
         if not pid_alive(owner["pid"]):
             return f"process {owner['pid']} on {owner['host']} is gone"
-        return None
-    if owner.get("slurm_job_id") and _job_ended(str(owner["slurm_job_id"])):
-        return f"SLURM job {owner['slurm_job_id']} has ended"
+    limit = owner.get("stale_after_s")
+    ok = isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0
+    limit = float(limit) if ok else STALE_AFTER_S
+    if age_s is not None and age_s > limit:
+        return f"not refreshed for {age_s:.0f} s (> {limit:g} s): its holder is gone"
     return None
 
 
 class WorkDirLock:
     """An exclusive lock file; use as a context manager or with :meth:`acquire`/:meth:`release`."""
 
-    def __init__(self, path: Path, name: str) -> None:
+    def __init__(self, path: Path, name: str, refresh_s: float = REFRESH_S,
+                 stale_after_s: float = STALE_AFTER_S) -> None:
         self.path = path
         self.name = name
+        self.refresh_s = refresh_s
+        self.stale_after_s = stale_after_s
         self.owner: dict[str, Any] | None = None
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+
+    def _age(self) -> float | None:
+        """Seconds since the lock file was last refreshed, by the file system's clock."""
+        try:
+            mtime = self.path.stat().st_mtime
+        except OSError:
+            return None
+        return fs_now(self.path.parent) - mtime
+
+    def _refresh_loop(self, token: str) -> None:
+        while not self._stop.wait(self.refresh_s):
+            held = self._read()
+            if not held or held.get("token") != token:
+                log.warning("%s: the lock was taken over by another run; no longer refreshing it", self.name)
+                return
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def _start_refresher(self) -> None:
+        assert self.owner is not None
+        self._stop.clear()
+        self._refresher = threading.Thread(target=self._refresh_loop, args=(self.owner["token"],),
+                                           name=f"lock-refresh-{self.name}", daemon=True)
+        self._refresher.start()
 
     def _read(self) -> dict[str, Any] | None:
         try:
@@ -112,7 +158,7 @@ class WorkDirLock:
         return data if isinstance(data, dict) else {}
 
     def _try_create(self) -> bool:
-        owner = lock_owner()
+        owner = lock_owner(self.refresh_s, self.stale_after_s)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
         except FileExistsError:
@@ -155,11 +201,13 @@ class WorkDirLock:
         announced = False
         while True:
             if self._try_create():
+                self._start_refresher()
                 return
             held = self._read()
             if held is None:
                 continue  # released between our create and read
-            why = stale_reason(held) if held else None
+            # a torn/being-written file ({}) is judged by its age alone
+            why = stale_reason(held, self._age())
             if why is not None:
                 log.warning("%s: taking over a stale lock (%s)", self.name, why)
                 self._break_stale(held)
@@ -177,6 +225,10 @@ class WorkDirLock:
         """Remove the lock if it is still ours."""
         if self.owner is None:
             return
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
+            self._refresher = None
         held = self._read()
         if held and held.get("token") == self.owner.get("token"):
             self.path.unlink(missing_ok=True)
@@ -238,6 +290,11 @@ def stage_lock_names(stage: str, params: dict[str, Any], work_dir: Path) -> list
         folds = sorted(p.name for p in work_dir.glob(f"{algo}_*") if p.name[len(str(algo)) + 1:].isdigit())
         return [f"train.{f}" for f in folds] or [f"train.{algo}"]
     if shard:
-        i, _, n = str(shard).partition("/")
-        return [f"{stage}.shard{i}of{n}"]
+        from common.cli import parse_shard
+        from common.workdir import shard_name
+
+        try:
+            return [shard_name(stage, parse_shard(str(shard)) or (0, 1))]
+        except PipelineError:
+            return [stage]  # a malformed --shard: the stage itself refuses it with a clear line
     return [stage]

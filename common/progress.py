@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from common.workdir import CONFIGS_DIR, HYPER_PARAMETERS, MODEL_DIR
+
 T = TypeVar("T")
 METRICS = "metrics.jsonl"  # the trainer's per-epoch rows (training/trainer.py METRICS)
 
@@ -75,7 +77,7 @@ def fold_progress(bundle: Path, train_overrides: dict[str, Any] | None = None) -
     has not written a metrics row yet or cannot be read.
     """
     try:
-        hp = yaml.safe_load((bundle / "configs" / "hyper_parameters.yaml").read_text(encoding="utf-8")) or {}
+        hp = yaml.safe_load((bundle / CONFIGS_DIR / HYPER_PARAMETERS).read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     if not isinstance(hp, dict):
@@ -85,7 +87,7 @@ def fold_progress(bundle: Path, train_overrides: dict[str, Any] | None = None) -
         num_epochs = int(merged.get("num_epochs", 0))
     except (TypeError, ValueError):
         return None
-    ckpt = Path(str(hp.get("ckpt_path") or bundle / "model"))
+    ckpt = Path(str(hp.get("ckpt_path") or bundle / MODEL_DIR))
     if not ckpt.is_absolute():
         ckpt = bundle / ckpt
     rows = read_metrics(ckpt / METRICS)

@@ -22,7 +22,7 @@ TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
 
 def jobs_file(wd: WorkDir) -> Path:
     """Where the submitted job ids are recorded."""
-    return wd.slurm_dir / "jobs.json"
+    return wd.jobs_file
 
 
 def read_jobs(wd: WorkDir) -> list[dict[str, Any]]:

@@ -35,9 +35,10 @@ import click
 
 from common.config import STAGE_SECTIONS, PipelineConfig, load_config
 from common.errors import PipelineError
-from common.io import read_json
 from common.lock import pid_alive
-from common.workdir import MARKER_DONE, MARKER_FAILED, MARKER_RUNNING, WorkDir, utc_now
+from common.workdir import MARKER_DONE, MARKER_FAILED, MARKER_RUNNING, WorkDir, slurm_job_id, utc_now
+from slurm.jobs import LIVE, job_state
+from slurm.jobs import read_jobs as read_job_list
 
 NOT_STARTED = "not started"
 RUNNING = "running"
@@ -45,11 +46,8 @@ DONE = "done"
 FAILED = "failed"
 UNREADABLE = "unreadable"
 
-# SLURM states in which the job still exists and may write its marker (as slurm.jobs.LIVE).
-LIVE_JOB_STATES = frozenset(
-    {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-     "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED"}
-)
+# SLURM states in which the job still exists and may write its marker (one definition: slurm.jobs)
+LIVE_JOB_STATES = LIVE
 # end states in which SLURM (not the stage) ended the job
 KILLED_BY_SLURM = frozenset({"OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "CANCELLED", "PREEMPTED", "DEADLINE", "BOOT_FAIL"})
 
@@ -100,16 +98,9 @@ class StatusRow:
 
 # ---- SLURM ---------------------------------------------------------------------------
 def read_jobs(wd: WorkDir) -> dict[str, dict[str, Any]]:
-    """``slurm/jobs.json`` as ``{marker name: newest job entry}``; empty when absent/bad."""
-    path = wd.slurm_dir / "jobs.json"
-    try:
-        data = read_json(path)
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(data, list):
-        return {}
+    """``slurm/jobs.json`` (:func:`slurm.jobs.read_jobs`) as ``{marker name: newest job entry}``."""
     out: dict[str, dict[str, Any]] = {}
-    for entry in data:
+    for entry in read_job_list(wd):
         if not isinstance(entry, dict) or not entry.get("name") or entry.get("job_id") is None:
             continue
         name = str(entry["name"])
@@ -120,18 +111,13 @@ def read_jobs(wd: WorkDir) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _slurm_query() -> Callable[..., dict[str, str] | None] | None:
-    """The SLURM job query (``slurm.jobs.job_state``) when the ``slurm`` package is present.
+def _slurm_query() -> Callable[..., dict[str, str] | None]:
+    """The SLURM job query: :func:`slurm.jobs.job_state` (``None`` per job where no SLURM tool answers).
 
-    ``common`` stays scheduler-free: every SLURM command lives in ``slurm/``; status only
-    looks it up, and works without it (the stage images need not ship ``slurm/``).
+    It folds an array job's tasks into one state by :func:`slurm.jobs.pick_state`, the one
+    array-job rule; a marker written by an array task names ``<array job>_<task>``.
     """
-    try:
-        from slurm.jobs import job_state
-    except ImportError:
-        return None
     return job_state
-
 
 
 # ---- rows ----------------------------------------------------------------------------
@@ -170,9 +156,7 @@ def _row_from_marker(name: str, data: dict[str, Any] | None, now: _dt.datetime) 
     row.duration_s = data.get("duration_s")
     slurm = data.get("slurm") or {}
     if isinstance(slurm, dict):
-        row.job_id = slurm.get("slurm_array_job_id") or slurm.get("slurm_job_id")
-        if row.job_id and slurm.get("slurm_array_task_id"):
-            row.job_id = f"{row.job_id}_{slurm['slurm_array_task_id']}"
+        row.job_id = slurm_job_id(slurm)
     if status == MARKER_DONE:
         row.state = DONE
     elif status == MARKER_FAILED:
@@ -246,7 +230,7 @@ def collect_status(
             row.cluster = job.get("cluster")
         if row.job_id and query is not None:
             if row.job_id not in state_cache:
-                state_cache[row.job_id] = query(row.job_id, wd.logs_dir / "slurm", name)
+                state_cache[row.job_id] = query(row.job_id, wd.slurm_logs_dir, name)
             info = state_cache[row.job_id]
             row.job = dict(info or {})
             row.job_state = info["state"] if info else None

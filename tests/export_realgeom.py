@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from common.ngff import EM_GROUP
+
 DATA = Path(__file__).resolve().parent / "data"
-EM_GROUP = "recon-1/em/fibsem-uint8"
 CHUNKS = (32, 32, 32)
 N_LEVELS = 4
 

@@ -1,5 +1,5 @@
 """One writer per work dir: two converts 0.5 s apart, two analyzes, two trains of one bundle,
-stale locks (dead pid on this host, ended SLURM job), ``--wait``.
+stale locks (dead pid on this host, a lock not refreshed on another host), ``--wait``.
 
 ``CELLMAP_LOCK_TRIALS=20`` runs the reliability figure of docs/operations.md (default 2).
 """
@@ -55,30 +55,57 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     assert not p.exists()
 
 
-def test_stale_lock_of_an_ended_slurm_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'JobId=77 JobState=OUT_OF_MEMORY ExitCode=0:125'\n")
-    (bin_dir / "scontrol").chmod(0o755)
-    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin:/bin")
+def test_unrefreshed_lock_of_another_host_is_stale_a_refreshed_one_is_held(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """No scheduler is asked: a holder on another node is gone when its lock file's mtime
+    stopped moving for ``stale_after_s``; while it refreshes, it holds the lock."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     p = lock_path(tmp_path, "train.dints_0")
     p.parent.mkdir(parents=True)
-    p.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": "77", "token": "x"}))
+    p.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": "77", "token": "x",
+                             "stale_after_s": 300}))
+    old = time.time() - 301
+    os.utime(p, (old, old))
     with hold_locks(tmp_path, ["train.dints_0"]):
-        pass
-    # a live job on another host is a live holder
-    (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'JobId=78 JobState=RUNNING'\n")
-    p.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": "78", "token": "y"}))
+        assert json.loads(p.read_text())["pid"] == os.getpid()
+    assert not p.exists()
+    # just refreshed (mtime now) on another host: a live holder, whatever its job says
+    p.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": "78", "token": "y",
+                             "stale_after_s": 300}))
     with pytest.raises(LockHeld, match="SLURM job 78"):
         with hold_locks(tmp_path, ["train.dints_0"]):
             pass
+    # a holder that recorded a shorter limit is stale after that one
+    os.utime(p, (time.time() - 5, time.time() - 5))
+    p.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "token": "z", "stale_after_s": 2}))
+    os.utime(p, (time.time() - 5, time.time() - 5))
+    with hold_locks(tmp_path, ["train.dints_0"]):
+        pass
+
+
+def test_holder_refreshes_its_lock_until_released(tmp_path: Path) -> None:
+    a = WorkDirLock(lock_path(tmp_path, "convert"), "convert", refresh_s=0.05, stale_after_s=0.5)
+    a.acquire()
+    try:
+        t0 = time.time() - 10
+        os.utime(a.path, (t0, t0))  # as if the last refresh were long ago
+        deadline = time.monotonic() + 5
+        while a.path.stat().st_mtime <= t0 + 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert a.path.stat().st_mtime > t0 + 1, "the holder did not refresh its lock"
+        time.sleep(0.6)  # longer than stale_after_s: still refreshed, so still held
+        with pytest.raises(LockHeld):
+            WorkDirLock(lock_path(tmp_path, "convert"), "convert").acquire()
+        assert json.loads(a.path.read_text())["stale_after_s"] == 0.5
+    finally:
+        a.release()
+    assert not a.path.exists() and a._refresher is None
 
 
 def test_lock_names() -> None:
     wd = Path("/nonexistent")
     assert stage_lock_names("convert", {"shard": None}, wd) == ["convert"]
-    assert stage_lock_names("convert", {"shard": "1/4"}, wd) == ["convert.shard1of4"]
+    assert stage_lock_names("convert", {"shard": "1/4"}, wd) == ["convert.shard-1-of-4"]
     assert stage_lock_names("train", {"algo": "dints", "fold": 0}, wd) == ["train.dints_0"]
 
 

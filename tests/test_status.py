@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -49,7 +50,7 @@ def status_wd(tmp_path: Path) -> Path:
     m = wd.marker("train.swinunetr_0")
     m.start("d6")
     # an extra shard marker of a known stage
-    m = wd.marker("convert.shard0of2")
+    m = wd.marker("convert.shard-0-of-2")
     m.start("d7")
     m.done()
     wd.slurm_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,7 @@ def test_status_states_without_slurm(status_wd: Path, tmp_path: Path, monkeypatc
     monkeypatch.setenv("PATH", str(empty))  # neither squeue nor scontrol: nothing breaks
     rows = {r.name: r for r in collect_status(status_wd)}
     order = [r.name for r in collect_status(status_wd)]
-    assert order == ["convert", "convert.shard0of2", "analyze", "bundlegen", "train.segresnet_0",
+    assert order == ["convert", "convert.shard-0-of-2", "analyze", "bundlegen", "train.segresnet_0",
                      "train.dints_0", "train.swinunetr_0", "ensemble"]
     assert rows["convert"].state == "done" and rows["convert"].duration_s is not None
     assert rows["analyze"].state == "failed"
@@ -159,3 +160,47 @@ def test_status_without_config_lists_markers(tmp_path: Path) -> None:
     assert rows["ensemble"].state == "unreadable"
     assert rows["convert"].state == "not started"
     assert status_json(wd.root, query_slurm=False)["rows"]
+
+
+def test_the_three_status_commands_print_one_table(status_wd: Path, tmp_path: Path) -> None:
+    """``python -m slurm.status``, the documented ``python -m slurm.submit --status`` and
+    ``cellmap-a3ds status`` are one implementation: the same rows, live SLURM states included."""
+    bin_dir = tmp_path / "bin"
+    _fake_slurm(bin_dir)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin"}
+    outs = []
+    for argv in (["-m", "slurm.status"], ["-m", "slurm.submit", "--status"], ["-m", "stages.cli", "status"]):
+        res = subprocess.run([sys.executable, *argv, "--work-dir", str(status_wd)], capture_output=True, text=True,
+                             cwd=ROOT, env=env)
+        assert res.returncode == 0, (argv, res.stderr)
+        # a running row's "took" grows between the three calls: compare everything else
+        outs.append([" ".join(re.sub(r"(?<=\s)[0-9]+[smhd]([0-9]+[smh])?(?=\s)", "T", ln).split())
+                     for ln in res.stdout.splitlines() if ln.split()[:1] and not ln.startswith("pipeline status")])
+    assert outs[0] == outs[1] == outs[2]
+    rows = {ln.split()[0]: ln for ln in outs[0]}
+    assert "202 RUNNING" in rows["train.swinunetr_0"] and "303 PENDING" in rows["ensemble"]
+    res = subprocess.run([sys.executable, "-m", "slurm.submit", "--status", "--work-dir", str(tmp_path / "nope")],
+                         capture_output=True, text=True, cwd=ROOT, env=env)
+    assert res.returncode == 2 and "work dir not found" in res.stderr
+
+
+def test_an_array_task_marker_names_its_task_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One array-job rule: a marker written by array task 4 of job 900 is job ``900_4`` for status
+    and for the lock file, and the task's state is what SLURM says of ``900_4``."""
+    from common.lock import lock_owner
+
+    monkeypatch.setenv("SLURM_JOB_ID", "904")
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "900")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "4")
+    wd = WorkDir.at(tmp_path / "w").ensure()
+    m = wd.marker("convert.shard-4-of-8")
+    m.start()
+    assert lock_owner()["slurm_job_id"] == "900_4"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "squeue").write_text('#!/bin/sh\ncase "$*" in *"-j 900_4"*) echo RUNNING ;; *) exit 1 ;; esac\n')
+    (bin_dir / "squeue").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}/usr/bin:/bin")
+    rows = {r.name: r for r in collect_status(wd.root)}
+    assert rows["convert.shard-4-of-8"].job_id == "900_4"
+    assert rows["convert.shard-4-of-8"].job_state == "RUNNING" and not rows["convert.shard-4-of-8"].possibly_killed

@@ -35,12 +35,11 @@ import zarr
 from numcodecs import Zstd
 
 from common.classes import CELLMAP_CLASSES, DEFAULT_CLASSES, INSTANCE_CLASSES
-from common.ngff import Level, multiscales_attrs
+from common.ngff import EM_GROUP, Level, multiscales_attrs
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CROPS = ROOT / "tests" / "data" / "real_crops.csv"
 EM_S0 = ROOT / "tests" / "data" / "em_s0.csv"
-EM_GROUP = "recon-1/em/fibsem-uint8"
 GT_GROUP = "recon-1/labels/groundtruth"
 EM_CHUNKS = (32, 32, 32)  # smaller than the real (64, 128, 128): the tree stays small
 

@@ -37,11 +37,10 @@ import numpy as np
 import zarr
 from numcodecs import Zstd
 
-from common.ngff import Level, multiscales_attrs
+from common.ngff import EM_GROUP, Level, multiscales_attrs
 
 DATASET = "jrc_synth-1"
 BIG_DATASET = "jrc_synthbig-1"
-EM_GROUP = "recon-1/em/fibsem-uint8"
 GT_GROUP = "recon-1/labels/groundtruth"
 EM_LEVELS = (  # (scale, translation) of s0..s2, (z, y, x) nm
     ((6.0, 4.0, 4.0), (0.0, 0.0, 0.0)),

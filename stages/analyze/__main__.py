@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from common.cli import config_option, parse_shard, setup_logging, stage_command, work_dir_option
+from common.cli import config_option, parse_shard, stage_command, work_dir_option
 
 
 @click.command()
@@ -24,7 +24,6 @@ def main(work_dir: Path, config_file: Path | None, workers: int | None, device: 
     """Analyse the converted datalist: datastats.yaml, datastats_by_case.yaml, reports/analysis.*"""
     from stages.analyze.analyze import run_analyze_entry
 
-    setup_logging("analyze", Path(work_dir).expanduser().resolve() / "logs")
     return run_analyze_entry(work_dir, config_file, workers=workers, device=device,
                              shard=parse_shard(shard), merge=merge, force=force)
 

@@ -42,17 +42,15 @@ from typing import Any
 import numpy as np
 
 from common.classes import ANALYZE_STATS_KEY
-from common.cli import select_shard
-from common.config import PipelineConfig, load_config
+from common.cli import StageContext, select_shard, shard_label, stage_marker
+from common.config import PipelineConfig
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, read_json, read_yaml
-from common.workdir import WorkDir, digest, file_fingerprint
+from common.workdir import WorkDir, digest, file_fingerprint, shard_name
 
 log = logging.getLogger("cellmap.analyze")
 
 STAGE = "analyze"
-SHARDS_DIR = "analyze_shards"
-TMP_DIR = ".analyze_tmp"
 
 
 @dataclass(frozen=True)
@@ -124,7 +122,7 @@ def settings_from(cfg: PipelineConfig, wd: WorkDir, device: str) -> AnalyzeSetti
         hist_bins=bins,
         hist_range=(float(rng[0]), float(rng[1])),
         device=device,
-        tmp_dir=str(wd.root / TMP_DIR),
+        tmp_dir=str(wd.analyze_tmp_dir),
     )
 
 
@@ -401,17 +399,17 @@ def write_outputs(wd: WorkDir, cfg: PipelineConfig, items: Sequence[CaseItem], r
 
 
 def _clear_tmp(wd: WorkDir) -> None:
-    shutil.rmtree(wd.root / TMP_DIR, ignore_errors=True)
+    shutil.rmtree(wd.analyze_tmp_dir, ignore_errors=True)
 
 
 # ---- shards -----------------------------------------------------------------------------
 def shard_dir(wd: WorkDir, n: int) -> Path:
     """Folder of the per-shard results of an ``N``-way sharding."""
-    return wd.root / SHARDS_DIR / f"n{n}"
+    return wd.analyze_shards_dir(n)
 
 
 def shard_marker_name(i: int, n: int) -> str:
-    return f"{STAGE}.shard_{i}_of_{n}"
+    return shard_name(STAGE, (i, n))
 
 
 def run_shard(wd: WorkDir, cfg: PipelineConfig, shard: tuple[int, int], workers: int, device: str,
@@ -427,23 +425,21 @@ def run_shard(wd: WorkDir, cfg: PipelineConfig, shard: tuple[int, int], workers:
     if not force and marker.is_done(dig) and (out / f"shard_{i}.json").is_file():
         log.info("shard %d/%d already done; nothing to do (--force redoes it)", i, n)
         return
-    marker.start(dig, cases=len(mine))
-    try:
-        result = analyze_items(mine, s, workers) if mine else {"own": [], "failed": {}, "by_case": []}
-        check_complete(mine, result)
-        _export_yaml(out / f"datastats_by_case_{i}.yaml", {"stats_summary": {}, "stats_by_cases": result["by_case"]})
-        atomic_write_json(out / f"shard_{i}.json", {"shard": [i, n], "cases": [it.case for it in mine],
-                                                    "own": result["own"]})
-    except BaseException as exc:
-        marker.fail(str(exc) or type(exc).__name__)
-        raise
-    finally:
-        _clear_tmp_of(mine, s)
+    with stage_marker(marker, dig, cases=len(mine)):
         try:
-            Path(s.tmp_dir).rmdir()  # only when no other shard is using it
-        except OSError:
-            pass
-    marker.done(cases=len(mine))
+            result = analyze_items(mine, s, workers) if mine else {"own": [], "failed": {}, "by_case": []}
+            check_complete(mine, result)
+            _export_yaml(out / f"datastats_by_case_{i}.yaml",
+                         {"stats_summary": {}, "stats_by_cases": result["by_case"]})
+            atomic_write_json(out / f"shard_{i}.json", {"shard": [i, n], "cases": [it.case for it in mine],
+                                                        "own": result["own"]})
+        finally:
+            _clear_tmp_of(mine, s)
+            try:
+                Path(s.tmp_dir).rmdir()  # only when no other shard is using it
+            except OSError:
+                pass
+        marker.done(cases=len(mine))
     log.info("shard %d/%d: %d cases analysed into %s", i, n, len(mine), out)
 
 
@@ -454,7 +450,7 @@ def _clear_tmp_of(items: Sequence[CaseItem], s: AnalyzeSettings) -> None:
 
 
 def _complete_sharding(wd: WorkDir, items: Sequence[CaseItem], base: str) -> int:
-    root = wd.root / SHARDS_DIR
+    root = wd.analyze_shards_root
     ns = sorted((int(p.name[1:]) for p in root.glob("n*") if p.name[1:].isdigit()), reverse=True)
     if not ns:
         raise PipelineError(f"{root}: no shard results to merge (run --shard I/N first)")
@@ -513,8 +509,7 @@ def run_analyze(wd: WorkDir, cfg: PipelineConfig, workers: int = 1, device: str 
     if not force and marker.is_done(dig) and wd.datastats.is_file() and wd.datastats_by_case.is_file():
         log.info("analyze already done for these inputs; nothing to do (--force redoes it)")
         return 0
-    marker.start(dig, cases=len(items), workers=workers, merge=merge)
-    try:
+    with stage_marker(marker, dig, cases=len(items), workers=workers, merge=merge):
         if merge:
             report = merge_shards(wd, cfg, device)
         else:
@@ -525,11 +520,8 @@ def run_analyze(wd: WorkDir, cfg: PipelineConfig, workers: int = 1, device: str 
             finally:
                 _clear_tmp(wd)
             report = write_outputs(wd, cfg, items, result, s)
-    except BaseException as exc:
-        marker.fail(str(exc) or type(exc).__name__)
-        raise
-    marker.done(n_cases=report["n_cases"], absent_classes=report["absent_classes"],
-                intensity_clip=report["recommended"]["intensity_clip"])
+        marker.done(n_cases=report["n_cases"], absent_classes=report["absent_classes"],
+                    intensity_clip=report["recommended"]["intensity_clip"])
     log.info("wrote %s, %s and %s", wd.datastats, wd.datastats_by_case, wd.reports_dir / "analysis.md")
     return 0
 
@@ -537,8 +529,8 @@ def run_analyze(wd: WorkDir, cfg: PipelineConfig, workers: int = 1, device: str 
 def run_analyze_entry(work_dir: Path, config_file: Path | None = None, workers: int | None = None,
                       device: str = "cpu", shard: tuple[int, int] | None = None, merge: bool = False,
                       force: bool = False) -> int:
-    """Load the config and run the stage (what the CLI calls)."""
-    wd = WorkDir.at(work_dir).ensure()
-    cfg = load_config(wd.root, config_file)
+    """Set up the stage (work dir, ``logs/``, config) and run it (what the CLI calls)."""
+    ctx = StageContext.open(STAGE, work_dir, config_file, log_name=shard_label(STAGE, shard))
+    wd, cfg = ctx.wd, ctx.cfg
     n = workers if workers is not None else int(cfg.analyze.workers)
     return run_analyze(wd, cfg, workers=n, device=device, shard=shard, merge=merge, force=force)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from common.cli import config_option, setup_logging, stage_command, work_dir_option
+from common.cli import config_option, stage_command, work_dir_option
 
 
 @click.command()
@@ -29,7 +29,6 @@ def main(work_dir: Path, config_file: Path | None, algos: str | None, target_gpu
         return 0
     from stages.bundlegen.bundlegen import run_bundlegen_entry
 
-    setup_logging("bundlegen", Path(work_dir).expanduser().resolve() / "logs")
     return run_bundlegen_entry(work_dir, config_file, algos=algos, target_gpu_mem_gb=target_gpu_mem_gb,
                                force=force)
 

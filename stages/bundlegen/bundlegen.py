@@ -35,17 +35,17 @@ from typing import Any
 
 import training
 from common import algorithms
-from common.config import PipelineConfig, load_config
+from common.cli import StageContext, failure_reason, stage_marker
+from common.config import PipelineConfig
 from common.errors import ConfigError, PipelineError, StageFailed
 from common.io import atomic_write_json, atomic_write_yaml, read_yaml
-from common.workdir import WorkDir, digest, utc_now
+from common.workdir import BUNDLE_RECORD, CONFIGS_DIR, HYPER_PARAMETERS, MODEL_DIR, WorkDir, digest, utc_now
 from training.vendor import vendor_into
 
 log = logging.getLogger("cellmap.bundlegen")
 
 STAGE = "bundlegen"
 BUILTIN_TEMPLATES = Path(training.__file__).resolve().parent / "templates"
-BUNDLE_RECORD = "cellmap_bundle.json"
 SWINUNETR_WEIGHTS = "swin_unetr.base_5000ep_f48_lr2e-4_pretrained.pt"
 MODALITY = {"em": "ct", "ct": "ct", "mri": "mri"}
 # Facts about MONAI's official templates (research-contributions @21ed8e5), not about the
@@ -228,7 +228,7 @@ def pin_kwargs(style: str, algo: str, n: int) -> dict[str, Any]:
 
 def bundle_output_classes(bundle: Path) -> Any:
     """``output_classes`` as written in a bundle's ``hyper_parameters.yaml``."""
-    hp = read_yaml(bundle / "configs" / "hyper_parameters.yaml") or {}
+    hp = read_yaml(bundle / CONFIGS_DIR / HYPER_PARAMETERS) or {}
     if "output_classes" in hp:
         return hp["output_classes"]
     if isinstance(hp.get("training"), dict):
@@ -238,7 +238,7 @@ def bundle_output_classes(bundle: Path) -> Any:
 
 def offline_settings(bundle: Path, algo: str, cfg: PipelineConfig) -> dict[str, Any]:
     """Rewrite an official bundle's run-time settings that break on offline nodes."""
-    hp_file = bundle / "configs" / "hyper_parameters.yaml"
+    hp_file = bundle / CONFIGS_DIR / HYPER_PARAMETERS
     hp = read_yaml(hp_file) or {}
     uri = f"sqlite:///{bundle / 'mlflow.db'}"  # one store per bundle: no sqlite locking across nodes
     section = hp["training"] if algo == OFFICIAL_SECTIONED and isinstance(hp.get("training"), dict) else hp
@@ -277,7 +277,7 @@ def bundle_digest(inp: dict[str, Any], wd: WorkDir, kind: str, src: Path, algo: 
 
 
 def _has_model(bundle: Path) -> bool:
-    model = bundle / "model"
+    model = bundle / MODEL_DIR
     return model.is_dir() and any(model.iterdir())
 
 
@@ -303,7 +303,7 @@ def run_bundlegen(wd: WorkDir, cfg: PipelineConfig, force: bool = False) -> list
     digests = {(a, f): bundle_digest(inp, wd, kind, src, a, f, cfg) for a, f in names}
     todo = []
     for a, f in names:
-        done = wd.marker(f"{STAGE}.{a}_{f}").is_done(digests[(a, f)]) and (wd.bundle(a, f) / "algo_object.json").is_file()
+        done = wd.marker(f"{STAGE}.{a}_{f}").is_done(digests[(a, f)]) and wd.bundle_at(a, f).generated
         if force or not done:
             if not force and _has_model(wd.bundle(a, f)):
                 # regenerating deletes the bundle folder, trained model included: never implicitly
@@ -312,17 +312,13 @@ def run_bundlegen(wd: WorkDir, cfg: PipelineConfig, force: bool = False) -> list
                 continue
             todo.append((a, f))
     stage = wd.marker(STAGE)
-    stage.start(digest(sorted(digests.values())), bundles=[f"{a}_{f}" for a, f in names])
-    if not todo:
-        log.info("all %d bundles are done; nothing to do (--force regenerates)", len(names))
-    else:
-        try:
+    with stage_marker(stage, digest(sorted(digests.values())), bundles=[f"{a}_{f}" for a, f in names]):
+        if not todo:
+            log.info("all %d bundles are done; nothing to do (--force regenerates)", len(names))
+        else:
             _generate(wd, cfg, kind, src, todo, digests, inp, interpreter)
-        except BaseException as exc:
-            stage.fail(str(exc) or type(exc).__name__)
-            raise
-    stage.done(bundles=[f"{a}_{f}" for a, f in names], templates=kind, template_source_dir=str(src),
-               output_classes=cfg.output_classes, target_gpu_mem_gb=gpu)
+        stage.done(bundles=[f"{a}_{f}" for a, f in names], templates=kind, template_source_dir=str(src),
+                   output_classes=cfg.output_classes, target_gpu_mem_gb=gpu)
     return [f"{a}_{f}" for a, f in names]
 
 
@@ -395,7 +391,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
             atomic_write_json(bundle / BUNDLE_RECORD, record)
             algo_to_json(algo, template_path=str(wd.templates_dir))
         except BaseException as exc:
-            marker.fail(" ".join(str(exc).split())[:300] or type(exc).__name__)
+            marker.fail(failure_reason(exc))
             shutil.rmtree(bundle, ignore_errors=True)  # a half-written bundle must not look usable
             if isinstance(exc, (PipelineError, KeyboardInterrupt)):
                 raise
@@ -408,14 +404,13 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
 
 def run_bundlegen_entry(work_dir: Path, config_file: Path | None = None, algos: str | None = None,
                         target_gpu_mem_gb: float | None = None, force: bool = False) -> int:
-    """Load the config (CLI flags win) and run the stage (what the CLI calls)."""
-    wd = WorkDir.at(work_dir).ensure()
+    """Set up the stage (work dir, ``logs/``, config; CLI flags win) and run it (what the CLI calls)."""
     overrides: dict[str, Any] = {"target_gpu_mem_gb": target_gpu_mem_gb}
     if algos is not None:
         overrides["algos"] = [a.strip() for a in algos.split(",") if a.strip()]
         if not overrides["algos"]:
             raise ConfigError(f"command line: --algos names no algorithm: {algos!r}")
-    cfg = load_config(wd.root, config_file, overrides)
-    run_bundlegen(wd, cfg, force=force)
+    ctx = StageContext.open(STAGE, work_dir, config_file, overrides)
+    run_bundlegen(ctx.wd, ctx.cfg, force=force)
     return 0
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from common.cli import select_shard, setup_logging
+from common.cli import StageContext, failure_reason, select_shard, shard_label, stage_marker
 from common.config import ConvertOptions, PipelineConfig, load_config
 from common.errors import PipelineError, StageFailed
 from common.io import TMP_MARK, atomic_path, atomic_write_text, read_json, remove_stale_tmp
@@ -124,7 +124,7 @@ def find_crops(root: Path | RemotePath, cfg: PipelineConfig, opts: ConvertOption
 
 def crop_records_dir(wd: WorkDir) -> Path:
     """Where per-crop records live: ``markers/convert/``."""
-    return wd.markers_dir / STAGE
+    return wd.crop_records_dir
 
 
 def _write_json_if_changed(path: Path, obj: Any, sync: bool = True) -> bool:
@@ -259,38 +259,34 @@ def run_convert(
     else:
         _remove_own_tmp(wd.nifti_dir, mine)
         _remove_own_tmp(rdir, mine, "-")
-    name = STAGE if shard is None else f"{STAGE}.shard-{shard[0]}-of-{shard[1]}"
-    marker = wd.marker(name)
-    marker.start(digest([st.digest_items(), [r.case for r in mine]]), crops=len(mine))
+    marker = wd.marker(shard_label(STAGE, shard))
     t0 = time.perf_counter()
-    try:
+    # a crashed pool or Ctrl-C: the marker says so (one reason format), then it propagates
+    with stage_marker(marker, digest([st.digest_items(), [r.case for r in mine]]), crops=len(mine)):
         by_case, now = _convert_all(mine, st, rdir, workers, progress)
-    except BaseException as exc:  # a crashed pool or Ctrl-C: say so in the marker, then propagate
-        marker.fail(f"{type(exc).__name__}: {exc}")
-        raise
-    summary = ConvertSummary([by_case[r.case] for r in mine], now)
-    details = {"converted": summary.count(CONVERTED), "skipped": summary.count(SKIPPED),
-               "failed": summary.count(FAILED), "converted_now": len(now),
-               "seconds": round(time.perf_counter() - t0, 2)}
-    if shard is not None:
+        summary = ConvertSummary([by_case[r.case] for r in mine], now)
+        details = {"converted": summary.count(CONVERTED), "skipped": summary.count(SKIPPED),
+                   "failed": summary.count(FAILED), "converted_now": len(now),
+                   "seconds": round(time.perf_counter() - t0, 2)}
+        if shard is not None:
+            marker.done(**details)
+            return summary
+        budget = float(opts.max_failed_fraction)
+        _write_outputs(cfg, wd, summary, bool(opts.report_png), budget)
+        if summary.count(CONVERTED) == 0:
+            exc = StageFailed(f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}")
+            exc.summary = summary  # type: ignore[attr-defined]
+            marker.fail(failure_reason(exc), **details)
+            raise exc
+        if summary.failed_fraction() > budget:
+            msg = (f"{summary.count(FAILED)} of {summary.count(CONVERTED) + summary.count(FAILED)} eligible crops failed "
+                   f"({100 * summary.failed_fraction():.1f} % > convert.max_failed_fraction {100 * budget:g} %); "
+                   f"reasons in {summary.report}")
+            exc = StageFailed(msg)
+            exc.summary = summary  # type: ignore[attr-defined]
+            marker.fail(failure_reason(exc), **details)
+            raise exc
         marker.done(**details)
-        return summary
-    budget = float(opts.max_failed_fraction)
-    _write_outputs(cfg, wd, summary, bool(opts.report_png), budget)
-    if summary.count(CONVERTED) == 0:
-        marker.fail("no crop converted", **details)
-        failure = StageFailed(f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}")
-        failure.summary = summary  # type: ignore[attr-defined]
-        raise failure
-    if summary.failed_fraction() > budget:
-        msg = (f"{summary.count(FAILED)} of {summary.count(CONVERTED) + summary.count(FAILED)} eligible crops failed "
-               f"({100 * summary.failed_fraction():.1f} % > convert.max_failed_fraction {100 * budget:g} %); "
-               f"reasons in {summary.report}")
-        marker.fail(msg, **details)
-        failure = StageFailed(msg)
-        failure.summary = summary  # type: ignore[attr-defined]
-        raise failure
-    marker.done(**details)
     return summary
 
 
@@ -493,10 +489,9 @@ def run_convert_entry(
     Returns:
         The exit code (0); errors are raised as :class:`PipelineError` subclasses.
     """
-    wd = WorkDir.at(work_dir).ensure()
-    setup_logging(STAGE if shard is None else f"{STAGE}.shard-{shard[0]}-of-{shard[1]}", wd.logs_dir, verbose)
     overrides = {"data_root": str(data_root) if data_root is not None else None}
-    cfg = load_config(wd.root, config_file, overrides)
+    ctx = StageContext.open(STAGE, work_dir, config_file, overrides, log_name=shard_label(STAGE, shard), verbose=verbose)
+    wd, cfg = ctx.wd, ctx.cfg
     _apply_flags(cfg, remote)
     try:
         summary = run_convert(cfg, wd, workers or default_workers(), shard, merge)

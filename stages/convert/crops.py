@@ -38,6 +38,7 @@ from common.ngff import (
     read_multiscales,
     same_scale,
 )
+from common.ngff import EM_GROUP
 from common.nifti import zyx_to_affine
 from common.store import RemotePath, open_array
 from common.store import path as store_path
@@ -48,7 +49,6 @@ from stages.convert.writer import write_nifti_gz
 log = logging.getLogger("cellmap.convert")
 
 CONVERTER_VERSION = 3  # bump when the outputs of identical inputs change
-EM_GROUP = "recon-1/em/fibsem-uint8"
 GT_GROUP = "recon-1/labels/groundtruth"
 _CROP_RE = re.compile(r"crop([0-9]+)")  # fullmatch: "crop1\n" is not a crop
 _UNKNOWN = 255  # internal unknown code, remapped to the configured unknown_label at the end

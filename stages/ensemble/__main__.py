@@ -6,8 +6,7 @@ from pathlib import Path
 
 import click
 
-from common.cli import config_option, setup_logging, stage_command, work_dir_option
-from common.workdir import WorkDir
+from common.cli import config_option, stage_command, work_dir_option
 
 
 @click.command()
@@ -35,7 +34,6 @@ def main(work_dir: Path, config_file: Path | None, method: str | None, n_best: i
     """Ensemble the trained bundles, score them, optionally export a challenge submission."""
     from stages.ensemble.ensemble import render_markdown, run_ensemble_entry
 
-    setup_logging("ensemble", WorkDir.at(work_dir).logs_dir)
     only = [m.strip() for m in members.split(",") if m.strip()] if members else None
     if not skip_ensemble:
         res = run_ensemble_entry(work_dir, config_file, method=method, n_best=n_best, mode=mode, on=on, only=only)

@@ -25,7 +25,6 @@ import dataclasses
 import gc
 import logging
 import math
-import re
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,13 +35,14 @@ import nibabel as nib
 import numpy as np
 
 from common.classes import INSTANCE_CLASSES
-from common.config import PipelineConfig, load_config
+from common.cli import StageContext, stage_marker
+from common.config import PipelineConfig
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from common.nifti import save_nifti
 from common.metrics import InstanceCounts, confusion_matrix, instance_counts, instance_scores, overall_score, summarize
 from common.progress import progress
-from common.workdir import WorkDir, check_bundle_location, digest, file_fingerprint
+from common.workdir import ALGO_OBJECT, Bundle, WorkDir, check_bundle_location, digest, file_fingerprint
 
 log = logging.getLogger("cellmap.ensemble")
 
@@ -51,7 +51,6 @@ HELDOUT = "heldout"
 MODES = ("mean", "vote")
 PROB_DTYPES = ("float16", "uint8")
 ENSEMBLE_NAME = "ensemble"
-_BUNDLE_RE = re.compile(r"^(?P<algo>[a-z0-9]+)_(?P<fold>\d+)$")
 
 # A predictor maps an image file to softmax probabilities [C, X, Y, Z] in the image grid.
 Predictor = Callable[[Path], Any]
@@ -112,11 +111,11 @@ def find_trained_bundles(wd: WorkDir) -> tuple[list[Member], list[str]]:
     if not wd.root.is_dir():
         return trained, skipped
     for d in sorted(p for p in wd.root.iterdir() if p.is_dir()):
-        m = _BUNDLE_RE.match(d.name)
-        if not m or not (d / "algo_object.json").is_file():
+        bundle = Bundle.from_dir(wd, d)
+        if bundle is None or not bundle.generated:
             continue
         check_bundle_location(wd, d)  # a copied work dir must not predict with the original's paths
-        marker = wd.marker(f"train.{d.name}")
+        marker = bundle.train_marker
         data = marker.read()
         if data is None:
             skipped.append(f"{d.name}: not trained (no marker {marker.path.name})")
@@ -130,7 +129,7 @@ def find_trained_bundles(wd: WorkDir) -> tuple[list[Member], list[str]]:
             skipped.append(f"{d.name}: train marker is done but has no details.best_metric")
             continue
         trained.append(Member(
-            name=d.name, algo=m["algo"], fold=int(m["fold"]), bundle_dir=d, score=float(score),
+            name=d.name, algo=bundle.algo, fold=bundle.fold, bundle_dir=d, score=float(score),
             model_id=f"{data.get('end')}|{float(score)!r}",
         ))
     return trained, skipped
@@ -273,7 +272,7 @@ def bundle_predictor(member: Member, wd: WorkDir, cfg: PipelineConfig) -> Predic
     """
     from monai.apps.auto3dseg.utils import algo_from_json
 
-    algo, _ = algo_from_json(str(member.bundle_dir / "algo_object.json"), template_path=str(wd.templates_dir))
+    algo, _ = algo_from_json(str(member.bundle_dir / ALGO_OBJECT), template_path=str(wd.templates_dir))
     inferer = algo.get_inferer(**dict(cfg.ensemble.infer_params or {}))
 
     def predict(image: Path) -> Any:
@@ -654,16 +653,12 @@ def run_ensemble(
         return EnsembleResult(members, skipped, [output_path(wd, c) for c in cases],
                               read_json(report_json), nothing_to_do=True)
 
-    marker.start(run_digest, members=[m.name for m in members], method=method, mode=mode)
-    try:
+    with stage_marker(marker, run_digest, members=[m.name for m in members], method=method, mode=mode):
         result = _run(cfg, wd, members, skipped, trained, cases, method, mode, prob_dtype,
                       predictor_factory, members_key, scored_set(wd, on) if on in (HELDOUT, "validation", "testing")
                       else "paths")
-    except BaseException as exc:
-        marker.fail(f"{type(exc).__name__}: {exc}")
-        raise
-    marker.done(members=[m.name for m in members], n_cases=len(cases),
-                best_metric=result.report["scores"].get(ENSEMBLE_NAME, {}).get("mean_dice"))
+        marker.done(members=[m.name for m in members], n_cases=len(cases),
+                    best_metric=result.report["scores"].get(ENSEMBLE_NAME, {}).get("mean_dice"))
     return result
 
 
@@ -778,7 +773,6 @@ def run_ensemble_entry(
     on: str | None = None,
     only: Sequence[str] | None = None,
 ) -> EnsembleResult:
-    """Load the configuration and run :func:`run_ensemble` (what the CLI calls)."""
-    wd = WorkDir.at(work_dir).ensure()
-    cfg = load_config(wd.root, config_file)
-    return run_ensemble(cfg, wd, method=method, n_best=n_best, mode=mode, on=on, only=only)
+    """Set up the stage (work dir, ``logs/``, config) and run :func:`run_ensemble` (what the CLI calls)."""
+    ctx = StageContext.open("ensemble", work_dir, config_file)
+    return run_ensemble(ctx.cfg, ctx.wd, method=method, n_best=n_best, mode=mode, on=on, only=only)

@@ -49,10 +49,11 @@ import click
 import numpy as np
 
 from common.classes import CELLMAP_CLASSES, INSTANCE_CLASSES, atoms
-from common.config import PipelineConfig, load_config
+from common.cli import StageContext, config_option, failure_reason, stage_command, stage_marker, work_dir_option
+from common.config import PipelineConfig
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, read_json
-from common.ngff import Level, NeverFetchedError, NgffError, chunk_keys, em_cut, fmt_vec, read_multiscales
+from common.ngff import EM_GROUP, Level, NeverFetchedError, NgffError, chunk_keys, em_cut, fmt_vec, read_multiscales
 from common.blockwise import (
     ArrayPredictor,
     BlockwiseInstances,
@@ -78,9 +79,7 @@ from stages.ensemble.ensemble import (
 log = logging.getLogger("cellmap.ensemble.export")
 
 MANIFEST_COLUMNS = ("crop_name", "dataset", "class_label", "voxel_size", "translation", "shape")
-EM_GROUP = "recon-1/em/fibsem-uint8"
 EXPORT_MARKER = "ensemble.export"
-BUNDLE_RECORD = "cellmap_bundle.json"
 FORMAT_VERSION = 2  # bump when the written arrays change meaning (invalidates the crop ledger)
 
 # Names that come from the manifest become paths: nothing but these shapes is accepted.
@@ -493,7 +492,7 @@ def run_export(
     chosen = choose_members(wd, cfg, method, n_best, members)
     train_res = training_resolution(chosen, wd)
     log.info("export with %s at training resolution %s nm", ", ".join(m.name for m in chosen), fmt_vec(train_res))
-    out = Path(out_dir) if out_dir else wd.root / "submission"
+    out = Path(out_dir) if out_dir else wd.submission_dir
     work = out / ".work"
     work_store = work / "store.zarr"
     ledger = work / "crops"
@@ -508,8 +507,7 @@ def run_export(
         log.info("export already done for these members and this manifest: nothing to do")
         return read_json(report_path)
 
-    marker.start(run_digest, manifest=str(manifest), members=[m.name for m in chosen])
-    try:
+    with stage_marker(marker, run_digest, manifest=str(manifest), members=[m.name for m in chosen]):
         summary = _export(cfg, wd, rows, root, chosen, train_res, mode, block_t, halo, float(min_inst), params,
                           work, work_store, ledger, predictor_factory, array_predictor_factory)
         # the store appears complete or not at all (never deleting outside ``out``)
@@ -518,17 +516,13 @@ def run_export(
         work_store.rename(final_store)
         shutil.rmtree(ledger, ignore_errors=True)
         _zip_store(final_store, zip_path)
-    except BaseException as exc:
-        marker.fail(f"{type(exc).__name__}: {exc}")
-        raise
-    summary.update({"manifest": str(manifest), "zarr": str(final_store), "zip": str(zip_path)})
-    atomic_write_json(report_path, summary)
-    if summary["failed"]:
-        marker.fail(f"{len(summary['failed'])} row(s) failed: "
-                    + "; ".join(f"{k}: {v}" for k, v in list(summary["failed"].items())[:5]),
-                    n_written=summary["n_written"])
-    else:
-        marker.done(n_written=summary["n_written"], n_untrained=len(summary["untrained"]))
+        summary.update({"manifest": str(manifest), "zarr": str(final_store), "zip": str(zip_path)})
+        atomic_write_json(report_path, summary)
+        if summary["failed"]:  # reported (exit 1 by echo_summary), not raised: the other rows are written
+            marker.fail(failure_reason(StageFailed(f"{len(summary['failed'])} row(s) failed: " + "; ".join(
+                f"{k}: {v}" for k, v in list(summary["failed"].items())[:5]))), n_written=summary["n_written"])
+        else:
+            marker.done(n_written=summary["n_written"], n_untrained=len(summary["untrained"]))
     return summary
 
 
@@ -649,10 +643,9 @@ def run_export_entry(
     mode: str | None = None,
     members: Sequence[str] | None = None,
 ) -> dict[str, Any]:
-    """Load the configuration and run :func:`run_export`."""
-    wd = WorkDir.at(work_dir).ensure()
-    cfg = load_config(wd.root, config_file)
-    return run_export(cfg, wd, manifest, data_root=data_root, method=method, n_best=n_best, mode=mode,
+    """Set up the stage (work dir, ``logs/ensemble.log``, config) and run :func:`run_export`."""
+    ctx = StageContext.open("ensemble", work_dir, config_file)
+    return run_export(ctx.cfg, ctx.wd, manifest, data_root=data_root, method=method, n_best=n_best, mode=mode,
                       members=members)
 
 
@@ -668,28 +661,25 @@ def echo_summary(s: dict[str, Any]) -> int:
     return 1 if s["failed"] else 0
 
 
-@click.command()
-@click.option("--work-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.command(name="export")
+@work_dir_option
+@config_option
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="The challenge test_crop_manifest.csv.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--method", type=click.Choice(["best_n", "best_by_fold"]), default=None)
-@click.option("--n-best", type=int, default=None)
-@click.option("--mode", type=click.Choice(["mean", "vote"]), default=None)
+@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="CellMap data root holding <dataset>/<dataset>.zarr (default: data_root of the config).")
+@click.option("--method", type=click.Choice(["best_n", "best_by_fold"]), default=None,
+              help="Member selection like MONAI's AlgoEnsembleBestN / AlgoEnsembleBestByFold (default: ensemble.method).")
+@click.option("--n-best", type=int, default=None, help="Members for best_n (default: ensemble.n_best).")
+@click.option("--mode", type=click.Choice(["mean", "vote"]), default=None,
+              help="mean of probabilities then argmax, or majority vote (default: ensemble.mode).")
 @click.option("--members", default=None, help="Comma-separated bundle names to choose from.")
+@stage_command("ensemble")
 def main(work_dir: Path, config_file: Path | None, manifest: Path, data_root: Path | None,
-         method: str | None, n_best: int | None, mode: str | None, members: str | None) -> None:
+         method: str | None, n_best: int | None, mode: str | None, members: str | None) -> int:
     """Write submission.zarr and submission.zip for a challenge test manifest."""
-    from common.cli import setup_logging, stage_command
-
-    @stage_command("ensemble")
-    def _run() -> int:
-        setup_logging("ensemble", WorkDir.at(work_dir).logs_dir)
-        only = [m.strip() for m in members.split(",") if m.strip()] if members else None
-        return echo_summary(run_export_entry(work_dir, manifest, config_file, data_root, method, n_best, mode, only))
-
-    _run()
+    only = [m.strip() for m in members.split(",") if m.strip()] if members else None
+    return echo_summary(run_export_entry(work_dir, manifest, config_file, data_root, method, n_best, mode, only))
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from common.cli import stage_command, work_dir_option
 @click.option("--members", default=None, help="Comma-separated bundle names (default: every trained bundle).")
 @click.option("--probabilities", is_flag=True, help="Also write uint8 probabilities (255 = 1).")
 @click.option("--shard", default=None, help="I/N: predict blocks k with k % N == I (SLURM arrays).")
-@click.option("--mode", type=click.Choice(["mean", "vote"]), default="mean")
+@click.option("--mode", type=click.Choice(["mean", "vote"]), default="mean", show_default=True,
+              help="mean of the members' probabilities then argmax, or majority vote.")
 @click.option("--block", "block_t", type=int, default=96, help="Training voxels per block edge (memory budget).")
 @click.option("--halo", type=int, default=16, help="Training voxels of context per block side.")
 @stage_command("predict")

@@ -47,11 +47,10 @@ from common.blockwise import (
     predict_blocks,
     training_factors,
 )
-from common.workdir import WorkDir, digest
+from common.workdir import ALGO_OBJECT, BUNDLE_RECORD, Bundle, WorkDir, digest
 
 log = logging.getLogger("cellmap.predict")
 
-BUNDLE_RE = re.compile(r"[a-z0-9]+_[0-9]+")
 N_PYRAMID = 3
 
 ArrayPredictorFactory = Callable[[Path, WorkDir], ArrayPredictor]
@@ -132,8 +131,9 @@ def trained_members(wd: WorkDir, only: Sequence[str] | None) -> list[Path]:
     """
     found = []
     if wd.root.is_dir():
-        for d in sorted(p for p in wd.root.iterdir() if p.is_dir() and BUNDLE_RE.fullmatch(p.name)):
-            if (d / "algo_object.json").is_file() and wd.marker(f"train.{d.name}").status == "done":
+        for d in sorted(p for p in wd.root.iterdir() if p.is_dir()):
+            bundle = Bundle.from_dir(wd, d)
+            if bundle is not None and bundle.trained:
                 found.append(d)
     if only:
         unknown = sorted(set(only) - {d.name for d in found})
@@ -149,7 +149,7 @@ def monai_predictor(bundle: Path, wd: WorkDir) -> ArrayPredictor:
     """The bundle's own ``InferClass`` through MONAI (``algo_from_json`` -> ``get_inferer``)."""
     from monai.apps.auto3dseg.utils import algo_from_json
 
-    algo, _ = algo_from_json(str(bundle / "algo_object.json"), template_path=str(wd.templates_dir))
+    algo, _ = algo_from_json(str(bundle / ALGO_OBJECT), template_path=str(wd.templates_dir))
     inferer = algo.get_inferer()
     return file_predictor(lambda p: inferer.infer(str(p)), Path(os.environ.get("TMPDIR", "/tmp")) /
                           f"cellmap-predict-{os.getpid()}" / bundle.name)
@@ -276,11 +276,11 @@ def run_predict(
 
 def _n_classes(bundle: Path) -> int:
     try:
-        n = json.loads((bundle / "cellmap_bundle.json").read_text(encoding="utf-8")).get("output_classes")
+        n = json.loads((bundle / BUNDLE_RECORD).read_text(encoding="utf-8")).get("output_classes")
     except (OSError, ValueError):
         n = None
     if not isinstance(n, int) or n < 2:
-        raise PipelineError(f"{bundle}/cellmap_bundle.json: no output_classes (regenerate the bundle record)")
+        raise PipelineError(f"{bundle}/{BUNDLE_RECORD}: no output_classes (regenerate the bundle record)")
     return n
 
 

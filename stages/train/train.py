@@ -27,37 +27,24 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from common.cli import setup_logging
-from common.config import PipelineConfig, bundle_hyper_parameters, check_train_overrides, load_config
-from common.errors import EXIT_FAILED, EXIT_REQUEUE, PipelineError, RequeueRequested, StageFailed
-from common.io import read_json, read_yaml
+from common.cli import StageContext, exit_code_of, stage_marker
+from common.config import PipelineConfig, bundle_hyper_parameters, check_train_overrides
+from common.errors import EXIT_REQUEUE, PipelineError, RequeueRequested, StageFailed
+from common.io import read_yaml
 from common.redact import redact
-from common.workdir import WorkDir, check_bundle_location, digest, file_fingerprint
+from common.workdir import (
+    ALGO_OBJECT, CONFIGS_DIR, HYPER_PARAMETERS, WorkDir, check_bundle_location, digest, file_fingerprint,
+)
 from stages.train.gpu import require_gpus
 
 log = logging.getLogger("cellmap.train")
 
 STAGE = "train"
-BUNDLE_RECORD = "cellmap_bundle.json"  # written by bundlegen
-HP = "hyper_parameters.yaml"
-
-
-def bundle_kind(bundle: Path) -> str:
-    """``builtin`` or ``official``, from bundlegen's ``cellmap_bundle.json``."""
-    rec = bundle / BUNDLE_RECORD
-    if rec.is_file():
-        return str(read_json(rec).get("templates", "builtin"))
-    return "builtin"
 
 
 def folds_of(wd: WorkDir, algo: str) -> list[int]:
     """Folds that have a generated ``<algo>_<fold>`` bundle, sorted."""
-    out = []
-    for p in wd.root.glob(f"{algo}_*"):
-        tail = p.name[len(algo) + 1:]
-        if tail.isdigit() and (p / "configs").is_dir():
-            out.append(int(tail))
-    return sorted(out)
+    return sorted(b.fold for b in wd.bundles(algo))
 
 
 def _cli_value(v: Any) -> str:
@@ -80,12 +67,12 @@ def write_algo_json(bundle: Path, templates_dir: Path, best_metric: float) -> No
     """
     from monai.auto3dseg.utils import algo_from_json, algo_to_json
 
-    algo, meta = algo_from_json(str(bundle / "algo_object.json"), template_path=str(templates_dir))
+    algo, meta = algo_from_json(str(bundle / ALGO_OBJECT), template_path=str(templates_dir))
     meta = {k: v for k, v in (meta or {}).items() if k not in ("best_metric", "template_path")}
     with tempfile.TemporaryDirectory(dir=bundle) as tmp:
         algo.get_output_path = lambda: tmp  # type: ignore[method-assign]
         out = algo_to_json(algo, template_path=str(templates_dir), best_metric=float(best_metric), **meta)
-        os.replace(out, bundle / "algo_object.json")
+        os.replace(out, bundle / ALGO_OBJECT)
 
 
 class _Forward:
@@ -150,40 +137,19 @@ def _device_env(gpus: int | None) -> dict[str, str]:
     return env
 
 
-def _as_stage_error(exc: BaseException) -> BaseException:
-    """The bundle library's own errors (an int ``exit_code``: 2 bad config, 1 failed, 75 requeue)
-    as ``common.errors`` ones, so the stage skeleton gives them their exit code and one line.
-
-    (Until ``common.cli`` maps any exception with an int ``exit_code`` itself.)
-    """
-    code = getattr(exc, "exit_code", None)
-    if isinstance(exc, (PipelineError, RequeueRequested)) or not isinstance(code, int):
-        return exc
-    msg = " ".join(str(exc).split())
-    if code == EXIT_REQUEUE:
-        return RequeueRequested(msg)
-    if code == EXIT_FAILED:
-        return StageFailed(msg)
-    err = PipelineError(msg)
-    err.exit_code = code
-    return err
-
-
 def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | None) -> float:
     """Train one builtin bundle with the bundle's own copy of the training library
     (``scripts/cellmap_training``); returns the best mean foreground Dice.
 
     Raises:
-        PipelineError: the bundle has no copy (generated before bundles carried one): rerun bundlegen.
+        training.vendor.BundleOutdated: the bundle has no copy (generated before bundles carried
+            one): rerun bundlegen. Its ``exit_code`` (2) is what the stage skeleton exits with.
     """
     from training.vendor import load_bundle_library
 
-    hp = bundle / "configs" / HP
+    hp = bundle / CONFIGS_DIR / HYPER_PARAMETERS
     overrides = cfg.train.given()
-    try:
-        trainer = load_bundle_library(bundle, "trainer")
-    except Exception as exc:
-        raise _as_stage_error(exc) from exc
+    trainer = load_bundle_library(bundle, "trainer")
     if gpus is not None and gpus > 1:
         argv = [*_launcher(gpus), str(bundle / "scripts" / "train.py"), "run", "--config_file", str(hp), *override_args(overrides)]
         rc, sig = run_streamed(argv, wd.logs_dir / f"train.{bundle.name}.log", _device_env(gpus), cwd=bundle)
@@ -194,19 +160,14 @@ def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | No
         prog = read_yaml(Path(read_yaml(hp)["ckpt_path"]) / trainer.PROGRESS_YAML)
         return float(prog[-1]["best_avg_dice_score"])
     device = "cpu" if gpus == 0 else None
-    try:
-        res = trainer.train_bundle(hp, overrides, device=device)
-    except Exception as exc:
-        converted = _as_stage_error(exc)
-        if converted is exc:
-            raise
-        raise converted from exc
+    # the library's own errors carry an int exit_code, which the stage skeleton maps
+    res = trainer.train_bundle(hp, overrides, device=device)
     return float(res.best_metric)
 
 
 def train_official(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | None) -> float:
     """Train one official-template bundle with its own ``scripts/train.py``."""
-    configs = sorted(str(p) for p in (bundle / "configs").iterdir() if p.suffix in (".yaml", ".json"))
+    configs = sorted(str(p) for p in (bundle / CONFIGS_DIR).iterdir() if p.suffix in (".yaml", ".json"))
     argv = [*_launcher(gpus or 1), str(bundle / "scripts" / "train.py"), "run",
             "--config_file", ",".join(configs), *override_args(cfg.train.given())]
     env = _device_env(gpus)
@@ -219,7 +180,7 @@ def train_official(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | N
         raise StageFailed(f"{bundle.name}: official scripts/train.py exited with {rc}; see {log_file}")
     from monai.auto3dseg.utils import algo_from_json
 
-    algo, _ = algo_from_json(str(bundle / "algo_object.json"), template_path=str(wd.templates_dir))
+    algo, _ = algo_from_json(str(bundle / ALGO_OBJECT), template_path=str(wd.templates_dir))
     score = algo.get_score()
     if score is None:
         raise StageFailed(f"{bundle.name}: training finished without a score in model/progress.yaml")
@@ -229,18 +190,18 @@ def train_official(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | N
 def train_fold(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int, gpus: int | None) -> float | None:
     """Train (or skip, or continue) one bundle; returns its best metric."""
     name = f"{algo}_{fold}"
-    bundle = wd.bundle(algo, fold)
-    hp = bundle / "configs" / HP
-    if not hp.is_file() or not (bundle / "algo_object.json").is_file():
+    b = wd.bundle_at(algo, fold)
+    bundle, hp = b.dir, b.hyper_parameters
+    if not hp.is_file() or not b.generated:
         raise PipelineError(f"{bundle}: bundle not generated (run bundlegen for {algo} first)")
     check_bundle_location(wd, bundle)  # a copied work dir must not train into the original
     check_train_overrides(cfg.train.given(), bundle_hyper_parameters(bundle), f"{wd.config_file} or --config")
-    kind = bundle_kind(bundle)
+    kind = b.kind
     marker = wd.marker(f"{STAGE}.{name}")
     inputs = digest([kind, cfg.train.given(), file_fingerprint(hp)])
     prev = marker.read() or {}
-    model_dir = Path((read_yaml(hp) or {}).get("ckpt_path") or bundle / "model")
-    if marker.is_done() and (model_dir / "progress.yaml").is_file():
+    model_dir = b.model_dir
+    if marker.is_done() and b.progress_file.is_file():
         best = (prev.get("details") or {}).get("best_metric")
         if not marker.is_done(inputs):
             log.warning("%s: trained with other settings (train: section or bundle changed); keeping the "
@@ -248,18 +209,16 @@ def train_fold(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int, gpus: int
         log.info("%s: already trained (best mean Dice %s): skipping", name, best)
         return best
     resumed = (model_dir / "checkpoint_latest.pt").is_file()
-    marker.start(inputs, algo=algo, fold=fold, templates=kind, gpus=gpus, resumed=resumed)
     log.info("%s: %s %s training (%s templates)", name, "continuing" if resumed else "starting", algo, kind)
-    try:
-        best = (train_official if kind == "official" else train_builtin)(wd, bundle, cfg, gpus)
-        write_algo_json(bundle, wd.templates_dir, best)
-    except RequeueRequested:
-        log.warning("%s: checkpointed; exit %d so the job is requeued", name, EXIT_REQUEUE)
+    try:  # a stop for requeue leaves the marker running; any other error fails it (common.cli.stage_marker)
+        with stage_marker(marker, inputs, algo=algo, fold=fold, templates=kind, gpus=gpus, resumed=resumed):
+            best = (train_official if kind == "official" else train_builtin)(wd, bundle, cfg, gpus)
+            write_algo_json(bundle, wd.templates_dir, best)
+            marker.done(best_metric=best, model_dir=str(model_dir), templates=kind)
+    except Exception as exc:
+        if exit_code_of(exc) == EXIT_REQUEUE:
+            log.warning("%s: checkpointed; exit %d so the job is requeued", name, EXIT_REQUEUE)
         raise
-    except BaseException as exc:
-        marker.fail(" ".join(str(exc).split())[:300] or type(exc).__name__)
-        raise
-    marker.done(best_metric=best, model_dir=str(model_dir), templates=kind)
     log.info("%s: done, best mean foreground Dice %.4f", name, best)
     return best
 
@@ -285,8 +244,6 @@ def run_train(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int | None = No
 
 def run_train_entry(work_dir: Path, config_file: Path | None, algo: str, fold: int | None = None,
                     gpus: int | None = None, verbose: bool = False) -> dict[str, float | None]:
-    """What the CLI calls: load the config, log to ``logs/train.<algo>.log``, train."""
-    wd = WorkDir.at(work_dir).ensure()
-    setup_logging(f"{STAGE}.{algo}", wd.logs_dir, verbose)
-    cfg = load_config(wd.root, config_file)
-    return run_train(wd, cfg, algo, fold, gpus)
+    """What the CLI calls: set up the stage (config, ``logs/train.<algo>.log``), train."""
+    ctx = StageContext.open(STAGE, work_dir, config_file, log_name=f"{STAGE}.{algo}", verbose=verbose)
+    return run_train(ctx.wd, ctx.cfg, algo, fold, gpus)
