@@ -41,7 +41,8 @@ if args.get("isolate"):
     sys.meta_path[:] = [f for f in sys.meta_path if "__editable__" not in getattr(f, "__module__", "")
                         and "__editable__" not in getattr(type(f), "__module__", "")]
     sys.path_hooks[:] = [h for h in sys.path_hooks if "__editable__" not in getattr(h, "__module__", "")]
-    sys.path[:] = [p for p in sys.path if p and not any(p.startswith(r) for r in args["repos"])]
+    # the venv may live inside the checkout (.venv): its site-packages (MONAI, torch) stay
+    sys.path[:] = [p for p in sys.path if p and (p.startswith(sys.prefix) or not any(p.startswith(r) for r in args["repos"]))]
     sys.path_importer_cache.clear()
     importlib.invalidate_caches()
     for name in ("common", "training", "stages"):
