@@ -41,9 +41,9 @@ def run(work: Path) -> dict:
     import monai.apps.auto3dseg  # noqa: F401 - import cost is not part of the comparison
 
     from common.config import load_config
-    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.analyze.analyze import run_analyze
+    from tools.synthetic import make_blobs_dataset
 
     shutil.rmtree(work, ignore_errors=True)
     wd = WorkDir.at(work / "wd").ensure()

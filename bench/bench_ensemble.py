@@ -94,9 +94,9 @@ def _naive(wd: Any, cfg: Any, members: list[Any], cases: list[Any]) -> None:
 
 def run(work: Path) -> dict[str, Any]:
     from common.config import load_config
-    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.ensemble.ensemble import find_trained_bundles, resolve_cases, run_ensemble
+    from tools.synthetic import make_blobs_dataset
 
     shutil.rmtree(work, ignore_errors=True)
     wd = WorkDir.at(work / "wd").ensure()

@@ -101,8 +101,7 @@ def child(work: str, data: str, manifest: str, block: int) -> None:
 
 
 def _measure(work: Path, data: Path, manifest: Path, block: int) -> dict[str, Any]:
-    code = ("import sys; sys.path.insert(0, %r); from bench.bench_export import child; child(%r, %r, %r, %d)"
-            % (str(ROOT), str(work), str(data), str(manifest), block))
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_export import child; child({str(work)!r}, {str(data)!r}, {str(manifest)!r}, {block:d})")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:

@@ -74,8 +74,7 @@ def child(work: str, group: str, out: str, block: int) -> None:
 
 
 def _measure(work: Path, group: Path, out: Path, block: int) -> dict[str, Any]:
-    code = ("import sys; sys.path.insert(0, %r); from bench.bench_predict import child; child(%r, %r, %r, %d)"
-            % (str(ROOT), str(work), str(group), str(out), block))
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_predict import child; child({str(work)!r}, {str(group)!r}, {str(out)!r}, {block:d})")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:

@@ -47,9 +47,9 @@ def _work(work: Path, classes: list[str]) -> Path:
     from monai.apps.auto3dseg import DataAnalyzer
 
     from common.config import load_config
-    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.bundlegen.bundlegen import run_bundlegen
+    from tools.synthetic import make_blobs_dataset
 
     shutil.rmtree(work, ignore_errors=True)
     dl = make_blobs_dataset(work, n_cases=6, shape=(72, 72, 40), n_classes=len(classes), n_val=1, seed=0)
@@ -115,9 +115,9 @@ def _official_vs_builtin(work: Path, official: Path) -> dict[str, Any]:
     from monai.apps.auto3dseg import DataAnalyzer
 
     from common.config import load_config
-    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.bundlegen.bundlegen import run_bundlegen
+    from tools.synthetic import make_blobs_dataset
 
     base = work.parent / (work.name + "_vs_official")
     shutil.rmtree(base, ignore_errors=True)
@@ -224,8 +224,8 @@ def learning(work: Path) -> dict[str, Any]:
     import numpy as np
 
     from common.io import read_json
-    from training.trainer import train_bundle
     from training.networks import build_network, dints_dense_code
+    from training.trainer import train_bundle
 
     wd = _rare_class_work(Path(work))
     shares = yaml.safe_load((wd / "segresnet_0" / "configs" / "hyper_parameters.yaml").read_text())["class_shares"]

@@ -105,13 +105,13 @@ def _pci_bus_id(dev: Any) -> str | None:
 
 def synthetic_work_dir(wd: Path, cpu: bool, target_gpu_mem_gb: float) -> Path:
     """A blob work dir (3 classes + unknown, anisotropic-free 8 nm) with builtin bundles."""
-    from monai.apps.auto3dseg import DataAnalyzer
     import yaml
+    from monai.apps.auto3dseg import DataAnalyzer
 
     from common.config import load_config
-    from tools.synthetic import make_blobs_dataset
     from common.workdir import WorkDir
     from stages.bundlegen.bundlegen import run_bundlegen
+    from tools.synthetic import make_blobs_dataset
 
     if (wd / "input.yaml").is_file() and all((wd / f"{a}_0" / "configs").is_dir() for a in ALGOS):
         return wd
@@ -192,7 +192,7 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
     if dev.type == "cuda":
         res["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         res["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(dev) / 2**30, 2)
-    del model, opt
+    model = opt = None  # free them before the next precision (the closure `step` holds the same cells)
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return res

@@ -396,7 +396,7 @@ def file_fingerprint(path: str | os.PathLike[str]) -> list[Any]:
 
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second (markers, reports, job records)."""
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 class Marker:

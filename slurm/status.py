@@ -138,7 +138,7 @@ def _parse_time(text: str | None) -> _dt.datetime | None:
         t = _dt.datetime.fromisoformat(text)
     except ValueError:
         return None
-    return t if t.tzinfo else t.replace(tzinfo=_dt.timezone.utc)
+    return t if t.tzinfo else t.replace(tzinfo=_dt.UTC)
 
 
 def _row_from_marker(name: str, data: dict[str, Any] | None, now: _dt.datetime) -> StatusRow:
@@ -196,7 +196,7 @@ def collect_status(
             cfg = load_config(wd.root, dump=False)
         except PipelineError:
             cfg = None
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     markers = {m.name: m for m in wd.markers()}
     names = expected_names(cfg)
     if cfg is None and any(n.startswith("train.") for n in markers):
@@ -288,7 +288,7 @@ def _fmt_duration(s: float | None) -> str:
 
 def _fmt_when(row: StatusRow) -> str:
     t = _parse_time(row.end or row.start)
-    return "-" if t is None else t.astimezone(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    return "-" if t is None else t.astimezone(_dt.UTC).strftime("%Y-%m-%d %H:%M")
 
 
 def format_table(rows: list[StatusRow]) -> str:

@@ -35,8 +35,7 @@ from common.config import PipelineConfig, load_config
 from common.errors import ConfigError, StageFailed
 from common.io import atomic_write_text, current_umask
 from common.store import is_remote
-from common.workdir import WorkDir
-from common.workdir import utc_now
+from common.workdir import WorkDir, utc_now
 from slurm.jobs import record_job
 from slurm.profiles import STAGES, Profile, load_profile
 

@@ -15,10 +15,10 @@ from click.testing import CliRunner
 
 from common.config import load_config
 from common.errors import StageFailed
-from tools.synthetic import make_blobs_dataset
 from common.workdir import WorkDir
 from stages.analyze.__main__ import main as analyze_cli
 from stages.analyze.analyze import CaseItem, check_complete, run_analyze, run_analyze_entry
+from tools.synthetic import make_blobs_dataset
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 
 from common import algorithms
 from common.config import OFFICIAL_TEMPLATES_ENV
-from tools.synthetic import make_blobs_dataset
 from common.workdir import WorkDir
 from stages.analyze.analyze import run_analyze_entry
 from stages.bundlegen.__main__ import main as bundlegen_cli
 from stages.bundlegen.bundlegen import BUILTIN_TEMPLATES, _forget_templates, run_bundlegen_entry
+from tools.synthetic import make_blobs_dataset
 
 ALGOS = algorithms.names()  # the builtin algorithms: every one gets a bundle by default
 

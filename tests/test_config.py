@@ -14,8 +14,20 @@ from typing import Any
 import pytest
 import yaml
 
-from common.config import (PipelineConfig, Section, TrainOptions, _conforms, _hints, _sections, bundle_hyper_parameters,
-                           check_train_overrides, example_yaml, load_config, reference_markdown, settings_of)
+from common.config import (
+    PipelineConfig,
+    Section,
+    TrainOptions,
+    _conforms,
+    _hints,
+    _sections,
+    bundle_hyper_parameters,
+    check_train_overrides,
+    example_yaml,
+    load_config,
+    reference_markdown,
+    settings_of,
+)
 from common.errors import ConfigError
 from training.autoconfig import fill_hyper_parameters
 

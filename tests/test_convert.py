@@ -11,9 +11,9 @@ import pytest
 
 from common.config import load_config
 from common.io import read_json
-from tools.synthetic_cellmap import DATASET, SyntheticInfo, em_block, make_synthetic_cellmap
 from common.workdir import WorkDir
 from stages.convert import run_convert
+from tools.synthetic_cellmap import DATASET, SyntheticInfo, em_block, make_synthetic_cellmap
 
 CLASSES7 = ["ecs", "pm", "mito_mem", "mito_lum", "mito_ribo", "er_mem", "nuc"]
 

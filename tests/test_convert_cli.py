@@ -15,10 +15,10 @@ import pytest
 
 from common.config import load_config
 from common.io import TMP_MARK, read_json
-from tools.synthetic_cellmap import SyntheticInfo, make_synthetic_cellmap
 from common.workdir import WorkDir
 from stages.convert import run_convert
 from stages.convert.split import update_split
+from tools.synthetic_cellmap import SyntheticInfo, make_synthetic_cellmap
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,10 +19,10 @@ import zarr
 from common.config import load_config
 from common.errors import StageFailed
 from common.ngff import NgffError, read_multiscales
-from tools.synthetic_cellmap import DATASET, GT_GROUP, SyntheticInfo, make_synthetic_cellmap
 from common.workdir import WorkDir
 from stages.convert import run_convert
 from stages.convert.crops import discover_crops
+from tools.synthetic_cellmap import DATASET, GT_GROUP, SyntheticInfo, make_synthetic_cellmap
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["ecs", "pm", "mito_mem", "mito_lum", "mito_ribo", "er_mem", "nuc"]

@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import zarr
 
+from common.blockwise import axis_weights, block_mean, needed_range
 from common.classes import CELLMAP_CLASSES, INSTANCE_CLASSES, atoms
 from common.config import load_config
 from common.ngff import Level, read_multiscales
-from common.blockwise import axis_weights, block_mean, needed_range
 from common.workdir import WorkDir
 from stages.ensemble.export import ManifestRow, em_reader, plan_class, plan_em, read_manifest, run_export
 from tests.export_realgeom import (

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from common.config import (AnalyzeOptions, bundle_hyper_parameters, check_train_overrides, load_config)
+from common.config import AnalyzeOptions, bundle_hyper_parameters, check_train_overrides, load_config
 from common.errors import ConfigError
-from training.autoconfig import COMMON_DEFAULTS
 from common.workdir import digest
+from training.autoconfig import COMMON_DEFAULTS
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

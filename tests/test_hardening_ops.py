@@ -17,10 +17,10 @@ import pytest
 from common.config import load_config
 from common.errors import ConfigError
 from common.io import atomic_write_json
-from slurm.status import collect_status, render_status
 from common.workdir import WorkDir
 from slurm.jobs import job_state, pick_state
 from slurm.profiles import load_profile
+from slurm.status import collect_status, render_status
 from slurm.submit import plan_jobs, render_script, submit_chain
 
 ROOT = Path(__file__).resolve().parents[1]

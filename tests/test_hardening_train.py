@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.checkpoint import previous_of, sidecar_of
 from common.progress import eta_seconds, format_epoch_line, progress
 from slurm.status import collect_status, render_status
-from training.trainer import load_checkpoint, load_resumable, save_checkpoint
 from tests.test_train import ROOT, TINY_TRAIN, _env, analysed, make_work, train_cmd  # noqa: F401 (fixture)
+from training.checkpoint import previous_of, sidecar_of
+from training.trainer import load_checkpoint, load_resumable, save_checkpoint
 
 
 def test_torn_checkpoint_falls_back_to_the_previous_good_one(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

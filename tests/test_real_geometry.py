@@ -25,7 +25,16 @@ from common.workdir import WorkDir
 from stages.convert import run_convert
 from stages.convert.crops import CropProblem, box_nm, plan_geometry
 from stages.convert.split import overlap_groups, overlapping_pairs, split_crops
-from tools.realgeom import RealCrop, RealGeomInfo, eligible, em_block, em_start, load_em_s0, load_real_crops, make_realgeom_tree
+from tools.realgeom import (
+    RealCrop,
+    RealGeomInfo,
+    eligible,
+    em_block,
+    em_start,
+    load_em_s0,
+    load_real_crops,
+    make_realgeom_tree,
+)
 
 TABLE = load_real_crops()
 EM = load_em_s0()

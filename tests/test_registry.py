@@ -167,10 +167,10 @@ def test_submit_demo_and_scripts_list_the_registry_and_pipeline(tmp_path: Path) 
     """submit plans the pipeline's stages and one train job per registered algorithm and fold;
     the demo runs the pipeline's stages with every registered algorithm's small network; the
     container scripts list the pipeline's images."""
+    from common.workdir import WorkDir
     from slurm.profiles import STAGES, load_profile
     from slurm.submit import job_kind, plan_jobs
     from tools import demo
-    from common.workdir import WorkDir
 
     assert STAGES == pipeline.chain_names() == ("convert", "analyze", "bundlegen", "train", "ensemble")
     wd = WorkDir.at(tmp_path / "w").ensure()
@@ -209,7 +209,7 @@ def test_no_restatement_creeps_back() -> None:
     """No quoted algorithm name and no spelled-out stage chain in the files that derive them
     (the registry and the pipeline definition are the only places; official-template facts in
     bundlegen are named ``OFFICIAL_*``)."""
-    algo_literal = re.compile(r"""["'](%s)["']""" % "|".join(map(re.escape, algorithms.names())))
+    algo_literal = re.compile(r"""["'](""" + "|".join(map(re.escape, algorithms.names())) + r""")["']""")
     chain = re.compile(r"convert\W{1,6}analyze\W{1,6}bundlegen")
     problems = []
     for rel in DERIVED:

@@ -24,7 +24,7 @@ from common.errors import PipelineError
 from common.store import RemotePath, configure
 from common.workdir import WorkDir
 from stages.convert.cache import cache_tree
-from stages.convert.convert import find_crops, open_data_root, convert_options, run_convert
+from stages.convert.convert import convert_options, find_crops, open_data_root, run_convert
 from stages.convert.crops import Settings, StorageFailure
 from tools.realgeom import RealGeomInfo, make_realgeom_tree
 

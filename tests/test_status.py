@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm.status import collect_status, render_status, status_json
 from common.workdir import WorkDir
+from slurm.status import collect_status, render_status, status_json
 
 ROOT = Path(__file__).resolve().parents[1]
 

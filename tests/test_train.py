@@ -230,12 +230,11 @@ def test_segresnet_learns_blobs(analysed: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_official_segresnet_trains(tmp_path: Path) -> None:
     """An official-template bundle runs its own scripts/train.py, streamed to the log."""
+    from monai.apps.auto3dseg import DataAnalyzer
+
     from common.config import load_config
     from common.workdir import WorkDir
     from stages.bundlegen.bundlegen import run_bundlegen
-
-    from monai.apps.auto3dseg import DataAnalyzer
-
     from tools.synthetic import make_blobs_dataset
 
     wd = tmp_path / "work"  # the official templates cannot ignore an unknown label: none here

@@ -46,7 +46,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import CKPT_BEST, CKPT_FINAL, CKPT_LATEST, load_checkpoint, load_resumable, remove_sealed, save_checkpoint
+from .checkpoint import (
+    CKPT_BEST,
+    CKPT_FINAL,
+    CKPT_LATEST,
+    load_checkpoint,
+    load_resumable,
+    remove_sealed,
+    save_checkpoint,
+)
 from .data import datalist_split, epoch_batches, train_dataset
 from .distributed import dist_info, init_distributed, pick_device
 from .errors import ConfigError, RequeueRequested

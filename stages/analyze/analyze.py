@@ -225,6 +225,7 @@ def analyze_part(items: Sequence[CaseItem], s: AnalyzeSettings, progress: bool =
         dicts, label paths restored], "summary": MONAI's summary of this part or None}``.
     """
     import torch
+
     from common.progress import progress as progress_lines
 
     # One thread per process: parallelism comes from ``workers``, and torch's float32

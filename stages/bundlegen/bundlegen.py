@@ -339,6 +339,7 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
                       digests: dict[tuple[str, int], str], inp: dict[str, Any], interpreter: str) -> None:
     from monai.apps.auto3dseg import BundleGen
     from monai.auto3dseg.utils import algo_to_json
+
     from common.progress import progress
 
     algos = sorted({a for a, _ in todo})

@@ -32,7 +32,16 @@ from common.ngff import chunk_keys, read_multiscales
 from common.progress import progress_bar
 from common.store import RemotePath, open_array
 from common.store import path as store_path
-from stages.convert.crops import EM_GROUP, GT_GROUP, CropProblem, CropRef, Settings, _label_names, arrays_read, plan_crop
+from stages.convert.crops import (
+    EM_GROUP,
+    GT_GROUP,
+    CropProblem,
+    CropRef,
+    Settings,
+    _label_names,
+    arrays_read,
+    plan_crop,
+)
 
 log = logging.getLogger("cellmap.convert")
 COPY_THREADS = 16  # concurrent requests per crop (latency-bound, not CPU-bound)

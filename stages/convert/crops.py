@@ -12,9 +12,9 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -22,6 +22,7 @@ import numpy as np
 from common.classes import ID_TO_NAME, INSTANCE_CLASSES, SOURCE_UNKNOWN, LabelMapping
 from common.errors import PipelineError, StageFailed
 from common.ngff import (
+    EM_GROUP,
     ENV_ERRNOS,
     SCALE_RTOL,
     Level,
@@ -38,7 +39,6 @@ from common.ngff import (
     read_multiscales,
     same_scale,
 )
-from common.ngff import EM_GROUP
 from common.nifti import zyx_to_affine
 from common.store import RemotePath, open_array
 from common.store import path as store_path

@@ -39,8 +39,8 @@ from common.cli import StageContext, stage_marker
 from common.config import PipelineConfig
 from common.errors import PipelineError, StageFailed
 from common.io import atomic_path, atomic_write_json, atomic_write_text, read_json
-from common.nifti import save_nifti
 from common.metrics import InstanceCounts, confusion_matrix, instance_counts, instance_scores, overall_score, summarize
+from common.nifti import save_nifti
 from common.progress import progress
 from common.workdir import ALGO_OBJECT, Bundle, WorkDir, check_bundle_location, digest, file_fingerprint
 

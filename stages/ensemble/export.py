@@ -48,12 +48,6 @@ from typing import Any
 import click
 import numpy as np
 
-from common.classes import CELLMAP_CLASSES, INSTANCE_CLASSES, atoms
-from common.cli import StageContext, config_option, failure_reason, stage_command, stage_marker, work_dir_option
-from common.config import PipelineConfig
-from common.errors import PipelineError, StageFailed
-from common.io import atomic_path, atomic_write_json, read_json
-from common.ngff import EM_GROUP, Level, NeverFetchedError, NgffError, chunk_keys, em_cut, fmt_vec, read_multiscales
 from common.blockwise import (
     ArrayPredictor,
     BlockwiseInstances,
@@ -66,6 +60,12 @@ from common.blockwise import (
     predict_blocks,
     training_factors,
 )
+from common.classes import CELLMAP_CLASSES, INSTANCE_CLASSES, atoms
+from common.cli import StageContext, config_option, failure_reason, stage_command, stage_marker, work_dir_option
+from common.config import PipelineConfig
+from common.errors import PipelineError, StageFailed
+from common.io import atomic_path, atomic_write_json, read_json
+from common.ngff import EM_GROUP, Level, NeverFetchedError, NgffError, chunk_keys, em_cut, fmt_vec, read_multiscales
 from common.workdir import WorkDir, digest
 from stages.ensemble.ensemble import (
     MODES,

@@ -32,9 +32,6 @@ from typing import Any
 
 import numpy as np
 
-from common.errors import PipelineError, StageFailed
-from common.io import atomic_write_json, read_json
-from common.ngff import Level, fmt_vec, multiscales_attrs, read_multiscales
 from common.blockwise import (
     ArrayPredictor,
     TrainGrid,
@@ -47,6 +44,9 @@ from common.blockwise import (
     predict_blocks,
     training_factors,
 )
+from common.errors import PipelineError, StageFailed
+from common.io import atomic_write_json, read_json
+from common.ngff import Level, fmt_vec, multiscales_attrs, read_multiscales
 from common.workdir import ALGO_OBJECT, BUNDLE_RECORD, Bundle, WorkDir, digest
 
 log = logging.getLogger("cellmap.predict")

@@ -8,8 +8,8 @@ import click
 
 from common.cli import config_option, stage_command, work_dir_option
 from common.config import ALGOS
-from training.signals import catch_stop_signals_early
 from stages.train.train import run_train_entry
+from training.signals import catch_stop_signals_early
 
 
 @click.command()

@@ -33,7 +33,13 @@ from common.errors import EXIT_REQUEUE, PipelineError, RequeueRequested, StageFa
 from common.io import read_yaml
 from common.redact import redact
 from common.workdir import (
-    ALGO_OBJECT, CONFIGS_DIR, HYPER_PARAMETERS, WorkDir, check_bundle_location, digest, file_fingerprint,
+    ALGO_OBJECT,
+    CONFIGS_DIR,
+    HYPER_PARAMETERS,
+    WorkDir,
+    check_bundle_location,
+    digest,
+    file_fingerprint,
 )
 from stages.train.gpu import require_gpus
 
