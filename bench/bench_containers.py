@@ -63,9 +63,15 @@ def run(work: Path) -> dict:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    env = dict(os.environ, CONTAINERS_CONF=str(ROOT / "containers" / "podman" / "containers.conf"),
-               CONTAINER_CLI="podman", CELLMAP_A3DS_CACHE=str(work / "cache"), IMAGE_PREFIX=PREFIX,
-               VERSION=VERSION, PYTHON=sys.executable)
+    env = dict(
+        os.environ,
+        CONTAINERS_CONF=str(ROOT / "containers" / "podman" / "containers.conf"),
+        CONTAINER_CLI="podman",
+        CELLMAP_A3DS_CACHE=str(work / "cache"),
+        IMAGE_PREFIX=PREFIX,
+        VERSION=VERSION,
+        PYTHON=sys.executable,
+    )
     debian = f"docker.io/library/debian:{TAG}"
     images = [f"{PREFIX}/convert:{VERSION}", f"{PREFIX}/base-cpu:{VERSION}", debian]
     for img in images:
@@ -86,19 +92,22 @@ def run(work: Path) -> dict:
         shutil.rmtree(work / "cache", ignore_errors=True)
     cold = base_cold + build_cold
     warm = base_cached + build_warm
-    return {"convert": {
-        "what": "podman build of base-cpu + convert (containers/build.sh), this machine",
-        "base_debootstrap_s": base_cold,
-        "base_import_from_cache_s": base_cached,
-        "build_no_cache_s": build_cold,
-        "build_cached_s": build_warm,
-        "cold_total_s": round(cold, 2),
-        "warm_total_s": round(warm, 2),
-        "cold_over_warm": round(cold / warm, 2),
-        "convert_image_mb": round(int(size) / 1e6, 1) if size.isdigit() else None,
-        "cpus": os.cpu_count(),
-        "load_avg_1m": round(os.getloadavg()[0], 2),
-    }, "cuda_images": cuda_images(env)}
+    return {
+        "convert": {
+            "what": "podman build of base-cpu + convert (containers/build.sh), this machine",
+            "base_debootstrap_s": base_cold,
+            "base_import_from_cache_s": base_cached,
+            "build_no_cache_s": build_cold,
+            "build_cached_s": build_warm,
+            "cold_total_s": round(cold, 2),
+            "warm_total_s": round(warm, 2),
+            "cold_over_warm": round(cold / warm, 2),
+            "convert_image_mb": round(int(size) / 1e6, 1) if size.isdigit() else None,
+            "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2),
+        },
+        "cuda_images": cuda_images(env),
+    }
 
 
 def _size_mb(image: str, env: dict[str, str]) -> float | None:
@@ -141,8 +150,13 @@ def logged_builds(log: Path, targets: tuple[str, ...]) -> dict:
         if target not in targets or not rec["steps"]:
             continue
         froms = _from_steps(target)
-        kind = ("warm" if rec["cached_steps"] >= rec["steps"] - froms
-                else "cold" if rec["cached_steps"] <= froms else "partial")
+        kind = (
+            "warm"
+            if rec["cached_steps"] >= rec["steps"] - froms
+            else "cold"
+            if rec["cached_steps"] <= froms
+            else "partial"
+        )
         out.setdefault(target, {})[kind] = {k: rec[k] for k in ("seconds", "steps", "cached_steps", "date")}
     return out
 
@@ -150,8 +164,9 @@ def logged_builds(log: Path, targets: tuple[str, ...]) -> dict:
 def cuda_images(env: dict[str, str]) -> dict:
     """Cold and warm builds of base-cuda + train + ensemble (opt-in), else the existing sizes."""
     env = {k: v for k, v in env.items() if k not in ("DEBIAN_TAG", "IMAGE_PREFIX", "VERSION", "CELLMAP_A3DS_CACHE")}
-    version = [ln.split('"')[1] for ln in (ROOT / "pyproject.toml").read_text().splitlines()
-               if ln.startswith("version = ")][0]
+    version = [
+        ln.split('"')[1] for ln in (ROOT / "pyproject.toml").read_text().splitlines() if ln.startswith("version = ")
+    ][0]
     targets = ("base-cuda", "train", "ensemble")
     out: dict = {"training_only_packages_mb": training_only_mb() if (ROOT / ".whl" / "train").is_dir() else None}
     if os.environ.get("BENCH_CUDA_IMAGES") != "1":
@@ -159,8 +174,12 @@ def cuda_images(env: dict[str, str]) -> dict:
         out["builds_logged"] = logged_builds(ROOT / "images" / "build-times.jsonl", targets)
         out["skipped"] = "set BENCH_CUDA_IMAGES=1 to time cold and warm builds (~2.8 GB wheels, tens of minutes)"
         return out
-    env = dict(env, IMAGE_PREFIX=PREFIX, VERSION=VERSION, ALGO_TEMPLATES_SHA256=os.environ.get(
-        "ALGO_TEMPLATES_SHA256", "unverified"))
+    env = dict(
+        env,
+        IMAGE_PREFIX=PREFIX,
+        VERSION=VERSION,
+        ALGO_TEMPLATES_SHA256=os.environ.get("ALGO_TEMPLATES_SHA256", "unverified"),
+    )
     build = [str(ROOT / "containers" / "build.sh"), *targets]
     images = [f"{PREFIX}/{t}:{VERSION}" for t in targets]
     try:
@@ -172,7 +191,14 @@ def cuda_images(env: dict[str, str]) -> dict:
     finally:
         for img in images:
             _podman(["rmi", "--force", img], env)
-    out.update(what="podman build of base-cuda + train + ensemble (containers/build.sh), wheelhouse present",
-               cold_no_cache_s=cold, warm_cached_s=warm, cold_per_image_s=cold_per, warm_per_image_s=warm_per, cold_over_warm=round(cold / warm, 2), sizes_mb=sizes,
-               load_avg_1m=round(os.getloadavg()[0], 2))
+    out.update(
+        what="podman build of base-cuda + train + ensemble (containers/build.sh), wheelhouse present",
+        cold_no_cache_s=cold,
+        warm_cached_s=warm,
+        cold_per_image_s=cold_per,
+        warm_per_image_s=warm_per,
+        cold_over_warm=round(cold / warm, 2),
+        sizes_mb=sizes,
+        load_avg_1m=round(os.getloadavg()[0], 2),
+    )
     return out

@@ -46,8 +46,22 @@ from stages.convert.pooling import pool_ids, pool_labels
 from stages.convert.writer import GZIP_BACKEND, nifti_bytes
 from tools.realgeom import eligible, load_em_s0, load_real_crops, make_realgeom_tree
 
-CLASSES = ["ecs", "pm", "mito_mem", "mito_lum", "mito_ribo", "golgi_mem", "golgi_lum", "ves_mem", "ves_lum",
-           "endo_mem", "endo_lum", "er_mem", "er_lum", "nuc"]
+CLASSES = [
+    "ecs",
+    "pm",
+    "mito_mem",
+    "mito_lum",
+    "mito_ribo",
+    "golgi_mem",
+    "golgi_lum",
+    "ves_mem",
+    "ves_lum",
+    "endo_mem",
+    "endo_lum",
+    "er_mem",
+    "er_lum",
+    "nuc",
+]
 N_CROPS, SIZE = 12, 192
 REPEATS = 2
 TARGET = (None, 4.0, 4.0)
@@ -153,7 +167,9 @@ def run(work: Path) -> dict[str, Any]:
         shutil.rmtree(work)
     work.mkdir(parents=True)
     crops = bench_crops()
-    t_gen, info = _timed(lambda: make_realgeom_tree(work / "data", crops, lo=SIZE, hi=SIZE, cell=25, noise_fraction=0.002))
+    t_gen, info = _timed(
+        lambda: make_realgeom_tree(work / "data", crops, lo=SIZE, hi=SIZE, cell=25, noise_fraction=0.002)
+    )
     workers = default_workers()
     keys = {"data_root": str(info.root), "resolution_nm": 4, "classes": CLASSES, "convert": {"report_png": False}}
 
@@ -178,8 +194,14 @@ def run(work: Path) -> dict[str, Any]:
         assert np.array_equal(a, b), p.name
     rec = summary.records[0]
     result = {
-        "dataset": {"crops": crops, "label_shape_s0": [SIZE] * 3, "em_cut_shape": [b - a for a, b in rec["em_cut"]],
-                    "label_factor": rec["label_factor"], "em_factor": rec["em_factor"], "generate_s": round(t_gen, 2)},
+        "dataset": {
+            "crops": crops,
+            "label_shape_s0": [SIZE] * 3,
+            "em_cut_shape": [b - a for a, b in rec["em_cut"]],
+            "label_factor": rec["label_factor"],
+            "em_factor": rec["em_factor"],
+            "generate_s": round(t_gen, 2),
+        },
         "workers": workers,
         "gzip": {"level": 1, "ours_backend": GZIP_BACKEND, "naive": "nibabel.save (python gzip/zlib), level 1"},
         "repeats": REPEATS,
@@ -195,9 +217,12 @@ def run(work: Path) -> dict[str, Any]:
         "targets": {"vs_naive": ">= 3", "vs_io_floor": "<= 1.5"},
         "bytes": {"raw": raw_bytes, "ours_gz": gz_bytes, "naive_gz": naive_bytes},
         "crops_per_s": round(len(crops) / t_ours, 2),
-        "cpu_s": {"ours": round(CPU["best_run_convert"], 3), "naive": round(CPU["best__naive"], 3),
-                  "naive_fastpool": round(CPU["best__naive_fastpool"], 3),
-                  "io_floor": round(CPU["best__floor"], 3)},
+        "cpu_s": {
+            "ours": round(CPU["best_run_convert"], 3),
+            "naive": round(CPU["best__naive"], 3),
+            "naive_fastpool": round(CPU["best__naive_fastpool"], 3),
+            "io_floor": round(CPU["best__floor"], 3),
+        },
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "cpus": os.cpu_count(),
         "report_png_s": round(t_png, 3),

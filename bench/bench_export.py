@@ -87,8 +87,10 @@ def child(work: str, data: str, manifest: str, block: int) -> None:
     from tests.test_ensemble import add_trained_bundle
 
     wd = WorkDir.at(work).ensure()
-    wd.config_file.write_text(f"classes: [{', '.join(CLASSES)}]\ndata_root: {data}\n"
-                              f"ensemble: {{export_block: {block}, export_halo: {HALO}}}\n")
+    wd.config_file.write_text(
+        f"classes: [{', '.join(CLASSES)}]\ndata_root: {data}\n"
+        f"ensemble: {{export_block: {block}, export_halo: {HALO}}}\n"
+    )
     add_trained_bundle(wd, "segresnet_0", 0.9)
     (wd.root / "segresnet_0" / "cellmap_bundle.json").write_text(json.dumps({"resolution_nm": [8]}))
     before = _rss_bytes()
@@ -96,12 +98,15 @@ def child(work: str, data: str, manifest: str, block: int) -> None:
     s = run_export(load_config(wd.root), wd, manifest, array_predictor_factory=band_factory)
     wall = time.perf_counter() - t0
     peak = _hwm_bytes()
-    print(json.dumps({"peak_delta": max(0, peak - before), "wall_s": wall, "n_written": s["n_written"],
-                      "failed": s["failed"]}))
+    print(
+        json.dumps(
+            {"peak_delta": max(0, peak - before), "wall_s": wall, "n_written": s["n_written"], "failed": s["failed"]}
+        )
+    )
 
 
 def _measure(work: Path, data: Path, manifest: Path, block: int) -> dict[str, Any]:
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_export import child; child({str(work)!r}, {str(data)!r}, {str(manifest)!r}, {block:d})")
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_export import child; child({str(work)!r}, {str(data)!r}, {str(manifest)!r}, {block:d})"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:
@@ -128,20 +133,33 @@ def run(work: Path) -> dict[str, Any]:
         t_edge = n * 4
         b = _measure(work / f"bw{n}", data, manifest, BLOCK_T)
         w = _measure(work / f"whole{n}", data, manifest, t_edge + 8)
-        rows.append({"manifest_shape": [n] * 3, "training_voxels": t_edge**3,
-                     "blockwise_peak_mib": round(b["peak_delta"] / 2**20, 1), "blockwise_wall_s": round(b["wall_s"], 2),
-                     "whole_peak_mib": round(w["peak_delta"] / 2**20, 1), "whole_wall_s": round(w["wall_s"], 2)})
+        rows.append(
+            {
+                "manifest_shape": [n] * 3,
+                "training_voxels": t_edge**3,
+                "blockwise_peak_mib": round(b["peak_delta"] / 2**20, 1),
+                "blockwise_wall_s": round(b["wall_s"], 2),
+                "whole_peak_mib": round(w["peak_delta"] / 2**20, 1),
+                "whole_wall_s": round(w["wall_s"], 2),
+            }
+        )
         print(rows[-1], flush=True)
         shutil.rmtree(work / f"data{n}", ignore_errors=True)
     window = (BLOCK_T + 2 * HALO + 2) ** 3
     # one window: EM float32, each member's probabilities and the running sum (C float32 each),
     # the resampled output block and its labels/masks
     budget = window * (4 + 3 * (len(CLASSES) + 1) * 4) + (BLOCK_T // 4) ** 3 * (len(CLASSES) + 1) * 4
-    per_t_voxel_whole = (rows[-1]["whole_peak_mib"] - rows[0]["whole_peak_mib"]) * 2**20 / max(
-        1, rows[-1]["training_voxels"] - rows[0]["training_voxels"])
+    per_t_voxel_whole = (
+        (rows[-1]["whole_peak_mib"] - rows[0]["whole_peak_mib"])
+        * 2**20
+        / max(1, rows[-1]["training_voxels"] - rows[0]["training_voxels"])
+    )
     return {
         "crop": "985 (jrc_mus-kidney, 32 nm, real 1000^3; training 8 nm)",
-        "block_t": BLOCK_T, "halo": HALO, "classes": CLASSES, "rows": rows,
+        "block_t": BLOCK_T,
+        "halo": HALO,
+        "classes": CLASSES,
+        "rows": rows,
         "rss_growth_blockwise": round(rows[-1]["blockwise_peak_mib"] / max(rows[0]["blockwise_peak_mib"], 1e-3), 2),
         "rss_growth_whole": round(rows[-1]["whole_peak_mib"] / max(rows[0]["whole_peak_mib"], 1e-3), 2),
         "training_voxels_growth": rows[-1]["training_voxels"] / rows[0]["training_voxels"],

@@ -74,7 +74,7 @@ def child(work: str, group: str, out: str, block: int) -> None:
 
 
 def _measure(work: Path, group: Path, out: Path, block: int) -> dict[str, Any]:
-    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_predict import child; child({str(work)!r}, {str(group)!r}, {str(out)!r}, {block:d})")
+    code = f"import sys; sys.path.insert(0, {str(ROOT)!r}); from bench.bench_predict import child; child({str(work)!r}, {str(group)!r}, {str(out)!r}, {block:d})"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT)
     if res.returncode != 0:
@@ -97,7 +97,8 @@ def run(work: Path) -> dict[str, Any]:
     wd = WorkDir.at(work / "work").ensure()
     add_trained_bundle(wd, "segresnet_0", 0.5)
     (wd.root / "segresnet_0" / "cellmap_bundle.json").write_text(
-        json.dumps({"resolution_nm": [8], "output_classes": N_CLASSES}))
+        json.dumps({"resolution_nm": [8], "output_classes": N_CLASSES})
+    )
     group = work / "em.zarr"
     g = zarr.open_group(str(group), mode="w")
     arr = g.create_dataset("s0", shape=SHAPE, chunks=(64, 64, 64), dtype=np.uint8)
@@ -105,22 +106,31 @@ def run(work: Path) -> dict[str, Any]:
         z = (np.arange(z0, min(z0 + 32, SHAPE[0])) * E0[0])[:, None, None]
         y = (np.arange(SHAPE[1]) * E0[1])[None, :, None]
         x = (np.arange(SHAPE[2]) * E0[2])[None, None, :]
-        arr[z0:z0 + z.shape[0]] = em_value(z, y, x)
+        arr[z0 : z0 + z.shape[0]] = em_value(z, y, x)
     g.attrs.update(multiscales_attrs([Level("s0", E0, (0.0, 0.0, 0.0), SHAPE)]))
     b = _measure(wd.root, group, work / "blockwise", BLOCK_T)
     w = _measure(wd.root, group, work / "whole", max(SHAPE) // 2 + 8)
-    same = bool((zarr.open_array(str(work / "blockwise" / "s0"))[...] == zarr.open_array(str(work / "whole" / "s0"))[...]).all())
+    same = bool(
+        (zarr.open_array(str(work / "blockwise" / "s0"))[...] == zarr.open_array(str(work / "whole" / "s0"))[...]).all()
+    )
     window = (BLOCK_T + 2 * HALO + 2) ** 3
     budget = window * 8 * 1 + window * (4 + 3 * N_CLASSES * 4) + (2 * BLOCK_T) ** 3 * N_CLASSES * 4 * 2
     voxels = int(np.prod(SHAPE))
     # what a one-shot prediction of the volume needs in the same terms (float32 probabilities, 2 copies)
     volume_bytes = voxels // 8 * (4 + 3 * N_CLASSES * 4) + voxels * (1 + N_CLASSES * 4 * 2)
     return {
-        "shape": list(SHAPE), "voxel_nm": list(E0), "training_nm": [8, 8, 8], "block_t": BLOCK_T, "halo": HALO,
-        "n_blocks": b["n_blocks"], "block_budget_mib": round(budget / 2**20, 1),
+        "shape": list(SHAPE),
+        "voxel_nm": list(E0),
+        "training_nm": [8, 8, 8],
+        "block_t": BLOCK_T,
+        "halo": HALO,
+        "n_blocks": b["n_blocks"],
+        "block_budget_mib": round(budget / 2**20, 1),
         "volume_vs_block_budget": round(volume_bytes / budget, 1),
-        "blockwise_peak_mib": round(b["peak"] / 2**20, 1), "whole_peak_mib": round(w["peak"] / 2**20, 1),
+        "blockwise_peak_mib": round(b["peak"] / 2**20, 1),
+        "whole_peak_mib": round(w["peak"] / 2**20, 1),
         "blockwise_peak_vs_budget": round(b["peak"] / budget, 2),
-        "voxels_per_s": round(voxels / b["wall_s"]), "whole_voxels_per_s": round(voxels / w["wall_s"]),
+        "voxels_per_s": round(voxels / b["wall_s"]),
+        "whole_voxels_per_s": round(voxels / w["wall_s"]),
         "blockwise_equals_whole": same,
     }

@@ -47,8 +47,12 @@ def run(work: Path) -> dict[str, Any]:
 
     work = work.resolve()
     work.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "CELLMAP_SLURM_ROOT": str(work / "cluster"), "CELLMAP_SLURM_PORT": "16917",
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "CELLMAP_SLURM_ROOT": str(work / "cluster"),
+        "CELLMAP_SLURM_PORT": "16917",
+        "PYTHONPATH": str(ROOT),
+    }
     script = str(ROOT / "slurm" / "localcluster.sh")
     t0 = time.perf_counter()
     subprocess.run(["bash", script, "start"], env=env, check=True, capture_output=True)
@@ -60,17 +64,31 @@ def run(work: Path) -> dict[str, Any]:
         # baseline: the same stage commands, directly and sequentially
         base = _wd(work / "direct")
         t0 = time.perf_counter()
-        for argv in (["analyze"], ["bundlegen"], ["train", "--algo", "segresnet"], ["train", "--algo", "dints"], ["ensemble"]):
-            subprocess.run([sys.executable, "-m", "tests.slurm_fakestage", argv[0], "--work-dir", str(base), *argv[1:]],
-                           env=env, check=True, cwd=ROOT)
+        for argv in (
+            ["analyze"],
+            ["bundlegen"],
+            ["train", "--algo", "segresnet"],
+            ["train", "--algo", "dints"],
+            ["ensemble"],
+        ):
+            subprocess.run(
+                [sys.executable, "-m", "tests.slurm_fakestage", argv[0], "--work-dir", str(base), *argv[1:]],
+                env=env,
+                check=True,
+                cwd=ROOT,
+            )
         direct_s = time.perf_counter() - t0
         # through SLURM (native runner, a python stand-in that runs the fake stages)
         py = work / "stagepython"
-        py.write_text(f'#!/bin/bash\nexport PYTHONPATH={ROOT}\nexec {sys.executable} -m tests.slurm_fakestage "${{2#stages.}}" "${{@:3}}"\n')
+        py.write_text(
+            f'#!/bin/bash\nexport PYTHONPATH={ROOT}\nexec {sys.executable} -m tests.slurm_fakestage "${{2#stages.}}" "${{@:3}}"\n'
+        )
         py.chmod(0o755)
         prof = work / "bench.yaml"
-        prof.write_text(f"cluster: local\nrunner: native\npython: {py}\nrequeue_margin_s: 60\n"
-                        "defaults: {partition: batch, cpus: 1, mem: 1G, time: '00:10:00'}\n")
+        prof.write_text(
+            f"cluster: local\nrunner: native\npython: {py}\nrequeue_margin_s: 60\n"
+            "defaults: {partition: batch, cpus: 1, mem: 1G, time: '00:10:00'}\n"
+        )
         wd = _wd(work / "chain")
         t0 = time.perf_counter()
         submit_chain(wd, str(prof), from_stage="analyze", echo=lambda s: None, preflight=False)

@@ -53,9 +53,12 @@ def _work(work: Path, classes: list[str]) -> Path:
 
     shutil.rmtree(work, ignore_errors=True)
     dl = make_blobs_dataset(work, n_cases=6, shape=(72, 72, 40), n_classes=len(classes), n_val=1, seed=0)
-    DataAnalyzer(str(dl), str(work / "nifti_data"), output_path=str(work / "datastats.yaml"), device="cpu",
-                 worker=0).get_all_case_stats()
-    (work / "pipeline.yaml").write_text(yaml.safe_dump({"classes": classes, "unknown_label": 255, "algos": list(ALGOS)}))
+    DataAnalyzer(
+        str(dl), str(work / "nifti_data"), output_path=str(work / "datastats.yaml"), device="cpu", worker=0
+    ).get_all_case_stats()
+    (work / "pipeline.yaml").write_text(
+        yaml.safe_dump({"classes": classes, "unknown_label": 255, "algos": list(ALGOS)})
+    )
     run_bundlegen(WorkDir.at(work), load_config(work))
     return work
 
@@ -71,8 +74,12 @@ class _GpuSampler(threading.Thread):
     def run(self) -> None:
         while not self.stop.is_set():
             try:
-                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
-                                     capture_output=True, text=True, timeout=5).stdout.strip()
+                out = subprocess.run(
+                    ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout.strip()
                 self.samples.append(float(out.splitlines()[0]))
             except (OSError, ValueError, IndexError, subprocess.SubprocessError):
                 return
@@ -82,9 +89,17 @@ class _GpuSampler(threading.Thread):
 def _train_one(bundle: Path, algo: str, cuda: bool) -> dict[str, Any]:
     from training.trainer import train_bundle
 
-    over = {"num_epochs": 2, "num_steps_per_epoch": STEPS, "roi_size": ROI, "batch_size": BATCH,
-            "num_workers": 2 if cuda else 0, "val_every": 100, "network": NETWORK[algo], "amp": True,
-            "search_epochs": 0}  # dints: the dense topology (the search is timed in dints_search)
+    over = {
+        "num_epochs": 2,
+        "num_steps_per_epoch": STEPS,
+        "roi_size": ROI,
+        "batch_size": BATCH,
+        "num_workers": 2 if cuda else 0,
+        "val_every": 100,
+        "network": NETWORK[algo],
+        "amp": True,
+        "search_epochs": 0,
+    }  # dints: the dense topology (the search is timed in dints_search)
     shutil.rmtree(bundle / "model", ignore_errors=True)
     sampler = _GpuSampler() if cuda else None
     if sampler:
@@ -123,8 +138,9 @@ def _official_vs_builtin(work: Path, official: Path) -> dict[str, Any]:
     shutil.rmtree(base, ignore_errors=True)
     data = base / "data"
     dl = make_blobs_dataset(data, n_cases=6, shape=(72, 72, 40), n_classes=3, n_val=1, seed=0, unknown_label=None)
-    DataAnalyzer(str(dl), str(data / "nifti_data"), output_path=str(data / "datastats.yaml"), device="cpu",
-                 worker=0).get_all_case_stats()
+    DataAnalyzer(
+        str(dl), str(data / "nifti_data"), output_path=str(data / "datastats.yaml"), device="cpu", worker=0
+    ).get_all_case_stats()
     env = dict(os.environ, MLFLOW_ALLOW_FILE_STORE="true")
     res: dict[str, Any] = {}
     for kind, extra in (("official", ["--auto_scale_allowed", "False", "--cache_rate", "0"]), ("builtin", [])):
@@ -132,14 +148,35 @@ def _official_vs_builtin(work: Path, official: Path) -> dict[str, Any]:
         shutil.copytree(data / "nifti_data", wd / "nifti_data")
         for f in ("datastats.yaml", "datastats_by_case.yaml"):
             shutil.copy(data / f, wd / f)
-        (wd / "pipeline.yaml").write_text(yaml.safe_dump({
-            "classes": ["ecs", "pm", "mito_mem"], "unknown_label": 0, "algos": ["segresnet"], "templates": kind,
-            "official_templates_dir": str(official)}))
+        (wd / "pipeline.yaml").write_text(
+            yaml.safe_dump(
+                {
+                    "classes": ["ecs", "pm", "mito_mem"],
+                    "unknown_label": 0,
+                    "algos": ["segresnet"],
+                    "templates": kind,
+                    "official_templates_dir": str(official),
+                }
+            )
+        )
         run_bundlegen(WorkDir.at(wd), load_config(wd))
         bundle = wd / "segresnet_0"
-        argv = [sys.executable, str(bundle / "scripts" / "train.py"), "run", "--config_file",
-                str(bundle / "configs" / "hyper_parameters.yaml"), "--num_epochs", "2", "--roi_size", json.dumps(ROI),
-                "--batch_size", str(BATCH), "--num_workers", "0", *extra]
+        argv = [
+            sys.executable,
+            str(bundle / "scripts" / "train.py"),
+            "run",
+            "--config_file",
+            str(bundle / "configs" / "hyper_parameters.yaml"),
+            "--num_epochs",
+            "2",
+            "--roi_size",
+            json.dumps(ROI),
+            "--batch_size",
+            str(BATCH),
+            "--num_workers",
+            "0",
+            *extra,
+        ]
         t0 = time.perf_counter()
         p = subprocess.run(argv, env=env, capture_output=True, text=True)
         res[f"{kind}_wall_s"] = round(time.perf_counter() - t0, 2)
@@ -148,15 +185,27 @@ def _official_vs_builtin(work: Path, official: Path) -> dict[str, Any]:
             res[f"{kind}_error"] = (p.stderr or p.stdout).strip().splitlines()[-1:]
     if res.get("official_rc") == 0 and res.get("builtin_rc") == 0:
         res["builtin_over_official_wall"] = round(res["builtin_wall_s"] / res["official_wall_s"], 3)
-    res["note"] = ("2 epochs over 5 training cases, each run's own validation and start-up included; "
-                   "both segresnet with 32 initial filters, blocks (1,2,2,4,4)")
+    res["note"] = (
+        "2 epochs over 5 training cases, each run's own validation and start-up included; "
+        "both segresnet with 32 initial filters, blocks (1,2,2,4,4)"
+    )
     return res
 
 
 RARE_CLASSES = ["ecs", "pm", "mito_ribo"]  # id 3 is the rare one
-LEARN_TRAIN = {"num_epochs": 40, "num_steps_per_epoch": 5, "roi_size": [24, 24, 16], "batch_size": 2, "num_workers": 0,
-               "val_every": 40, "learning_rate": 0.01, "augment": "flips", "seed": 0, "cache_rate": 1.0,
-               "network": {"init_filters": 8, "blocks_down": [1, 1], "dsdepth": 2}}
+LEARN_TRAIN = {
+    "num_epochs": 40,
+    "num_steps_per_epoch": 5,
+    "roi_size": [24, 24, 16],
+    "batch_size": 2,
+    "num_workers": 0,
+    "val_every": 40,
+    "learning_rate": 0.01,
+    "augment": "flips",
+    "seed": 0,
+    "cache_rate": 1.0,
+    "network": {"init_filters": 8, "blocks_down": [1, 1], "dsdepth": 2},
+}
 
 
 def _rare_class_work(work: Path) -> Path:
@@ -192,10 +241,12 @@ def _rare_class_work(work: Path) -> Path:
         save_nifti(out / f"rare{i}_label.nii.gz", lab, aff)
         items.append({"image": f"rare{i}_image.nii.gz", "label": f"rare{i}_label.nii.gz", "fold": 0 if i < 2 else 1})
     atomic_write_json(out / "datalist.json", {"training": items, "testing": []})
-    DataAnalyzer(str(out / "datalist.json"), str(out), output_path=str(work / "datastats.yaml"), device="cpu",
-                 worker=0).get_all_case_stats()
-    (work / "pipeline.yaml").write_text(yaml.safe_dump({"classes": RARE_CLASSES, "unknown_label": 255,
-                                                        "algos": ["segresnet", "dints"]}))
+    DataAnalyzer(
+        str(out / "datalist.json"), str(out), output_path=str(work / "datastats.yaml"), device="cpu", worker=0
+    ).get_all_case_stats()
+    (work / "pipeline.yaml").write_text(
+        yaml.safe_dump({"classes": RARE_CLASSES, "unknown_label": 255, "algos": ["segresnet", "dints"]})
+    )
     run_bundlegen(WorkDir.at(work), load_config(work))
     return work
 
@@ -229,20 +280,36 @@ def learning(work: Path) -> dict[str, Any]:
 
     wd = _rare_class_work(Path(work))
     shares = yaml.safe_load((wd / "segresnet_0" / "configs" / "hyper_parameters.yaml").read_text())["class_shares"]
-    res: dict[str, Any] = {"class_shares": shares, "budget": {k: v for k, v in LEARN_TRAIN.items() if k != "network"},
-                           "network": LEARN_TRAIN["network"]}
+    res: dict[str, Any] = {
+        "class_shares": shares,
+        "budget": {k: v for k, v in LEARN_TRAIN.items() if k != "network"},
+        "network": LEARN_TRAIN["network"],
+    }
     for mode in ("classes", "posneg"):
         shutil.rmtree(wd / "segresnet_0" / "model", ignore_errors=True)
         t0 = time.perf_counter()
         train_bundle(wd / "segresnet_0", {**LEARN_TRAIN, "crop_mode": mode}, device="cpu")
-        res[mode] = {"dice_per_class": dict(zip(RARE_CLASSES, _pooled_dice(wd / "segresnet_0", wd))),
-                     "train_s": round(time.perf_counter() - t0, 1)}
+        res[mode] = {
+            "dice_per_class": dict(zip(RARE_CLASSES, _pooled_dice(wd / "segresnet_0", wd))),
+            "train_s": round(time.perf_counter() - t0, 1),
+        }
     new, old = res["classes"]["dice_per_class"]["mito_ribo"], res["posneg"]["dice_per_class"]["mito_ribo"]
-    res["rare_class"] = {"name": "mito_ribo", "share_of_known": shares[3], "dice_class_balanced": new,
-                         "dice_80_20": old, "ratio_new_over_old": round(new / old, 3) if old > 0 else None}
+    res["rare_class"] = {
+        "name": "mito_ribo",
+        "share_of_known": shares[3],
+        "dice_class_balanced": new,
+        "dice_80_20": old,
+        "ratio_new_over_old": round(new / old, 3) if old > 0 else None,
+    }
     # DiNTS: search, train on the searched topology, check the trained weights are that network's
-    dints_train = {**LEARN_TRAIN, "num_epochs": 4, "search_epochs": 4, "roi_size": [32, 32, 16], "val_every": 4,
-                   "network": {"num_blocks": 4, "num_depths": 3, "channel_mul": 0.5, "search_channel_mul": 0.5}}
+    dints_train = {
+        **LEARN_TRAIN,
+        "num_epochs": 4,
+        "search_epochs": 4,
+        "roi_size": [32, 32, 16],
+        "val_every": 4,
+        "network": {"num_blocks": 4, "num_depths": 3, "channel_mul": 0.5, "search_channel_mul": 0.5},
+    }
     shutil.rmtree(wd / "dints_0" / "model", ignore_errors=True)
     t0 = time.perf_counter()
     train_bundle(wd / "dints_0", dints_train, device="cpu")
@@ -252,9 +319,12 @@ def learning(work: Path) -> dict[str, Any]:
     dense = {**final["config"], "network": {**final["config"]["network"], "arch_code": dints_dense_code(4, 3)}}
     code_a = np.asarray(arch["arch_code"]["code_a"])
     res["dints_search"] = {
-        "search_epochs": arch["search_epochs"], "warmup_epochs": arch["warmup_epochs"],
-        "active_paths": int(code_a.sum()), "possible_paths": int(code_a.size),
-        "code_a": arch["arch_code"]["code_a"], "node_a": arch["arch_code"]["node_a"],
+        "search_epochs": arch["search_epochs"],
+        "warmup_epochs": arch["warmup_epochs"],
+        "active_paths": int(code_a.sum()),
+        "possible_paths": int(code_a.size),
+        "code_a": arch["arch_code"]["code_a"],
+        "node_a": arch["arch_code"]["node_a"],
         "trained_config_holds_searched_code": final["config"]["network"]["arch_code"] == arch["arch_code"],
         "trained_weights_match_searched_network": keys == set(build_network(final["config"]).state_dict()),
         "trained_weights_match_dense_network": keys == set(build_network(dense).state_dict()),
@@ -280,9 +350,17 @@ def run(work: Path) -> dict[str, Any]:
         s = per[a]["samples_per_s"]
         per[a]["ratio_to_segresnet"] = round(s / base, 3) if s and base else None
     out: dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})",
-        "amp": cuda, "num_workers": 2 if cuda else 0, "roi_size": ROI, "batch_size": BATCH, "steps_per_epoch": STEPS,
-        "networks": NETWORK, "algorithms": per, "learning": learn,
+        "device": torch.cuda.get_device_name(0)
+        if cuda
+        else f"cpu ({os.cpu_count()} cores, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')})",
+        "amp": cuda,
+        "num_workers": 2 if cuda else 0,
+        "roi_size": ROI,
+        "batch_size": BATCH,
+        "steps_per_epoch": STEPS,
+        "networks": NETWORK,
+        "algorithms": per,
+        "learning": learn,
     }
     official = os.environ.get("CELLMAP_A3DS_OFFICIAL_TEMPLATES")
     if official and Path(official).is_dir():

@@ -40,9 +40,19 @@ ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("segresnet", "swinunetr", "dints")
 CLASSES = ["ecs", "pm", "mito_mem"]
 #: --cpu: a network and patch small enough for a CI core (each factory reads its own keys).
-TINY = {"roi_size": [32, 32, 16], "batch_size": 1, "num_workers": 0,
-        "network": {"init_filters": 8, "blocks_down": [1, 2, 2, 4], "feature_size": 12,
-                    "num_blocks": 2, "num_depths": 3, "channel_mul": 0.25}}
+TINY = {
+    "roi_size": [32, 32, 16],
+    "batch_size": 1,
+    "num_workers": 0,
+    "network": {
+        "init_filters": 8,
+        "blocks_down": [1, 2, 2, 4],
+        "feature_size": 12,
+        "num_blocks": 2,
+        "num_depths": 3,
+        "channel_mul": 0.25,
+    },
+}
 
 
 class BusySampler:
@@ -120,10 +130,18 @@ def synthetic_work_dir(wd: Path, cpu: bool, target_gpu_mem_gb: float) -> Path:
     # Cases bigger than a 48 GB patch, so the patch is sized by GPU memory, not by the data.
     shape = (40, 40, 24) if cpu else (256, 256, 160)
     dl = make_blobs_dataset(wd, n_cases=4, shape=shape, n_classes=3, n_val=1, seed=0)
-    DataAnalyzer(str(dl), str(wd / "nifti_data"), output_path=str(wd / "datastats.yaml"), device="cpu",
-                 worker=0).get_all_case_stats()
-    cfg = {"classes": CLASSES, "unknown_label": 255, "resolution_nm": 8, "algos": list(ALGOS), "num_folds": 1,
-           "templates": "builtin", "target_gpu_mem_gb": target_gpu_mem_gb}
+    DataAnalyzer(
+        str(dl), str(wd / "nifti_data"), output_path=str(wd / "datastats.yaml"), device="cpu", worker=0
+    ).get_all_case_stats()
+    cfg = {
+        "classes": CLASSES,
+        "unknown_label": 255,
+        "resolution_nm": 8,
+        "algos": list(ALGOS),
+        "num_folds": 1,
+        "templates": "builtin",
+        "target_gpu_mem_gb": target_gpu_mem_gb,
+    }
     (wd / "pipeline.yaml").write_text(yaml.safe_dump(cfg))
     run_bundlegen(WorkDir.at(wd), load_config(wd))
     return wd
@@ -152,8 +170,9 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16" and dev.type == "cuda")
-    loss_fn = MaskedSegLoss(int(cfg["output_classes"]), int(cfg.get("unknown_label", 0)), None,
-                            str(cfg.get("loss", "dicece"))).to(dev)
+    loss_fn = MaskedSegLoss(
+        int(cfg["output_classes"]), int(cfg.get("unknown_label", 0)), None, str(cfg.get("loss", "dicece"))
+    ).to(dev)
     if feed == "compute":
         fixed = _batch(cfg, dev)
         batches: Any = iter(lambda: {"image": fixed[0], "label": fixed[1]}, None)
@@ -187,8 +206,12 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
             n += step(next(batches))
         sync()
         dt = time.perf_counter() - t0
-    res: dict[str, Any] = {"steps": steps, "seconds": round(dt, 3), "samples_per_s": round(n / dt, 3),
-                           "gpu_busy_pct": busy.busy_pct}
+    res: dict[str, Any] = {
+        "steps": steps,
+        "seconds": round(dt, 3),
+        "samples_per_s": round(n / dt, 3),
+        "gpu_busy_pct": busy.busy_pct,
+    }
     if dev.type == "cuda":
         res["peak_alloc_gb"] = round(torch.cuda.max_memory_allocated(dev) / 2**30, 2)
         res["peak_reserved_gb"] = round(torch.cuda.max_memory_reserved(dev) / 2**30, 2)
@@ -198,17 +221,22 @@ def measure(cfg: dict[str, Any], dev: Any, precision: str, steps: int, warmup: i
     return res
 
 
-def bench_algo(wd: Path, algo: str, dev: Any, precisions: list[str], steps: int, warmup: int,
-               cpu: bool) -> dict[str, Any]:
+def bench_algo(
+    wd: Path, algo: str, dev: Any, precisions: list[str], steps: int, warmup: int, cpu: bool
+) -> dict[str, Any]:
     from training.hparams import read_hyper_parameters
     from training.networks import fit_roi
 
     hp = wd / f"{algo}_0" / "configs" / "hyper_parameters.yaml"
     cfg = read_hyper_parameters(hp, TINY if cpu else None)
     cfg["roi_size"] = fit_roi(cfg, list(cfg["roi_size"]))
-    out: dict[str, Any] = {"roi_size": cfg["roi_size"], "batch_size": int(cfg["batch_size"]),
-                           "num_workers": int(cfg.get("num_workers", 0)),
-                           "target_gpu_mem_gb": float(cfg.get("target_gpu_mem_gb", 48.0)), "precisions": {}}
+    out: dict[str, Any] = {
+        "roi_size": cfg["roi_size"],
+        "batch_size": int(cfg["batch_size"]),
+        "num_workers": int(cfg.get("num_workers", 0)),
+        "target_gpu_mem_gb": float(cfg.get("target_gpu_mem_gb", 48.0)),
+        "precisions": {},
+    }
     for prec in precisions:
         row: dict[str, Any] = {}
         for feed in ("compute", "loader"):
@@ -221,18 +249,36 @@ def bench_algo(wd: Path, algo: str, dev: Any, precisions: list[str], steps: int,
         peak = row["compute"].get("peak_reserved_gb")
         row["peak_vs_target"] = round(peak / out["target_gpu_mem_gb"], 3) if peak is not None else None
         out["precisions"][prec] = row
-        print(f"gpu-check: {algo} {prec}: compute {c} samples/s, loader {ld} samples/s, "
-              f"peak {peak} GB of {out['target_gpu_mem_gb']}, busy {row['compute'].get('gpu_busy_pct')}%",
-              flush=True)
+        print(
+            f"gpu-check: {algo} {prec}: compute {c} samples/s, loader {ld} samples/s, "
+            f"peak {peak} GB of {out['target_gpu_mem_gb']}, busy {row['compute'].get('gpu_busy_pct')}%",
+            flush=True,
+        )
     return out
 
 
 def _stage_train(wd: Path, algo: str, gpus: int, timeout: float) -> dict[str, Any]:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     t0 = time.perf_counter()
-    res = subprocess.run([sys.executable, "-m", "stages.train", "--work-dir", str(wd), "--algo", algo,
-                          "--fold", "0", "--gpus", str(gpus)], env=env, capture_output=True, text=True,
-                         timeout=timeout)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.train",
+            "--work-dir",
+            str(wd),
+            "--algo",
+            algo,
+            "--fold",
+            "0",
+            "--gpus",
+            str(gpus),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     out: dict[str, Any] = {"rc": res.returncode, "seconds": round(time.perf_counter() - t0, 1)}
     if res.returncode != 0:
         out["stderr_tail"] = res.stderr[-1500:]
@@ -281,16 +327,21 @@ def write_report(result: dict[str, Any], out: Path) -> None:
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     tmp.replace(out)
-    lines = ["| algo | precision | patch x batch | compute samples/s | loader samples/s | loader/compute "
-             "| peak GB / target | GPU busy % |", "|---|---|---|---:|---:|---:|---|---:|"]
+    lines = [
+        "| algo | precision | patch x batch | compute samples/s | loader samples/s | loader/compute "
+        "| peak GB / target | GPU busy % |",
+        "|---|---|---|---:|---:|---:|---|---:|",
+    ]
     bars = []
     for algo, a in result["algos"].items():
         for prec, r in a["precisions"].items():
             c, ld = r["compute"], r["loader"]
-            lines.append(f"| {algo} | {prec} | {a['roi_size']} x {a['batch_size']} | "
-                         f"{c.get('samples_per_s', c.get('error'))} | {ld.get('samples_per_s', ld.get('error'))} | "
-                         f"{r['loader_vs_compute']} | {c.get('peak_reserved_gb', '-')} / {a['target_gpu_mem_gb']} | "
-                         f"{c.get('gpu_busy_pct', '-')} |")
+            lines.append(
+                f"| {algo} | {prec} | {a['roi_size']} x {a['batch_size']} | "
+                f"{c.get('samples_per_s', c.get('error'))} | {ld.get('samples_per_s', ld.get('error'))} | "
+                f"{r['loader_vs_compute']} | {c.get('peak_reserved_gb', '-')} / {a['target_gpu_mem_gb']} | "
+                f"{c.get('gpu_busy_pct', '-')} |"
+            )
             bars.append((f"{algo} {prec}", c.get("samples_per_s") or 0.0, ld.get("samples_per_s") or 0.0))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     from common.plots import pyplot, save_figure
@@ -315,22 +366,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--algos", default=",".join(ALGOS))
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--precision", default=None, help="comma list of fp16,bf16,fp32 (default fp16,bf16; --cpu: fp32,bf16)")
+    ap.add_argument(
+        "--precision", default=None, help="comma list of fp16,bf16,fp32 (default fp16,bf16; --cpu: fp32,bf16)"
+    )
     ap.add_argument("--target-gpu-mem-gb", type=float, default=48.0, help="sizing of the synthetic bundles")
     ap.add_argument("--cpu", action="store_true", help="reduced CPU mode (tiny network/patch): checks the harness")
     ap.add_argument("--no-official", action="store_true", help="skip the official segresnet epoch")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds for each train-stage run")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gpu.json")
-    ap.add_argument("--scratch", type=Path, default=ROOT / "bench" / "work" / "gpu",
-                    help="where the synthetic work dir and the official/DDP runs go")
+    ap.add_argument(
+        "--scratch",
+        type=Path,
+        default=ROOT / "bench" / "work" / "gpu",
+        help="where the synthetic work dir and the official/DDP runs go",
+    )
     ns = ap.parse_args(argv)
 
     for d in (ns.out.parent, ns.scratch):  # fail now, not after the measurements (the image is read-only)
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            print(f"gpu-check: cannot write {d} ({exc.strerror}): pass --out and --scratch under the work dir",
-                  file=sys.stderr)
+            print(
+                f"gpu-check: cannot write {d} ({exc.strerror}): pass --out and --scratch under the work dir",
+                file=sys.stderr,
+            )
             return 2
 
     import torch
@@ -338,29 +397,41 @@ def main(argv: list[str] | None = None) -> int:
     if not ns.cpu and not torch.cuda.is_available():
         from stages.train.gpu import diagnose, probe
 
-        print(f"gpu-check: {diagnose(1, probe()) or 'no CUDA device'}; run with --cpu for the reduced "
-              "CPU mode", file=sys.stderr)
+        print(
+            f"gpu-check: {diagnose(1, probe()) or 'no CUDA device'}; run with --cpu for the reduced CPU mode",
+            file=sys.stderr,
+        )
         return 2
     dev = torch.device("cpu") if ns.cpu else torch.device("cuda", 0)
     if not ns.cpu:
         torch.cuda.set_device(dev)
     precisions = (ns.precision or ("fp32,bf16" if ns.cpu else "fp16,bf16")).split(",")
     work = ns.scratch.resolve()
-    wd = ns.work_dir.resolve() if ns.work_dir else synthetic_work_dir(work / ("cpu" if ns.cpu else "data"),
-                                                                      ns.cpu, ns.target_gpu_mem_gb)
+    wd = (
+        ns.work_dir.resolve()
+        if ns.work_dir
+        else synthetic_work_dir(work / ("cpu" if ns.cpu else "data"), ns.cpu, ns.target_gpu_mem_gb)
+    )
     result: dict[str, Any] = {
         "mode": "cpu-reduced" if ns.cpu else "gpu",
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
         "gpus_visible": torch.cuda.device_count() if torch.cuda.is_available() else 0,
-        "work_dir": str(wd), "steps": ns.steps, "warmup": ns.warmup, "algos": {},
+        "work_dir": str(wd),
+        "steps": ns.steps,
+        "warmup": ns.warmup,
+        "algos": {},
     }
     if dev.type == "cuda":
         from stages.train.gpu import _driver_version
 
         p = torch.cuda.get_device_properties(dev)
-        result.update(driver=_driver_version(), capability=list(torch.cuda.get_device_capability(dev)),
-                      gpu_mem_gb=round(p.total_memory / 2**30, 1))
+        result.update(
+            driver=_driver_version(),
+            capability=list(torch.cuda.get_device_capability(dev)),
+            gpu_mem_gb=round(p.total_memory / 2**30, 1),
+        )
     for algo in ns.algos.split(","):
         result["algos"][algo] = bench_algo(wd, algo, dev, precisions, ns.steps, ns.warmup, ns.cpu)
     templates = os.environ.get("CELLMAP_A3DS_OFFICIAL_TEMPLATES")
@@ -369,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     elif importlib.util.find_spec("stages.bundlegen") is None:
         result["official_segresnet_epoch"] = {"skipped": "the bundlegen stage is not in this image: run natively"}
     elif not templates or not Path(templates).is_dir():
-        result["official_segresnet_epoch"] = {"skipped": "CELLMAP_A3DS_OFFICIAL_TEMPLATES not set (it is in the train image)"}
+        result["official_segresnet_epoch"] = {
+            "skipped": "CELLMAP_A3DS_OFFICIAL_TEMPLATES not set (it is in the train image)"
+        }
     else:
         result["official_segresnet_epoch"] = official_epoch(wd, work / "official", 1, ns.timeout)
     if dev.type == "cuda" and torch.cuda.device_count() >= 2:

@@ -24,7 +24,7 @@ HERE = Path(__file__).resolve().parent
 @click.option("--only", multiple=True, help="Benchmark name(s) to run (default: all).")
 def main(out: Path, work: Path, only: tuple[str, ...]) -> None:
     """Run the benchmarks."""
-    names = sorted(p.stem[len("bench_"):] for p in HERE.glob("bench_*.py"))
+    names = sorted(p.stem[len("bench_") :] for p in HERE.glob("bench_*.py"))
     if only:
         names = [n for n in names if n in only]
     out.mkdir(parents=True, exist_ok=True)

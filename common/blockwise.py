@@ -65,8 +65,9 @@ def needed_range(out_scale: float, out_t: float, lo: int, hi: int, src_scale: fl
     return math.floor(a + TOL), math.ceil(b - TOL)
 
 
-def axis_weights(out_scale: float, out_t: float, lo: int, hi: int,
-                 src_scale: float, src_t: float, src_lo: int, src_n: int) -> np.ndarray:
+def axis_weights(
+    out_scale: float, out_t: float, lo: int, hi: int, src_scale: float, src_t: float, src_lo: int, src_n: int
+) -> np.ndarray:
     """Matrix ``W [hi - lo, src_n]``: output voxel ``lo + r`` = ``W[r] @ source[src_lo:src_lo + src_n]``.
 
     Rows sum to 1. Finer output: linear interpolation at the output voxel centre
@@ -136,8 +137,11 @@ def iter_blocks(shape: Sequence[int], block: Sequence[int]) -> Iterator[tuple[sl
     for z in range(0, shape[0], block[0]):
         for y in range(0, shape[1], block[1]):
             for x in range(0, shape[2], block[2]):
-                yield (slice(z, min(z + block[0], shape[0])), slice(y, min(y + block[1], shape[1])),
-                       slice(x, min(x + block[2], shape[2])))
+                yield (
+                    slice(z, min(z + block[0], shape[0])),
+                    slice(y, min(y + block[1], shape[1])),
+                    slice(x, min(x + block[2], shape[2])),
+                )
 
 
 @dataclass(frozen=True)
@@ -200,8 +204,10 @@ def predict_blocks(
     todo = list(blocks) if blocks is not None else list(iter_blocks(out.shape, ob))
     stats = BlockStats()
     for k, sl in enumerate(todo):
-        rng = [needed_range(o, ot, s.start, s.stop, ts, tt)
-               for o, ot, s, ts, tt in zip(out.scale, out.translation, sl, grid.scale, grid.translation)]
+        rng = [
+            needed_range(o, ot, s.start, s.stop, ts, tt)
+            for o, ot, s, ts, tt in zip(out.scale, out.translation, sl, grid.scale, grid.translation)
+        ]
         lo = tuple(a - halo for a, _ in rng)
         hi = tuple(b + halo for _, b in rng)
         em = read_t(lo, hi)  # type: ignore[arg-type]
@@ -219,8 +225,10 @@ def predict_blocks(
         assert acc is not None
         acc /= len(predictors)
         core = acc[(slice(None), *(slice(halo, n - halo) for n in win.shape))]
-        weights = [axis_weights(o, ot, s.start, s.stop, ts, tt, a, b - a)
-                   for o, ot, s, ts, tt, (a, b) in zip(out.scale, out.translation, sl, grid.scale, grid.translation, rng)]
+        weights = [
+            axis_weights(o, ot, s.start, s.stop, ts, tt, a, b - a)
+            for o, ot, s, ts, tt, (a, b) in zip(out.scale, out.translation, sl, grid.scale, grid.translation, rng)
+        ]
         prob = resample(core, weights)
         del acc, core, em
         stats.n_blocks += 1
@@ -280,7 +288,9 @@ def pooled_reader(
     return read
 
 
-def bundle_training_resolution(bundle_dir: Path, reports_dir: Path | None = None) -> tuple[tuple[float | None, float, float], str]:
+def bundle_training_resolution(
+    bundle_dir: Path, reports_dir: Path | None = None
+) -> tuple[tuple[float | None, float, float], str]:
     """The voxel size (z or ``None``, y, x nm) a bundle was trained at, and where it is recorded.
 
     From the bundle's ``cellmap_bundle.json`` ``resolution_nm`` (bundlegen writes it); for
@@ -314,10 +324,13 @@ def bundle_training_resolution(bundle_dir: Path, reports_dir: Path | None = None
     raise ValueError(
         f"{Path(bundle_dir).name}: the training resolution is not recorded ({rec} has no resolution_nm"
         + (f" and {conv} no resolution_zyx" if conv else "")
-        + f"): add \"resolution_nm\": [z, y, x] (what the bundle was trained at) to {rec}")
+        + f'): add "resolution_nm": [z, y, x] (what the bundle was trained at) to {rec}'
+    )
 
 
-def training_factors(train_res: Sequence[float | None], s0_scale: Sequence[float]) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
+def training_factors(
+    train_res: Sequence[float | None], s0_scale: Sequence[float]
+) -> tuple[tuple[float, float, float], tuple[int, int, int]]:
     """Training voxel (z, y, x nm) for a source whose finest voxel is ``s0_scale``, and the factors.
 
     ``None`` z (only y/x trained) takes the source z times the y/x factor (the EM pyramid rule).
@@ -351,8 +364,9 @@ class BlockwiseInstances:
     def __init__(self, tmp_path: Path, shape: Sequence[int], chunks: Sequence[int], min_voxels: int = 1) -> None:
         import zarr
 
-        self.tmp = zarr.open_array(str(tmp_path), mode="w", shape=tuple(shape), chunks=tuple(chunks),
-                                   dtype=np.uint32, fill_value=0)
+        self.tmp = zarr.open_array(
+            str(tmp_path), mode="w", shape=tuple(shape), chunks=tuple(chunks), dtype=np.uint32, fill_value=0
+        )
         self.tmp_path = Path(tmp_path)
         self.min_voxels = int(min_voxels)
         self.sizes: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]  # id 0 = background

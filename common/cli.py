@@ -141,9 +141,17 @@ class StageContext:
     cfg: PipelineConfig
 
     @classmethod
-    def open(cls, stage: str, work_dir: str | os.PathLike[str], config_file: Path | None = None,
-             overrides: dict[str, Any] | None = None, *, log_name: str | None = None, verbose: bool = False,
-             dump: bool = True) -> StageContext:
+    def open(
+        cls,
+        stage: str,
+        work_dir: str | os.PathLike[str],
+        config_file: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        *,
+        log_name: str | None = None,
+        verbose: bool = False,
+        dump: bool = True,
+    ) -> StageContext:
         """Work dir, logging (``logs/<log_name or stage>.log``) and config, in this order.
 
         Raises:
@@ -156,14 +164,16 @@ class StageContext:
         cfg = load_config(wd.root, config_file, overrides, dump=dump)
         return cls(stage, wd, log, cfg)
 
-    def marker(self, inputs_digest: str | None = None, name: str | None = None,
-               **details: Any) -> contextlib.AbstractContextManager[Marker]:
+    def marker(
+        self, inputs_digest: str | None = None, name: str | None = None, **details: Any
+    ) -> contextlib.AbstractContextManager[Marker]:
         """:func:`stage_marker` over ``markers/<name or stage>.json``."""
         return stage_marker(self.wd.marker(name or self.stage), inputs_digest, **details)
 
 
-def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], wd: Path | None,
-               lock: bool, wait: bool) -> int:
+def _run_stage(
+    stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, Any], wd: Path | None, lock: bool, wait: bool
+) -> int:
     """Run one stage callback under its work-dir locks; the exit code of the contract.
 
     A run that fails (exit 1 or 2) after creating the work dir's ``pipeline.yaml`` removes it
@@ -182,8 +192,11 @@ def _run_stage(stage: str, fn: Callable[..., Any], args: Any, kwargs: dict[str, 
             try:
                 rc = int(fn(*args, **kwargs) or 0)
             except Exception as exc:  # noqa: BLE001 - classified below
-                if not had_config and cfg_file is not None and (exit_code_of(exc) or EXIT_FAILED) in (
-                        EXIT_FAILED, EXIT_USAGE):
+                if (
+                    not had_config
+                    and cfg_file is not None
+                    and (exit_code_of(exc) or EXIT_FAILED) in (EXIT_FAILED, EXIT_USAGE)
+                ):
                     with contextlib.suppress(OSError):
                         cfg_file.unlink(missing_ok=True)
                 raise
@@ -230,7 +243,9 @@ def stage_command(stage: str, lock: bool = True) -> Callable[[Callable[..., Any]
 
         if lock:
             wrapper = click.option(
-                "--wait", "wait_for_lock", is_flag=True,
+                "--wait",
+                "wait_for_lock",
+                is_flag=True,
                 help="If another run of this stage holds the work dir, wait for it instead of exiting 2.",
             )(wrapper)
         return wrapper

@@ -50,8 +50,15 @@ OFFICIAL_TEMPLATES_DEFAULT = "/opt/monai-algo-templates/21ed8e5"
 Check = Callable[[str, Any, str], Any]  # (dotted key, value, source) -> the value to keep
 
 
-def setting(default: Any, doc: str = "", *, choices: tuple[str, ...] = (), bounds: tuple[float, float] | None = None,
-            check: Check | None = None, loose: bool = False) -> Any:
+def setting(
+    default: Any,
+    doc: str = "",
+    *,
+    choices: tuple[str, ...] = (),
+    bounds: tuple[float, float] | None = None,
+    check: Check | None = None,
+    loose: bool = False,
+) -> Any:
     """One documented config key (a dataclass field).
 
     Args:
@@ -217,16 +224,22 @@ class SplitConfig(Section):
 
     DUMP_DEFAULTS = True
 
-    validation_fraction: float = setting(0.15, "Share of crops drawn for validation (seeded, per crop).",
-                                         check=_fraction)
+    validation_fraction: float = setting(
+        0.15, "Share of crops drawn for validation (seeded, per crop).", check=_fraction
+    )
     seed: int = setting(0, "RNG seed of the validation draw, the test hold-out and the k-fold assignment.")
-    datasplit_csv: str | None = setting(None, "A CellMap challenge `datasplit.csv`; fixes the split instead of the "
-                                              "draw (needs `num_folds: 1`).")
-    test_crops: list[str] = setting([], "Crop ids written to the datalist's `testing` list instead of a fold.",
-                                    check=_crop_list, loose=True)
-    test_fraction: float = setting(0.0, "Share of crop groups (overlapping crops together) held out, seeded, as "
-                                        "labelled `testing` items (never in a training/validation fold).",
-                                   check=_fraction)
+    datasplit_csv: str | None = setting(
+        None, "A CellMap challenge `datasplit.csv`; fixes the split instead of the draw (needs `num_folds: 1`)."
+    )
+    test_crops: list[str] = setting(
+        [], "Crop ids written to the datalist's `testing` list instead of a fold.", check=_crop_list, loose=True
+    )
+    test_fraction: float = setting(
+        0.0,
+        "Share of crop groups (overlapping crops together) held out, seeded, as "
+        "labelled `testing` items (never in a training/validation fold).",
+        check=_fraction,
+    )
 
 
 @dataclass
@@ -235,13 +248,20 @@ class ConvertOptions(Section):
 
     compress_level: int = setting(1, "gzip level of the NIfTI files.", bounds=(0, 9))
     report_png: bool = setting(True, "Write `reports/convert.png`.")
-    max_failed_fraction: float = setting(0.02, "Share of eligible crops that may fail before the stage fails "
-                                               "(exit 1, with a table of reasons).", bounds=(0, 1))
-    crop_manifest: str | None = setting(None, "The challenge's crop manifest CSV; crops come from it instead of "
-                                              "listing `data_root` (plain HTTP roots cannot be listed; see "
-                                              "docs/data.md). `--crop-manifest` wins.")
-    chunk_cache: str | None = setting(None, "Local folder keeping remote chunks once fetched (remote roots only). "
-                                            "`--chunk-cache` wins.")
+    max_failed_fraction: float = setting(
+        0.02,
+        "Share of eligible crops that may fail before the stage fails (exit 1, with a table of reasons).",
+        bounds=(0, 1),
+    )
+    crop_manifest: str | None = setting(
+        None,
+        "The challenge's crop manifest CSV; crops come from it instead of "
+        "listing `data_root` (plain HTTP roots cannot be listed; see "
+        "docs/data.md). `--crop-manifest` wins.",
+    )
+    chunk_cache: str | None = setting(
+        None, "Local folder keeping remote chunks once fetched (remote roots only). `--chunk-cache` wins."
+    )
     remote_timeout_s: float = setting(60.0, "Seconds one remote request may take.", bounds=(1, 3600))
     remote_retries: int = setting(4, "Extra attempts after a transient remote error.", bounds=(0, 100))
 
@@ -252,12 +272,13 @@ class AnalyzeOptions(Section):
 
     workers: int = setting(1, "Parallel processes (`--workers` wins).", bounds=(1, 4096))
     hist_bins: int = setting(256, "Intensity histogram bins.", bounds=(2, 1 << 24))
-    hist_range: list[float] = setting([0, 256], "`[lo, hi]` of the intensity histogram (uint8 EM: `[0, 256]`).",
-                                      check=_lo_hi)
-    clip_percentiles: list[float] = setting([0.5, 99.5], "`[lo, hi]` pooled foreground percentiles recommended "
-                                                         "for intensity clipping.", check=_lo_hi)
-    top_unknown: int = setting(10, "Cases with the largest unknown fraction listed in the report.",
-                               bounds=(0, 1 << 20))
+    hist_range: list[float] = setting(
+        [0, 256], "`[lo, hi]` of the intensity histogram (uint8 EM: `[0, 256]`).", check=_lo_hi
+    )
+    clip_percentiles: list[float] = setting(
+        [0.5, 99.5], "`[lo, hi]` pooled foreground percentiles recommended for intensity clipping.", check=_lo_hi
+    )
+    top_unknown: int = setting(10, "Cases with the largest unknown fraction listed in the report.", bounds=(0, 1 << 20))
 
 
 @dataclass
@@ -265,10 +286,10 @@ class BundlegenOptions(Section):
     """``bundlegen:`` generating one MONAI bundle per algorithm and fold."""
 
     name: str = setting("cellmap", "Task name written into `input.yaml`.")
-    swinunetr_pretrained: str | None = setting(None, "Pre-staged SwinUNETR weights file (else "
-                                                     "`use_pretrain: false`).")
-    python: str | None = setting(None, "Interpreter stored as `CMD_PREFIX` in `algo_object.json` "
-                                       "(null: the interpreter running bundlegen).")
+    swinunetr_pretrained: str | None = setting(None, "Pre-staged SwinUNETR weights file (else `use_pretrain: false`).")
+    python: str | None = setting(
+        None, "Interpreter stored as `CMD_PREFIX` in `algo_object.json` (null: the interpreter running bundlegen)."
+    )
 
 
 @dataclass
@@ -299,23 +320,33 @@ class TrainOptions(Section):
 class EnsembleOptions(Section):
     """``ensemble:`` the ensemble of the trained bundles and the block-wise export/predict (flags win)."""
 
-    method: str = setting("best_n", "How members are chosen: the `best_n` bundles, or the best of each fold "
-                                    "(`best_by_fold`).", choices=("best_n", "best_by_fold"))
+    method: str = setting(
+        "best_n",
+        "How members are chosen: the `best_n` bundles, or the best of each fold (`best_by_fold`).",
+        choices=("best_n", "best_by_fold"),
+    )
     n_best: int = setting(3, "Members for `best_n`.", bounds=(1, 1 << 10))
-    mode: str = setting("mean", "`mean` of the probabilities then argmax, or majority `vote`.",
-                        choices=("mean", "vote"))
-    on: str = setting("heldout", "Cases to predict: `heldout` (the labelled `testing` items, else the validation "
-                                 "folds, said so in the report), `validation`, `testing`, or comma-separated image "
-                                 "paths.")
+    mode: str = setting(
+        "mean", "`mean` of the probabilities then argmax, or majority `vote`.", choices=("mean", "vote")
+    )
+    on: str = setting(
+        "heldout",
+        "Cases to predict: `heldout` (the labelled `testing` items, else the validation "
+        "folds, said so in the report), `validation`, `testing`, or comma-separated image "
+        "paths.",
+    )
     prob_dtype: str = setting("float16", "Stored member probabilities.", choices=("float16", "uint8"))
-    members: list[str] | str | None = setting(None, "Bundle names to choose from (a list or comma-separated); "
-                                                    "null: every trained bundle.")
+    members: list[str] | str | None = setting(
+        None, "Bundle names to choose from (a list or comma-separated); null: every trained bundle."
+    )
     infer_params: dict[str, Any] | None = setting(None, "Keyword arguments of the bundles' `get_inferer`.")
-    export_block: int = setting(96, "Training voxels per block edge of the block-wise export/predict.",
-                                bounds=(8, 1 << 16))
+    export_block: int = setting(
+        96, "Training voxels per block edge of the block-wise export/predict.", bounds=(8, 1 << 16)
+    )
     export_halo: int = setting(16, "Training voxels of context around each block.", bounds=(0, 1 << 16))
-    min_instance_voxels: float = setting(8.0, "Smallest instance kept by the export, in training voxels.",
-                                         bounds=(0, 1 << 40))
+    min_instance_voxels: float = setting(
+        8.0, "Smallest instance kept by the export, in training voxels.", bounds=(0, 1 << 40)
+    )
 
 
 @dataclass
@@ -324,29 +355,50 @@ class PipelineConfig(Section):
 
     DUMP_DEFAULTS = True
 
-    data_root: str | None = setting(None, "The CellMap data: a local folder or an `s3://`, `http(s)://` URL "
-                                          "(`--data-root` wins; a local path is made absolute).")
-    resolution_nm: list[float] = setting([8.0], "Target voxel size in nm: one number (y = x, z native) or "
-                                                "`[z, y, x]` with y = x.", check=_resolution, loose=True)
-    classes: list[str] = setting(list(DEFAULT_CLASSES), "CellMap classes to segment, in label order (1, 2, ...); "
-                                                        "non-overlapping.", check=_classes, loose=True)
-    unknown_label: int = setting(255, "Label of voxels no annotation covers: 0 (unknown becomes background) or "
-                                      "above the class ids (ignored in loss and metrics).")
-    datasets: list[str] | None = setting(None, "Datasets to convert (null: all under `data_root`).",
-                                         check=_names, loose=True)
-    crops: list[str] | None = setting(None, "Crop ids to convert (`crop12` or `12`; null: all).",
-                                      check=_crop_ids, loose=True)
+    data_root: str | None = setting(
+        None,
+        "The CellMap data: a local folder or an `s3://`, `http(s)://` URL "
+        "(`--data-root` wins; a local path is made absolute).",
+    )
+    resolution_nm: list[float] = setting(
+        [8.0],
+        "Target voxel size in nm: one number (y = x, z native) or `[z, y, x]` with y = x.",
+        check=_resolution,
+        loose=True,
+    )
+    classes: list[str] = setting(
+        list(DEFAULT_CLASSES),
+        "CellMap classes to segment, in label order (1, 2, ...); non-overlapping.",
+        check=_classes,
+        loose=True,
+    )
+    unknown_label: int = setting(
+        255,
+        "Label of voxels no annotation covers: 0 (unknown becomes background) or "
+        "above the class ids (ignored in loss and metrics).",
+    )
+    datasets: list[str] | None = setting(
+        None, "Datasets to convert (null: all under `data_root`).", check=_names, loose=True
+    )
+    crops: list[str] | None = setting(
+        None, "Crop ids to convert (`crop12` or `12`; null: all).", check=_crop_ids, loose=True
+    )
     split: SplitConfig = setting(SplitConfig)
     modality: str = setting("EM", "Image modality written into `input.yaml`: EM, CT or MRI.")
     algos: list[str] = setting(lambda: list(ALGOS), "Algorithms to generate and train.", check=_algos, loose=True)
     num_folds: int = setting(1, "Cross-validation folds (one bundle per algorithm and fold).")
-    templates: str = setting("builtin", "Bundle templates: `builtin`, `official` (MONAI's research-contributions "
-                                        "templates, needs `unknown_label: 0`) or a folder.")
-    official_templates_dir: str | None = setting(None, "Where the official templates are (null: "
-                                                       f"`${OFFICIAL_TEMPLATES_ENV}`, else "
-                                                       f"`{OFFICIAL_TEMPLATES_DEFAULT}`).")
-    target_gpu_mem_gb: float = setting(48.0, "GPU memory the bundles are sized for (patch and batch size).",
-                                       check=_positive)
+    templates: str = setting(
+        "builtin",
+        "Bundle templates: `builtin`, `official` (MONAI's research-contributions "
+        "templates, needs `unknown_label: 0`) or a folder.",
+    )
+    official_templates_dir: str | None = setting(
+        None,
+        f"Where the official templates are (null: `${OFFICIAL_TEMPLATES_ENV}`, else `{OFFICIAL_TEMPLATES_DEFAULT}`).",
+    )
+    target_gpu_mem_gb: float = setting(
+        48.0, "GPU memory the bundles are sized for (patch and batch size).", check=_positive
+    )
     convert: ConvertOptions = setting(ConvertOptions)
     analyze: AnalyzeOptions = setting(AnalyzeOptions)
     bundlegen: BundlegenOptions = setting(BundlegenOptions)
@@ -367,11 +419,7 @@ class PipelineConfig(Section):
 
     def official_templates_path(self) -> Path:
         """Where the baked-in official MONAI templates live (config, env, default)."""
-        return Path(
-            self.official_templates_dir
-            or os.environ.get(OFFICIAL_TEMPLATES_ENV)
-            or OFFICIAL_TEMPLATES_DEFAULT
-        )
+        return Path(self.official_templates_dir or os.environ.get(OFFICIAL_TEMPLATES_ENV) or OFFICIAL_TEMPLATES_DEFAULT)
 
 
 # ---- validation ---------------------------------------------------------------------
@@ -397,8 +445,9 @@ def _conforms(value: Any, tp: Any) -> bool:
     if origin is list:
         return isinstance(value, list) and all(_conforms(v, args[0]) for v in value)
     if origin is dict:
-        return isinstance(value, dict) and all(_conforms(k, args[0]) and _conforms(v, args[1])
-                                               for k, v in value.items())
+        return isinstance(value, dict) and all(
+            _conforms(k, args[0]) and _conforms(v, args[1]) for k, v in value.items()
+        )
     return False
 
 
@@ -601,8 +650,9 @@ def safe_load_limited(text: str, what: str) -> Any:
             return None
         size = _expanded_size(node, {}, MAX_YAML_NODES)
         if size > MAX_YAML_NODES:
-            raise ConfigError(f"{what}: YAML anchors/aliases expand to more than {MAX_YAML_NODES} values; "
-                              "write the values out")
+            raise ConfigError(
+                f"{what}: YAML anchors/aliases expand to more than {MAX_YAML_NODES} values; write the values out"
+            )
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
@@ -623,8 +673,9 @@ def _read_file(path: Path) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                          "save the file as UTF-8") from None
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save the file as UTF-8"
+        ) from None
     data = safe_load_limited(text, str(path))
     return {} if data is None else data
 
@@ -710,15 +761,21 @@ def _md(text: str) -> str:
 
 def reference_markdown() -> str:
     """docs/configuration.md: every section and key with its type, default and meaning."""
-    lines = ["# Configuration reference", "",
-             f"<!-- Generated by `{REFERENCE_COMMAND}` from the dataclasses in common/config.py; "
-             "edit those, not this file. -->", "",
-             "Every stage reads one configuration. Later wins: the defaults below, `<work_dir>/pipeline.yaml`, "
-             "`--config FILE`, the command-line flags. The first stage writes the result to "
-             "`<work_dir>/pipeline.yaml` (top-level and `split:` keys in full, stage sections as given), so every "
-             "later stage and every SLURM job sees the same settings. An unknown key or a value of the wrong type "
-             "is one error line naming the file and the key (exit 2).", "",
-             "`python -m common.config --example` prints a complete, commented `pipeline.yaml`.", ""]
+    lines = [
+        "# Configuration reference",
+        "",
+        f"<!-- Generated by `{REFERENCE_COMMAND}` from the dataclasses in common/config.py; "
+        "edit those, not this file. -->",
+        "",
+        "Every stage reads one configuration. Later wins: the defaults below, `<work_dir>/pipeline.yaml`, "
+        "`--config FILE`, the command-line flags. The first stage writes the result to "
+        "`<work_dir>/pipeline.yaml` (top-level and `split:` keys in full, stage sections as given), so every "
+        "later stage and every SLURM job sees the same settings. An unknown key or a value of the wrong type "
+        "is one error line naming the file and the key (exit 2).",
+        "",
+        "`python -m common.config --example` prints a complete, commented `pipeline.yaml`.",
+        "",
+    ]
     for name, cls in _sections():
         title = "Top level" if not name else f"`{name}:`"
         first, _, rest = (cls.__doc__ or "").strip().partition("\n")
@@ -730,7 +787,9 @@ def reference_markdown() -> str:
             tp = _hints(cls)[f.name]
             if isinstance(tp, type) and issubclass(tp, Section):
                 continue
-            lines.append(f"| `{f.name}` | {type_text(tp)} | `{_inline(_default(f))}` | {f.metadata['doc']}{_rules(f)} |")
+            lines.append(
+                f"| `{f.name}` | {type_text(tp)} | `{_inline(_default(f))}` | {f.metadata['doc']}{_rules(f)} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -740,8 +799,11 @@ def example_yaml() -> str:
 
     Stage-section keys are commented out: a key set there counts as given (the done markers
     digest the given keys, and a ``train:`` key overrides the bundle's own value)."""
-    out = ["# pipeline.yaml: every key with its default (python -m common.config --example);",
-           "# reference: docs/configuration.md. Uncomment a stage-section key to set it.", ""]
+    out = [
+        "# pipeline.yaml: every key with its default (python -m common.config --example);",
+        "# reference: docs/configuration.md. Uncomment a stage-section key to set it.",
+        "",
+    ]
     for name, cls in _sections():
         indent = "  " if name else ""
         off = "# " if name and not cls.DUMP_DEFAULTS else ""
@@ -752,8 +814,14 @@ def example_yaml() -> str:
             if isinstance(tp, type) and issubclass(tp, Section):
                 continue
             doc = _md(f.metadata["doc"]).replace("`", "") + _rules(f).replace("`", "")
-            out += textwrap.wrap(doc, 110, initial_indent=f"{indent}# ", subsequent_indent=f"{indent}#   ",
-                                 break_long_words=False, break_on_hyphens=False)
+            out += textwrap.wrap(
+                doc,
+                110,
+                initial_indent=f"{indent}# ",
+                subsequent_indent=f"{indent}#   ",
+                break_long_words=False,
+                break_on_hyphens=False,
+            )
             out.append(f"{indent}{off}{f.name}: {_inline(_default(f))}")
         out.append("")
     return "\n".join(out)
@@ -764,8 +832,13 @@ def main(argv: list[str] | None = None) -> int:
     from common.io import atomic_write_text
 
     ap = argparse.ArgumentParser(prog="python -m common.config", description=__doc__.split("\n", 1)[0])
-    ap.add_argument("--reference", nargs="?", const=str(REFERENCE), metavar="PATH",
-                    help=f"write the configuration reference (default {REFERENCE.relative_to(REFERENCE.parents[1])})")
+    ap.add_argument(
+        "--reference",
+        nargs="?",
+        const=str(REFERENCE),
+        metavar="PATH",
+        help=f"write the configuration reference (default {REFERENCE.relative_to(REFERENCE.parents[1])})",
+    )
     ap.add_argument("--example", action="store_true", help="print a complete, commented pipeline.yaml")
     args = ap.parse_args(argv)
     if not args.reference and not args.example:

@@ -77,9 +77,14 @@ def lock_owner(refresh_s: float = REFRESH_S, stale_after_s: float = STALE_AFTER_
 
     job = slurm_job_id(slurm_ids())
     return {
-        "host": socket.gethostname(), "pid": os.getpid(), "slurm_job_id": job,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv,
-        "token": uuid.uuid4().hex, "refresh_s": refresh_s, "stale_after_s": stale_after_s,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job_id": job,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "argv": sys.argv,
+        "token": uuid.uuid4().hex,
+        "refresh_s": refresh_s,
+        "stale_after_s": stale_after_s,
     }
 
 
@@ -114,8 +119,9 @@ def stale_reason(owner: dict[str, Any], age_s: float | None = None) -> str | Non
 class WorkDirLock:
     """An exclusive lock file; use as a context manager or with :meth:`acquire`/:meth:`release`."""
 
-    def __init__(self, path: Path, name: str, refresh_s: float = REFRESH_S,
-                 stale_after_s: float = STALE_AFTER_S) -> None:
+    def __init__(
+        self, path: Path, name: str, refresh_s: float = REFRESH_S, stale_after_s: float = STALE_AFTER_S
+    ) -> None:
         self.path = path
         self.name = name
         self.refresh_s = refresh_s
@@ -144,8 +150,9 @@ class WorkDirLock:
     def _start_refresher(self) -> None:
         assert self.owner is not None
         self._stop.clear()
-        self._refresher = threading.Thread(target=self._refresh_loop, args=(self.owner["token"],),
-                                           name=f"lock-refresh-{self.name}", daemon=True)
+        self._refresher = threading.Thread(
+            target=self._refresh_loop, args=(self.owner["token"],), name=f"lock-refresh-{self.name}", daemon=True
+        )
         self._refresher.start()
 
     def _read(self) -> dict[str, Any] | None:
@@ -214,8 +221,10 @@ class WorkDirLock:
                 continue
             who = describe(held) if held else "another run (lock being written)"
             if not wait or (timeout_s is not None and time.monotonic() - t0 >= timeout_s):
-                raise LockHeld(f"{self.path}: {self.name} is already running: {who}; wait for it "
-                               f"(--wait), or delete the lock file if that run is really gone")
+                raise LockHeld(
+                    f"{self.path}: {self.name} is already running: {who}; wait for it "
+                    f"(--wait), or delete the lock file if that run is really gone"
+                )
             if not announced:
                 log.info("%s: waiting for %s to finish", self.name, who)
                 announced = True
@@ -287,7 +296,7 @@ def stage_lock_names(stage: str, params: dict[str, Any], work_dir: Path) -> list
         algo, fold = params.get("algo"), params.get("fold")
         if fold is not None:
             return [f"train.{algo}_{fold}"]
-        folds = sorted(p.name for p in work_dir.glob(f"{algo}_*") if p.name[len(str(algo)) + 1:].isdigit())
+        folds = sorted(p.name for p in work_dir.glob(f"{algo}_*") if p.name[len(str(algo)) + 1 :].isdigit())
         return [f"train.{f}" for f in folds] or [f"train.{algo}"]
     if shard:
         from common.cli import parse_shard

@@ -119,8 +119,13 @@ def summarize(matrix: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
     s = class_scores(matrix)
     return {
         "per_class": {
-            name: {"dice": none_if_nan(s["dice"][i]), "iou": none_if_nan(s["iou"][i]),
-                   "tp": s["tp"][i], "fp": s["fp"][i], "fn": s["fn"][i]}
+            name: {
+                "dice": none_if_nan(s["dice"][i]),
+                "iou": none_if_nan(s["iou"][i]),
+                "tp": s["tp"][i],
+                "fp": s["fp"][i],
+                "fn": s["fn"][i],
+            }
             for i, name in enumerate(class_names)
         },
         "mean_dice": none_if_nan(nanmean(s["dice"])),
@@ -134,7 +139,9 @@ def pooled_dice(matrix: np.ndarray) -> np.ndarray:
 
 
 # ---- semantic: one binary class -------------------------------------------------------------
-def semantic_counts(pred: np.ndarray | None, truth: np.ndarray, unknown: np.ndarray | None = None) -> tuple[int, int, int]:
+def semantic_counts(
+    pred: np.ndarray | None, truth: np.ndarray, unknown: np.ndarray | None = None
+) -> tuple[int, int, int]:
     """``(TP, FP, FN)`` voxels of one binary class; ``pred=None`` is a missing label (all FN).
 
     Args:
@@ -300,8 +307,9 @@ class InstanceCounts:
         self.cutoff_crops += other.cutoff_crops
 
 
-def instance_counts(pred: np.ndarray | None, truth: np.ndarray, voxel_size: Sequence[float],
-                    crop: str = "") -> InstanceCounts:
+def instance_counts(
+    pred: np.ndarray | None, truth: np.ndarray, voxel_size: Sequence[float], crop: str = ""
+) -> InstanceCounts:
     """Match one crop's objects and count; ``pred=None`` is a missing label (all FN, at the cap)."""
     t, n_t = connected_objects(truth)
     cap = distance_cap(voxel_size, truth.shape)
@@ -312,8 +320,15 @@ def instance_counts(pred: np.ndarray | None, truth: np.ndarray, voxel_size: Sequ
         raise ValueError(f"prediction shape {pred.shape} != truth shape {truth.shape}")
     p, n_p = connected_objects(pred)
     if cutoff_exceeded(n_t, n_p):
-        return InstanceCounts(fp=n_p, fn=n_t, n_truth=n_t, n_pred=n_p, h_sum=n_t * h_cap, d_sum=n_t * cap,
-                              cutoff_crops=[crop] if crop else ["?"])
+        return InstanceCounts(
+            fp=n_p,
+            fn=n_t,
+            n_truth=n_t,
+            n_pred=n_p,
+            h_sum=n_t * h_cap,
+            d_sum=n_t * cap,
+            cutoff_crops=[crop] if crop else ["?"],
+        )
     from scipy import ndimage
 
     matches = match_objects(t, p, n_t, n_p)
@@ -337,16 +352,23 @@ def instance_scores(c: InstanceCounts) -> dict[str, Any]:
     h = c.h_sum / c.n_truth if c.n_truth else (0.0 if c.n_pred else math.nan)
     combined = math.sqrt(f1 * h) if not (math.isnan(f1) or math.isnan(h)) else math.nan
     return {
-        "f1": none_if_nan(f1), "normalized_hausdorff": none_if_nan(h),
+        "f1": none_if_nan(f1),
+        "normalized_hausdorff": none_if_nan(h),
         "mean_hausdorff_nm": (c.d_sum / c.n_truth) if c.n_truth else None,
         "combined": none_if_nan(combined),
-        "tp": c.tp, "fp": c.fp, "fn": c.fn, "n_truth": c.n_truth, "n_pred": c.n_pred,
+        "tp": c.tp,
+        "fp": c.fp,
+        "fn": c.fn,
+        "n_truth": c.n_truth,
+        "n_pred": c.n_pred,
         "cutoff_crops": list(c.cutoff_crops),
     }
 
 
 # ---- overall -------------------------------------------------------------------------------
-def overall_score(semantic_iou: Mapping[str, float | None], instance_combined: Mapping[str, float | None]) -> dict[str, Any]:
+def overall_score(
+    semantic_iou: Mapping[str, float | None], instance_combined: Mapping[str, float | None]
+) -> dict[str, Any]:
     """``sqrt(mean instance combined * mean semantic IoU)`` over scored classes.
 
     A kind with no scored class drops out (the other's mean is the overall score).
@@ -361,5 +383,8 @@ def overall_score(semantic_iou: Mapping[str, float | None], instance_combined: M
         overall = ins
     else:
         overall = math.sqrt(sem * ins)
-    return {"overall": none_if_nan(overall), "mean_semantic_iou": none_if_nan(sem),
-            "mean_instance_combined": none_if_nan(ins)}
+    return {
+        "overall": none_if_nan(overall),
+        "mean_semantic_iou": none_if_nan(sem),
+        "mean_instance_combined": none_if_nan(ins),
+    }

@@ -226,8 +226,13 @@ def em_cut(label_level: Level, em_level: Level, tol: float = GRID_TOL) -> tuple[
     """
     cut = []
     for ax, l, tl, n, e, te, size in zip(
-        AXES, label_level.scale, label_level.translation, label_level.shape,
-        em_level.scale, em_level.translation, em_level.shape,
+        AXES,
+        label_level.scale,
+        label_level.translation,
+        label_level.shape,
+        em_level.scale,
+        em_level.translation,
+        em_level.shape,
     ):
         f0 = (tl - l / 2 - (te - e / 2)) / e
         f1 = f0 + n * l / e
@@ -385,19 +390,23 @@ def output_factors(em_s0: Level, target_zyx: Sequence[float | None]) -> tuple[in
         if t < e * (1 - SCALE_RTOL):
             raise ResolutionError(
                 f"EM s0 {fmt_vec(em_s0.scale)} nm is coarser than the target {fmt_vec(target_zyx)} nm on {ax} "
-                "(no EM at that resolution)")
+                "(no EM at that resolution)"
+            )
         f = _whole(t / e)
         if f is None:
             raise ResolutionError(
                 f"target {ax} {t:g} nm is not a whole multiple of EM s0 {ax} {e:g} nm "
-                "(give resolution_nm as one number to let z follow the EM pyramid)")
+                "(give resolution_nm as one number to let z follow the EM pyramid)"
+            )
         out.append(f)
     if target_zyx[0] is None:
         out.insert(0, out[0])
     return tuple(out)  # type: ignore[return-value]
 
 
-def plan_reduction(label_s0: Level, em_s0: Level, target_zyx: Sequence[float | None], tol: float = GRID_TOL) -> Reduction:
+def plan_reduction(
+    label_s0: Level, em_s0: Level, target_zyx: Sequence[float | None], tol: float = GRID_TOL
+) -> Reduction:
     """Cut the box on EM s0 and reduce it to ``target_zyx`` in the box's phase (metadata only).
 
     Raises:
@@ -414,13 +423,15 @@ def plan_reduction(label_s0: Level, em_s0: Level, target_zyx: Sequence[float | N
         if ri is None:
             raise ResolutionError(
                 f"label s0 {ax} {l:g} nm does not divide the output {ax} {fi * e:g} nm "
-                f"(label s0 {fmt_vec(label_s0.scale)}, EM s0 {fmt_vec(em_s0.scale)})")
+                f"(label s0 {fmt_vec(label_s0.scale)}, EM s0 {fmt_vec(em_s0.scale)})"
+            )
         r.append(ri)
     n_em = [sl.stop - sl.start for sl in cut]
     shape = tuple(n // fi for n, fi in zip(n_em, f))
     if min(shape) == 0:
         raise ResolutionError(
-            f"box of {tuple(n_em)} EM s0 voxels is smaller than one output voxel ({tuple(f)} EM s0 voxels)")
+            f"box of {tuple(n_em)} EM s0 voxels is smaller than one output voxel ({tuple(f)} EM s0 voxels)"
+        )
     scale = tuple(e * fi for e, fi in zip(em_s0.scale, f))
     # voxel-0 centre: the box's first EM-s0 edge plus half an output voxel
     trans = tuple(te + (sl.start - 0.5) * e + o / 2 for te, sl, e, o in zip(em_s0.translation, cut, em_s0.scale, scale))

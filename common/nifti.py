@@ -73,8 +73,9 @@ def zyx_to_affine(scale_zyx: tuple[float, ...], translation_zyx: tuple[float, ..
     return spacing_affine(tuple(scale_zyx[::-1]), tuple(translation_zyx[::-1]))  # type: ignore[arg-type]
 
 
-def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, compresslevel: int | None = None,
-               rle: bool = False) -> int:
+def save_nifti(
+    path: str | Path, data: np.ndarray, affine: np.ndarray, compresslevel: int | None = None, rle: bool = False
+) -> int:
     """Write ``data`` (already x, y, z) as NIfTI, atomically and deterministically.
 
     Args:
@@ -97,7 +98,7 @@ def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, compressl
             comp = gzip_compressor(DEFAULT_LEVEL if compresslevel is None else compresslevel, rle)
             written = 0
             for off in range(0, len(raw), _CHUNK):
-                out = comp.compress(raw[off: off + _CHUNK])
+                out = comp.compress(raw[off : off + _CHUNK])
                 fh.write(out)
                 written += len(out)
             out = comp.flush()

@@ -41,15 +41,25 @@ def eta_seconds(epoch_times: Sequence[float], epochs_done: int, num_epochs: int)
     return sum(times) / len(times) * max(0, num_epochs - epochs_done)
 
 
-def format_epoch_line(algo: str, epoch: int, num_epochs: int, loss: float, mean_dice: float | None,
-                      lr: float, epoch_time_s: float, eta_s: float | None) -> str:
+def format_epoch_line(
+    algo: str,
+    epoch: int,
+    num_epochs: int,
+    loss: float,
+    mean_dice: float | None,
+    lr: float,
+    epoch_time_s: float,
+    eta_s: float | None,
+) -> str:
     """The one log line per epoch (``epoch`` is 1-based here: ``epoch 3/40``).
 
     ``mean Dice -`` when the epoch was not validated (``val_every`` > 1).
     """
     dice = "-" if mean_dice is None else f"{mean_dice:.4f}"
-    return (f"{algo} epoch {epoch}/{num_epochs} loss {loss:.4f} mean Dice {dice} lr {lr:.2e} "
-            f"time {fmt_duration(epoch_time_s)} ETA {fmt_duration(eta_s)}")
+    return (
+        f"{algo} epoch {epoch}/{num_epochs} loss {loss:.4f} mean Dice {dice} lr {lr:.2e} "
+        f"time {fmt_duration(epoch_time_s)} ETA {fmt_duration(eta_s)}"
+    )
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -94,11 +104,16 @@ def fold_progress(bundle: Path, train_overrides: dict[str, Any] | None = None) -
     if not rows:
         return None
     done = rows[-1]["epoch"] + 1
-    eta = eta_seconds([r.get("epoch_time_s") for r in rows if isinstance(r.get("epoch_time_s"), (int, float))],
-                      done, num_epochs)
+    eta = eta_seconds(
+        [r.get("epoch_time_s") for r in rows if isinstance(r.get("epoch_time_s"), (int, float))], done, num_epochs
+    )
     validated = [r["mean_dice"] for r in rows if isinstance(r.get("mean_dice"), (int, float))]
-    return {"epochs_done": done, "num_epochs": num_epochs, "eta_s": eta,
-            "mean_dice": validated[-1] if validated else None}
+    return {
+        "epochs_done": done,
+        "num_epochs": num_epochs,
+        "eta_s": eta,
+        "mean_dice": validated[-1] if validated else None,
+    }
 
 
 class _PlainProgress:
@@ -127,9 +142,17 @@ class _PlainProgress:
         return f"{n} {fmt_duration(elapsed)}"
 
 
-def progress(it: Iterable[T], desc: str, total: int | None = None, every_s: float = 30.0,
-             log: logging.Logger | None = None, enabled: bool = True, stream: Any = None,
-             unit: str = "it", leave: bool = False) -> Iterable[T]:
+def progress(
+    it: Iterable[T],
+    desc: str,
+    total: int | None = None,
+    every_s: float = 30.0,
+    log: logging.Logger | None = None,
+    enabled: bool = True,
+    stream: Any = None,
+    unit: str = "it",
+    leave: bool = False,
+) -> Iterable[T]:
     """Wrap a long loop: a tqdm bar on a terminal, a plain log line every ``every_s`` otherwise.
 
     SLURM logs are files, where tqdm's carriage returns pile up into one huge line. The
@@ -171,12 +194,18 @@ class _PlainBar:
 
     def close(self) -> None:
         if self.n:
-            self.log.info("%s: %s (done)", self.desc,
-                          _PlainProgress._text(self, self.n, time.monotonic() - self.t0))  # type: ignore[arg-type]
+            self.log.info("%s: %s (done)", self.desc, _PlainProgress._text(self, self.n, time.monotonic() - self.t0))  # type: ignore[arg-type]
 
 
-def progress_bar(total: int | None, desc: str, unit: str = "it", enabled: bool = True, every_s: float = 30.0,
-                 stream: Any = None, **tqdm_kwargs: Any) -> Any:
+def progress_bar(
+    total: int | None,
+    desc: str,
+    unit: str = "it",
+    enabled: bool = True,
+    every_s: float = 30.0,
+    stream: Any = None,
+    **tqdm_kwargs: Any,
+) -> Any:
     """A bar updated by hand (``bar.update(); bar.close()``): tqdm on a terminal, plain lines otherwise."""
     stream = stream if stream is not None else sys.stderr
     if enabled and getattr(stream, "isatty", lambda: False)():

@@ -37,7 +37,11 @@ from typing import Any
 from urllib.parse import urlsplit
 
 REMOTE_SCHEMES = ("s3://", "http://", "https://")
-_ENV = {"timeout_s": "CELLMAP_STORE_TIMEOUT_S", "retries": "CELLMAP_STORE_RETRIES", "chunk_cache": "CELLMAP_CHUNK_CACHE"}
+_ENV = {
+    "timeout_s": "CELLMAP_STORE_TIMEOUT_S",
+    "retries": "CELLMAP_STORE_RETRIES",
+    "chunk_cache": "CELLMAP_CHUNK_CACHE",
+}
 
 
 @dataclass(frozen=True)
@@ -104,15 +108,21 @@ def filesystem(protocol: str) -> Any:
         if protocol == "s3":
             creds = any(os.environ.get(v) for v in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE"))
             _FS[key] = fsspec.filesystem(
-                "s3", anon=not creds, skip_instance_cache=True,
-                config_kwargs={"connect_timeout": opts.timeout_s, "read_timeout": opts.timeout_s,
-                               "retries": {"max_attempts": opts.retries + 1, "mode": "standard"}},
+                "s3",
+                anon=not creds,
+                skip_instance_cache=True,
+                config_kwargs={
+                    "connect_timeout": opts.timeout_s,
+                    "read_timeout": opts.timeout_s,
+                    "retries": {"max_attempts": opts.retries + 1, "mode": "standard"},
+                },
             )
         else:
             import aiohttp
 
             _FS[key] = fsspec.filesystem(
-                "http", skip_instance_cache=True,
+                "http",
+                skip_instance_cache=True,
                 client_kwargs={"timeout": aiohttp.ClientTimeout(total=opts.timeout_s)},
             )
     return _FS[key]
@@ -130,8 +140,9 @@ def _retry(what: str, fn: Any, *args: Any) -> Any:
             if _not_found(exc):
                 raise FileNotFoundError(errno.ENOENT, "not found", what) from None
             if attempt == n:
-                raise OSError(errno.EIO, f"remote read failed after {n + 1} attempts: {type(exc).__name__}: {exc}",
-                              what) from None
+                raise OSError(
+                    errno.EIO, f"remote read failed after {n + 1} attempts: {type(exc).__name__}: {exc}", what
+                ) from None
             time.sleep(0.5 * 2**attempt)
     raise AssertionError("unreachable")
 
@@ -198,7 +209,7 @@ class RemotePath:
         if self.protocol == "s3" and not have_s3fs():
             return filesystem("https"), _s3_https(self.url)
         fs = filesystem(self.protocol)
-        return fs, (self.url[len("s3://"):] if self.protocol == "s3" else self.url)
+        return fs, (self.url[len("s3://") :] if self.protocol == "s3" else self.url)
 
     def read_bytes(self) -> bytes:
         fs, u = self._fs_url()
@@ -330,13 +341,20 @@ def _remote_store(p: RemotePath) -> Any:
                     if isinstance(v, (bytes, bytearray)):
                         out[k] = bytes(v)
                         self._keep(k, out[k])
-                    elif isinstance(v, BaseException) and not isinstance(v, (FileNotFoundError, KeyError)) and not _not_found(v):
+                    elif (
+                        isinstance(v, BaseException)
+                        and not isinstance(v, (FileNotFoundError, KeyError))
+                        and not _not_found(v)
+                    ):
                         failed.append((k, v))
                 todo = [k for k, _ in failed]
                 if failed and attempt == n:
                     k, v = failed[0]
-                    raise OSError(errno.EIO, f"remote read failed after {n + 1} attempts: {type(v).__name__}: {v}",
-                                  f"{self._rp.url}/{k}")
+                    raise OSError(
+                        errno.EIO,
+                        f"remote read failed after {n + 1} attempts: {type(v).__name__}: {v}",
+                        f"{self._rp.url}/{k}",
+                    )
                 if failed:
                     time.sleep(0.5 * 2**attempt)
             return out

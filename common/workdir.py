@@ -341,7 +341,10 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     # Inside the images the project is not pip-installed; they say what they are instead.
-    for key, env in (("image_version", "CELLMAP_A3DS_IMAGE_VERSION"), ("image_revision", "CELLMAP_A3DS_IMAGE_REVISION")):
+    for key, env in (
+        ("image_version", "CELLMAP_A3DS_IMAGE_VERSION"),
+        ("image_revision", "CELLMAP_A3DS_IMAGE_REVISION"),
+    ):
         if os.environ.get(env):
             out[key] = os.environ[env]
     return out
@@ -520,7 +523,8 @@ def check_bundle_location(wd: WorkDir, bundle: Path) -> None:
     how = "copied" if made_for.exists() else "moved"
     raise PipelineError(
         f"{bundle.name}: generated for work dir {made_for}, but this is {wd.root} (a {how} work dir "
-        f"would use the other one's paths); run: python -m stages.bundlegen --work-dir {wd.root} --rebase")
+        f"would use the other one's paths); run: python -m stages.bundlegen --work-dir {wd.root} --rebase"
+    )
 
 
 def rebase_work_dir(wd: WorkDir) -> dict[str, Any]:
@@ -543,8 +547,10 @@ def rebase_work_dir(wd: WorkDir) -> dict[str, Any]:
     if not olds:
         return {"from": [], "to": str(wd.root), "files": changed}
     if len(olds) > 1:
-        raise PipelineError(f"{wd.root}: bundles were made for several work dirs ({', '.join(map(str, sorted(olds)))}); "
-                            "regenerate them: python -m stages.bundlegen --force")
+        raise PipelineError(
+            f"{wd.root}: bundles were made for several work dirs ({', '.join(map(str, sorted(olds)))}); "
+            "regenerate them: python -m stages.bundlegen --force"
+        )
     old = str(next(iter(olds)))
     files = [wd.input_yaml] + [f for b in bundle_dirs(wd) for pat in REBASE_FILES for f in sorted(b.glob(pat))]
     for f in files:

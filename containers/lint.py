@@ -27,7 +27,8 @@ def repo_files(root: Path = ROOT) -> list[Path]:
     """Tracked and untracked-but-not-ignored files (read-only git call), existing ones only."""
     out = subprocess.run(
         ["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        check=True, capture_output=True,
+        check=True,
+        capture_output=True,
     ).stdout
     files = {root / p.decode() for p in out.split(b"\0") if p}
     return sorted(f for f in files if f.is_file())
@@ -36,7 +37,8 @@ def repo_files(root: Path = ROOT) -> list[Path]:
 def dockerfiles(root: Path = ROOT) -> list[Path]:
     """``Dockerfile``, ``*.Dockerfile`` and ``Dockerfile.*`` files."""
     return [
-        f for f in repo_files(root)
+        f
+        for f in repo_files(root)
         if f.name == "Dockerfile" or f.name.endswith(".Dockerfile") or f.name.startswith("Dockerfile.")
     ]
 

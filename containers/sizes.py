@@ -16,8 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def image_size_mb(cli: str, image: str) -> float | None:
     """Uncompressed size of a local image in MB, or None when it does not exist."""
-    res = subprocess.run([cli, "image", "inspect", "--format", "{{.Size}}", image],
-                         capture_output=True, text=True)
+    res = subprocess.run([cli, "image", "inspect", "--format", "{{.Size}}", image], capture_output=True, text=True)
     out = res.stdout.strip()
     return int(out) / 1e6 if res.returncode == 0 and out.isdigit() else None
 
@@ -60,8 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "images")
     ap.add_argument("targets", nargs="+")
     ns = ap.parse_args(argv)
-    rows = [(f"{ns.prefix}/{t}:{ns.version}", image_size_mb(ns.cli, f"{ns.prefix}/{t}:{ns.version}"))
-            for t in ns.targets]
+    rows = [
+        (f"{ns.prefix}/{t}:{ns.version}", image_size_mb(ns.cli, f"{ns.prefix}/{t}:{ns.version}")) for t in ns.targets
+    ]
     text = table(rows)
     print(text, end="")
     ns.out.mkdir(parents=True, exist_ok=True)

@@ -180,8 +180,11 @@ def build(stage: str, relock: bool = False) -> Path:
         _pip_download(["--no-deps"] + pins, dest, flavour)
         if missing := missing_wheels(lock, dest):
             raise SystemExit(f"wheelhouse: no wheel for {', '.join(missing)} in {dest}")
-        bad = [f"{n}=={v}" for n, (v, hashes) in read_lock(lock).items()
-               if hashes and sha256(_wheels(dest)[f"{n}=={v}"]) not in hashes]
+        bad = [
+            f"{n}=={v}"
+            for n, (v, hashes) in read_lock(lock).items()
+            if hashes and sha256(_wheels(dest)[f"{n}=={v}"]) not in hashes
+        ]
         if bad:
             raise SystemExit(f"wheelhouse: {dest}: wheels whose sha256 is not in {lock.name}: {', '.join(bad)}")
         return dest
@@ -194,10 +197,27 @@ def build(stage: str, relock: bool = False) -> Path:
             os.link(whl, fresh / whl.name)
         _pip_download(["-c", str(ROOT / "constraints.txt")] + reqs, fresh, flavour)
         resolved = subprocess.run(
-            [sys.executable, "-m", "pip", "--isolated", "install", "--dry-run", "--quiet", "--ignore-installed",
-             "--no-index", "--find-links", str(fresh), "--report", "-",
-             "-c", str(ROOT / "constraints.txt")] + reqs,
-            check=True, capture_output=True, text=True,
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "--isolated",
+                "install",
+                "--dry-run",
+                "--quiet",
+                "--ignore-installed",
+                "--no-index",
+                "--find-links",
+                str(fresh),
+                "--report",
+                "-",
+                "-c",
+                str(ROOT / "constraints.txt"),
+            ]
+            + reqs,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         report = json.loads(resolved)
         pins = [f"{_norm(item['metadata']['name'])}=={item['metadata']['version']}" for item in report["install"]]
@@ -216,8 +236,10 @@ def build(stage: str, relock: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     if sys.version_info[:2] != IMAGE_PYTHON:
         # pip resolves binary wheels for the running interpreter; the images run Debian's 3.11.
-        raise SystemExit(f"wheelhouse: run with Python {IMAGE_PYTHON[0]}.{IMAGE_PYTHON[1]} "
-                         f"(the images' python3), not {sys.version.split()[0]}")
+        raise SystemExit(
+            f"wheelhouse: run with Python {IMAGE_PYTHON[0]}.{IMAGE_PYTHON[1]} "
+            f"(the images' python3), not {sys.version.split()[0]}"
+        )
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("targets", nargs="+", choices=STAGES)
     ap.add_argument("--relock", action="store_true", help="resolve again and rewrite the lock")

@@ -17,7 +17,17 @@ from typing import Any
 from common.io import atomic_write_json, read_json
 from common.workdir import WorkDir
 
-TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
+TERMINAL = {
+    "COMPLETED",
+    "FAILED",
+    "CANCELLED",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "OUT_OF_MEMORY",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "PREEMPTED",
+}
 
 
 def jobs_file(wd: WorkDir) -> Path:
@@ -49,15 +59,48 @@ def _fields(line: str) -> dict[str, str]:
 
 # SLURM states in which the job still exists and may write its marker.
 LIVE = frozenset(
-    {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD",
-     "REQUEUE_FED", "RESIZING", "SUSPENDED", "STAGE_OUT", "SIGNALING", "STOPPED"}
+    {
+        "PENDING",
+        "RUNNING",
+        "CONFIGURING",
+        "COMPLETING",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+        "RESIZING",
+        "SUSPENDED",
+        "STAGE_OUT",
+        "SIGNALING",
+        "STOPPED",
+    }
 )
 # the one rule for an array job (or a job with several records): while any task is live the
 # job is that live state; when all ended, the worst end wins
-_WORST = ("OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "FAILED", "BOOT_FAIL", "DEADLINE", "CANCELLED",
-          "PREEMPTED", "COMPLETED")
-_MOST_ALIVE = ("RUNNING", "COMPLETING", "CONFIGURING", "SIGNALING", "STAGE_OUT", "RESIZING", "SUSPENDED",
-               "STOPPED", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "PENDING")
+_WORST = (
+    "OUT_OF_MEMORY",
+    "TIMEOUT",
+    "NODE_FAIL",
+    "FAILED",
+    "BOOT_FAIL",
+    "DEADLINE",
+    "CANCELLED",
+    "PREEMPTED",
+    "COMPLETED",
+)
+_MOST_ALIVE = (
+    "RUNNING",
+    "COMPLETING",
+    "CONFIGURING",
+    "SIGNALING",
+    "STAGE_OUT",
+    "RESIZING",
+    "SUSPENDED",
+    "STOPPED",
+    "REQUEUED",
+    "REQUEUE_FED",
+    "REQUEUE_HOLD",
+    "PENDING",
+)
 _TIMEOUT_S = 10.0
 
 
@@ -115,8 +158,17 @@ def sacct_state(job_id: str) -> dict[str, str] | None:
         return None
     state = pick_state([f[1] for f in jobs])
     main = next((f for f in jobs if f[1].split()[0] == state), jobs[0])
-    return {"state": state, "exit_code": main[2], "reason": "", "restarts": "", "start_time": "", "end_time": "",
-            "max_rss": _rss_text(max(rss)) if rss else "", "elapsed": main[4], "source": "sacct"}
+    return {
+        "state": state,
+        "exit_code": main[2],
+        "reason": "",
+        "restarts": "",
+        "start_time": "",
+        "end_time": "",
+        "max_rss": _rss_text(max(rss)) if rss else "",
+        "elapsed": main[4],
+        "source": "sacct",
+    }
 
 
 # what slurmstepd writes into a job's output file when it kills the job for memory: cgroup
@@ -171,9 +223,15 @@ def _job_state(job_id: str) -> dict[str, str] | None:
         state = pick_state([r.get("JobState", "UNKNOWN") for r in rows])
         r = next((r for r in rows if r.get("JobState") == state), rows[0])
         info = {
-            "state": state, "exit_code": r.get("ExitCode", ""), "reason": r.get("Reason", ""),
-            "restarts": r.get("Restarts", "0"), "start_time": r.get("StartTime", ""), "end_time": r.get("EndTime", ""),
-            "max_rss": "", "elapsed": r.get("RunTime", ""), "source": "scontrol",
+            "state": state,
+            "exit_code": r.get("ExitCode", ""),
+            "reason": r.get("Reason", ""),
+            "restarts": r.get("Restarts", "0"),
+            "start_time": r.get("StartTime", ""),
+            "end_time": r.get("EndTime", ""),
+            "max_rss": "",
+            "elapsed": r.get("RunTime", ""),
+            "source": "scontrol",
         }
         if state not in LIVE:  # ended: accounting knows the peak memory (and the true state)
             acct = sacct_state(jid)
@@ -183,6 +241,15 @@ def _job_state(job_id: str) -> dict[str, str] | None:
     out = _run(["squeue", "-h", "-t", "all", "-j", jid, "-o", "%T"])
     if out is not None:
         state = pick_state(out.split())
-        return {"state": state, "exit_code": "", "reason": "", "restarts": "", "start_time": "", "end_time": "",
-                "max_rss": "", "elapsed": "", "source": "squeue"}
+        return {
+            "state": state,
+            "exit_code": "",
+            "reason": "",
+            "restarts": "",
+            "start_time": "",
+            "end_time": "",
+            "max_rss": "",
+            "elapsed": "",
+            "source": "squeue",
+        }
     return sacct_state(jid)

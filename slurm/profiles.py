@@ -64,8 +64,19 @@ class Profile:
 
 
 _TOP_KEYS = {
-    "cluster", "runner", "apptainer", "image_dir", "binds", "python", "setup", "env",
-    "submit_via", "requeue_margin_s", "wait", "defaults", "stages",
+    "cluster",
+    "runner",
+    "apptainer",
+    "image_dir",
+    "binds",
+    "python",
+    "setup",
+    "env",
+    "submit_via",
+    "requeue_margin_s",
+    "wait",
+    "defaults",
+    "stages",
 }
 _RES_KEYS = {f.name for f in fields(Resources)}
 
@@ -81,8 +92,14 @@ def _resources(src: str, where: str, data: Any, base: dict[str, Any]) -> dict[st
     out = dict(base)
     out.update(data)
     for key in ("cpus", "gpus", "shards"):
-        if not isinstance(out.get(key), int) or isinstance(out.get(key), bool) or out[key] < (1 if key != "gpus" else 0):
-            raise ConfigError(f"{src}: '{where}.{key}' must be a {'non-negative' if key == 'gpus' else 'positive'} integer, got {out.get(key)!r}")
+        if (
+            not isinstance(out.get(key), int)
+            or isinstance(out.get(key), bool)
+            or out[key] < (1 if key != "gpus" else 0)
+        ):
+            raise ConfigError(
+                f"{src}: '{where}.{key}' must be a {'non-negative' if key == 'gpus' else 'positive'} integer, got {out.get(key)!r}"
+            )
     sg = out.get("stage_gpus")
     if sg is not None and (not isinstance(sg, int) or isinstance(sg, bool) or sg < 0):
         raise ConfigError(f"{src}: '{where}.stage_gpus' must be a non-negative integer or null, got {sg!r}")

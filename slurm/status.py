@@ -49,7 +49,9 @@ UNREADABLE = "unreadable"
 # SLURM states in which the job still exists and may write its marker (one definition: slurm.jobs)
 LIVE_JOB_STATES = LIVE
 # end states in which SLURM (not the stage) ended the job
-KILLED_BY_SLURM = frozenset({"OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "CANCELLED", "PREEMPTED", "DEADLINE", "BOOT_FAIL"})
+KILLED_BY_SLURM = frozenset(
+    {"OUT_OF_MEMORY", "TIMEOUT", "NODE_FAIL", "CANCELLED", "PREEMPTED", "DEADLINE", "BOOT_FAIL"}
+)
 
 
 @dataclass
@@ -207,8 +209,9 @@ def collect_status(
         stage = n.split(".")[0]
         pos = max((i for i, x in enumerate(names) if x.split(".")[0] == stage), default=None)
         if pos is None:
-            later = [i for i, x in enumerate(names)
-                     if stage_order.get(x.split(".")[0], 99) > stage_order.get(stage, 99)]
+            later = [
+                i for i, x in enumerate(names) if stage_order.get(x.split(".")[0], 99) > stage_order.get(stage, 99)
+            ]
             pos = (later[0] - 1) if later else len(names) - 1
         names.insert(pos + 1, n)
 
@@ -241,13 +244,14 @@ def collect_status(
             row.note = f"killed by SLURM: {_job_words(row)}; rerun the stage (it resumes)"
         elif row.state == RUNNING and row.end is None:
             job_live = row.job_state in LIVE_JOB_STATES if row.job_state else None
-            pid_live = (
-                pid_alive(int(row.pid)) if row.host == this_host and isinstance(row.pid, int) else None
-            )
+            pid_live = pid_alive(int(row.pid)) if row.host == this_host and isinstance(row.pid, int) else None
             if job_live is False or (job_live is None and pid_live is False):
                 row.possibly_killed = True
-                why = (f"job {row.job_id} is {row.job_state}" if job_live is False
-                       else f"process {row.pid} on {row.host} is gone")
+                why = (
+                    f"job {row.job_id} is {row.job_state}"
+                    if job_live is False
+                    else f"process {row.pid} on {row.host} is gone"
+                )
                 row.note = f"no end recorded and {why}: it may have been killed; rerun the stage"
             elif job_live is None and pid_live is None:
                 row.note = "no end recorded and no live job known: may have been killed"
@@ -339,8 +343,7 @@ def status_json(work_dir: str | os.PathLike[str], query_slurm: bool = True) -> d
 
 
 @click.command()
-@click.option("--work-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Pipeline work dir.")
+@click.option("--work-dir", required=True, type=click.Path(file_okay=False, path_type=Path), help="Pipeline work dir.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of the table.")
 @click.option("--no-slurm", is_flag=True, help="Do not query squeue/scontrol.")
 def main(work_dir: Path, as_json: bool, no_slurm: bool) -> None:

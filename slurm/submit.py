@@ -80,8 +80,9 @@ def job_kind(job: Job) -> str:
     return pipeline.get(job.stage).image or job.stage
 
 
-def plan_predict(wd: WorkDir, gpu: Profile, input_path: Path, out: Path, shards: int = 1,
-                 roi: str | None = None) -> list[Job]:
+def plan_predict(
+    wd: WorkDir, gpu: Profile, input_path: Path, out: Path, shards: int = 1, roi: str | None = None
+) -> list[Job]:
     """The ``stages.predict`` job(s) for ``input_path``: one job, or an array of ``shards`` over blocks.
 
     Shards write disjoint chunks and their own ledger entries; whichever finishes the last
@@ -89,8 +90,16 @@ def plan_predict(wd: WorkDir, gpu: Profile, input_path: Path, out: Path, shards:
     """
     args = ["--input", str(input_path), "--out", str(out), *(["--roi", roi] if roi else [])]
     if shards > 1:
-        return [Job("predict", "predict", gpu, [], [*args, "--shard", f"${{SLURM_ARRAY_TASK_ID}}/{shards}"],
-                    array=f"0-{shards - 1}")]
+        return [
+            Job(
+                "predict",
+                "predict",
+                gpu,
+                [],
+                [*args, "--shard", f"${{SLURM_ARRAY_TASK_ID}}/{shards}"],
+                array=f"0-{shards - 1}",
+            )
+        ]
     return [Job("predict", "predict", gpu, [], args)]
 
 
@@ -124,8 +133,13 @@ def plan_jobs(
     previous: pipeline.Stage | None = None
     for stage in pipeline.chain():  # the pipeline definition: order, device, fan-out, markers
         prof = cpu if stage.device == "cpu" else gpu
-        if previous is not None and previous.device == "cpu" and stage.device != "cpu" and two_clusters \
-                and submitted_upstream:
+        if (
+            previous is not None
+            and previous.device == "cpu"
+            and stage.device != "cpu"
+            and two_clusters
+            and submitted_upstream
+        ):
             # the GPU cluster cannot see CPU-side job ids: wait for the marker on shared storage
             jobs.append(Job(f"wait.{previous.name}", "wait", gpu))
             last = [f"wait.{previous.name}"]
@@ -150,8 +164,16 @@ def plan_jobs(
         elif needed(name):
             shards = (convert_shards or prof.res(name).shards) if stage.fanout == "shards" else 1
             if shards > 1:  # an array of shards plus a merge job
-                jobs.append(Job(f"{name}.shards", name, prof, list(last),
-                                ["--shard", f"${{SLURM_ARRAY_TASK_ID}}/{shards}"], array=f"0-{shards - 1}"))
+                jobs.append(
+                    Job(
+                        f"{name}.shards",
+                        name,
+                        prof,
+                        list(last),
+                        ["--shard", f"${{SLURM_ARRAY_TASK_ID}}/{shards}"],
+                        array=f"0-{shards - 1}",
+                    )
+                )
                 jobs.append(Job(name, name, prof, [f"{name}.shards"], ["--merge"]))
             else:
                 jobs.append(Job(name, name, prof, list(last)))
@@ -179,8 +201,10 @@ def check_sbatch_path(what: str, path: str | Path) -> str:
     """``path`` as text for an ``#SBATCH`` line, or a one-line :class:`ConfigError`."""
     text = str(path)
     if _SBATCH_UNSAFE.search(text):
-        raise ConfigError(f"{what} {text!r}: SLURM cannot use a path with whitespace, quotes or control "
-                          "characters (e.g. a newline) safely; use a plain path")
+        raise ConfigError(
+            f"{what} {text!r}: SLURM cannot use a path with whitespace, quotes or control "
+            "characters (e.g. a newline) safely; use a plain path"
+        )
     return text.replace("%", "%%")  # %j, %A... are sbatch filename patterns
 
 
@@ -189,8 +213,10 @@ def bind_spec(what: str, src: str | Path, dst: str | Path | None = None, opts: s
     parts = [str(src), str(dst if dst is not None else src)]
     for part in parts:
         if "," in part or ":" in part or "\n" in part:
-            raise ConfigError(f"{what} {part!r}: apptainer cannot bind a path containing ',' ':' or a "
-                              "newline (-B splits on them); rename or symlink it")
+            raise ConfigError(
+                f"{what} {part!r}: apptainer cannot bind a path containing ',' ':' or a "
+                "newline (-B splits on them); rename or symlink it"
+            )
     return ":".join(parts + ([opts] if opts else []))
 
 
@@ -357,7 +383,11 @@ def submit_chain(
         raise ConfigError(f"--from must be one of {', '.join(STAGES)}, got {from_stage!r}")
     if predict is not None:  # only the predict job(s), on the GPU profile (the chain is not submitted)
         src = Path(predict).expanduser().resolve()
-        dest = Path(predict_out).expanduser().resolve() if predict_out else wd.root / "predictions" / src.name.split(".")[0]
+        dest = (
+            Path(predict_out).expanduser().resolve()
+            if predict_out
+            else wd.root / "predictions" / src.name.split(".")[0]
+        )
         jobs = plan_predict(wd, gpu, src, dest, predict_shards, predict_roi)
     else:
         jobs = plan_jobs(wd, cfg, gpu, cpu, from_stage, algos, convert_shards)
@@ -372,9 +402,11 @@ def submit_chain(
         return {}
     problems = preflight_problems(wd, cfg, jobs, from_stage) if preflight else []
     if problems and not dry_run:
-        raise ConfigError(f"preflight: {problems[0]}" + (f" (and {len(problems) - 1} more: run with --dry-run)"
-                                                       if len(problems) > 1 else "")
-                          + "; --no-preflight submits anyway")
+        raise ConfigError(
+            f"preflight: {problems[0]}"
+            + (f" (and {len(problems) - 1} more: run with --dry-run)" if len(problems) > 1 else "")
+            + "; --no-preflight submits anyway"
+        )
     epoch = int(time.time())
     # render every script first: a value that cannot be used safely stops before any sbatch
     scripts = [render_script(job, wd, cfg, epoch, config_path) for job in jobs]
@@ -396,10 +428,19 @@ def submit_chain(
         path.chmod(0o777 & ~current_umask())  # executable, and group-readable as the umask allows
         job_id = _run_sbatch(job, argv)
         ids[job.name] = job_id
-        record_job(wd, {
-            "name": job.name, "job_id": job_id, "stage": job.stage, "cluster": job.profile.cluster,
-            "submitted": utc_now(), "profile": job.profile.name, "script": str(path), "depends_on": job.after,
-        })
+        record_job(
+            wd,
+            {
+                "name": job.name,
+                "job_id": job_id,
+                "stage": job.stage,
+                "cluster": job.profile.cluster,
+                "submitted": utc_now(),
+                "profile": job.profile.name,
+                "script": str(path),
+                "depends_on": job.after,
+            },
+        )
         dep = f" after {', '.join(job.after)}" if job.after else ""
         out(f"{job.name}: job {job_id} on {job.profile.cluster}{dep}")
     if dry_run:
@@ -417,8 +458,20 @@ def summary_table(jobs: list[Job]) -> str:
     rows = []
     for j in jobs:
         r = j.profile.res(job_kind(j))
-        rows.append((j.name, j.profile.cluster, r.partition or "-", r.account or "-", str(r.cpus), r.mem or "-",
-                     str(r.gpus), r.time, j.array or "-", ",".join(j.after) or "-"))
+        rows.append(
+            (
+                j.name,
+                j.profile.cluster,
+                r.partition or "-",
+                r.account or "-",
+                str(r.cpus),
+                r.mem or "-",
+                str(r.gpus),
+                r.time,
+                j.array or "-",
+                ",".join(j.after) or "-",
+            )
+        )
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(head)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in [head, *rows]]
     return "# " + "\n# ".join(lines)
@@ -468,27 +521,78 @@ def preflight_problems(wd: WorkDir, cfg: PipelineConfig, jobs: list[Job], from_s
 @click.command()
 @work_dir_option
 @config_option
-@click.option("--profile", default=None, help="Site profile (sycamore, longleaf, local, or a YAML path): train, ensemble, and all stages unless --cpu-profile.")
+@click.option(
+    "--profile",
+    default=None,
+    help="Site profile (sycamore, longleaf, local, or a YAML path): train, ensemble, and all stages unless --cpu-profile.",
+)
 @click.option("--cpu-profile", default=None, help=f"Profile of the CPU cluster for {', '.join(CPU_STAGES)}.")
 @click.option("--from", "from_stage", type=click.Choice(STAGES), default=None, help="Start the chain at this stage.")
 @click.option("--algos", default=None, help="Comma-separated subset of the configured algorithms.")
-@click.option("--convert-shards", type=click.IntRange(min=1), default=None, help="Run convert as an array of N shards + a merge job.")
-@click.option("--side", type=click.Choice(["all", "cpu", "gpu"]), default="all", show_default=True, help="Two clusters: submit only this side (from its login node).")
-@click.option("--predict", "predict_input", default=None, type=click.Path(path_type=Path),
-              help="Submit only stages.predict on this zarr group or NIfTI file (ensemble image and resources).")
-@click.option("--predict-out", default=None, type=click.Path(file_okay=False, path_type=Path),
-              help="With --predict: output folder (default <work_dir>/predictions/<input name>).")
-@click.option("--predict-shards", type=click.IntRange(min=1), default=1, show_default=True,
-              help="With --predict: an array of N jobs over the blocks.")
+@click.option(
+    "--convert-shards",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Run convert as an array of N shards + a merge job.",
+)
+@click.option(
+    "--side",
+    type=click.Choice(["all", "cpu", "gpu"]),
+    default="all",
+    show_default=True,
+    help="Two clusters: submit only this side (from its login node).",
+)
+@click.option(
+    "--predict",
+    "predict_input",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Submit only stages.predict on this zarr group or NIfTI file (ensemble image and resources).",
+)
+@click.option(
+    "--predict-out",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --predict: output folder (default <work_dir>/predictions/<input name>).",
+)
+@click.option(
+    "--predict-shards",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="With --predict: an array of N jobs over the blocks.",
+)
 @click.option("--predict-roi", default=None, help="With --predict: region in world nm, z0:z1,y0:y1,x0:x1.")
-@click.option("--dry-run", is_flag=True, help="Print the scripts, sbatch lines and a summary table; submit and write nothing.")
-@click.option("--no-preflight", is_flag=True, help="Submit even when images, account, data_root or earlier stages look wrong.")
-@click.option("--status", "show_status", is_flag=True, help="Print the recorded jobs with their SLURM state and marker, then exit.")
+@click.option(
+    "--dry-run", is_flag=True, help="Print the scripts, sbatch lines and a summary table; submit and write nothing."
+)
+@click.option(
+    "--no-preflight", is_flag=True, help="Submit even when images, account, data_root or earlier stages look wrong."
+)
+@click.option(
+    "--status",
+    "show_status",
+    is_flag=True,
+    help="Print the recorded jobs with their SLURM state and marker, then exit.",
+)
 @stage_command("slurm", lock=False)
-def main(work_dir: Path, config_file: Path | None, profile: str, cpu_profile: str | None, from_stage: str | None,
-         algos: str | None, convert_shards: int | None, predict_input: Path | None, predict_out: Path | None,
-         predict_shards: int, predict_roi: str | None, side: str, dry_run: bool, no_preflight: bool,
-         show_status: bool) -> int:
+def main(
+    work_dir: Path,
+    config_file: Path | None,
+    profile: str,
+    cpu_profile: str | None,
+    from_stage: str | None,
+    algos: str | None,
+    convert_shards: int | None,
+    predict_input: Path | None,
+    predict_out: Path | None,
+    predict_shards: int,
+    predict_roi: str | None,
+    side: str,
+    dry_run: bool,
+    no_preflight: bool,
+    show_status: bool,
+) -> int:
     """Submit the cellmap-auto3dseg chain to SLURM (see the README, section SLURM)."""
     if show_status:  # the one status report (slurm.status), which asks slurm.jobs for job states
         from slurm.status import render_status
@@ -502,9 +606,22 @@ def main(work_dir: Path, config_file: Path | None, profile: str, cpu_profile: st
     if not dry_run:
         setup_logging("slurm", WorkDir.at(work_dir).logs_dir)
     names = [a.strip() for a in algos.split(",") if a.strip()] if algos else None
-    submit_chain(work_dir, profile, cpu_profile, from_stage, names, convert_shards, side, dry_run, config_file,
-                 preflight=not no_preflight, predict=predict_input, predict_out=predict_out,
-                 predict_shards=predict_shards, predict_roi=predict_roi)
+    submit_chain(
+        work_dir,
+        profile,
+        cpu_profile,
+        from_stage,
+        names,
+        convert_shards,
+        side,
+        dry_run,
+        config_file,
+        preflight=not no_preflight,
+        predict=predict_input,
+        predict_out=predict_out,
+        predict_shards=predict_shards,
+        predict_roi=predict_roi,
+    )
     return 0
 
 

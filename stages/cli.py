@@ -68,8 +68,9 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup)
-@click.version_option(version(), "--version", "-V", prog_name="cellmap-a3ds",
-                      help="Print the version of cellmap-auto3dseg and exit.")
+@click.version_option(
+    version(), "--version", "-V", prog_name="cellmap-a3ds", help="Print the version of cellmap-auto3dseg and exit."
+)
 def main(**_: Any) -> None:
     """cellmap-auto3dseg: MONAI Auto3DSeg on CellMap FIB-SEM data, one stage per command.
 

@@ -24,7 +24,5 @@ def blobs_work_dir(tmp_path: Path) -> Path:
 
     wd = tmp_path / "work"
     make_blobs_dataset(wd, n_cases=6, shape=(40, 40, 24), n_classes=3, n_val=2, seed=0)
-    (wd / "pipeline.yaml").write_text(
-        "classes: [ecs, pm, mito_mem]\nunknown_label: 255\nresolution_nm: 8\n"
-    )
+    (wd / "pipeline.yaml").write_text("classes: [ecs, pm, mito_mem]\nunknown_label: 255\nresolution_nm: 8\n")
     return wd

@@ -47,8 +47,16 @@ def real_test_crops() -> list[Crop]:
     with open(DATA / "real_crops.csv", newline="") as fh:
         for r in csv.DictReader(fh):
             if r["split"] == "test":
-                out.append(Crop(r["crop"], r["dataset"], _vec(r["voxel_size"]), _vec(r["translation"]),  # type: ignore[arg-type]
-                                tuple(int(v) for v in _vec(r["shape"])), tuple(r["classes"].split())))  # type: ignore[arg-type]
+                out.append(
+                    Crop(
+                        r["crop"],
+                        r["dataset"],
+                        _vec(r["voxel_size"]),
+                        _vec(r["translation"]),  # type: ignore[arg-type]
+                        tuple(int(v) for v in _vec(r["shape"])),
+                        tuple(r["classes"].split()),
+                    )
+                )  # type: ignore[arg-type]
     return out
 
 
@@ -87,10 +95,17 @@ def write_manifest(path: Path, crops: Iterable[Crop], classes: Callable[[Crop], 
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["crop_name", "dataset", "class_label", "voxel_size", "translation", "shape"])
         for c in crops:
-            for cls in (classes(c) if classes else c.classes):
-                w.writerow([c.crop, c.dataset, cls, "[" + ";".join(f"{v:.12g}" for v in c.voxel_size) + "]",
-                            "[" + ";".join(f"{v:.12g}" for v in c.translation) + "]",
-                            "[" + ";".join(str(v) for v in c.shape) + "]"])
+            for cls in classes(c) if classes else c.classes:
+                w.writerow(
+                    [
+                        c.crop,
+                        c.dataset,
+                        cls,
+                        "[" + ";".join(f"{v:.12g}" for v in c.voxel_size) + "]",
+                        "[" + ";".join(f"{v:.12g}" for v in c.translation) + "]",
+                        "[" + ";".join(str(v) for v in c.shape) + "]",
+                    ]
+                )
                 n += 1
     return n
 
@@ -121,25 +136,52 @@ def build_tree(root: Path, crops: list[Crop], margin_nm: float = 64.0, unfetched
         datasets = []
         arrays = []
         for k in range(N_LEVELS):
-            f = 2 ** k
+            f = 2**k
             scale = [ee * f for ee in e]
             trans = [tt + (f - 1) * ee / 2 for tt, ee in zip(t, e)]
             shape = [-(-n // f) for n in shape0]
-            arrays.append(g.create_dataset(f"s{k}", shape=shape, chunks=CHUNKS, dtype=np.uint8, fill_value=0,
-                                           compressor=Zstd(level=1), dimension_separator="/"))
-            datasets.append({"path": f"s{k}", "coordinateTransformations": [
-                {"type": "scale", "scale": scale}, {"type": "translation", "translation": trans}]})
-        g.attrs["multiscales"] = [{"version": "0.4", "name": ds, "axes": [
-            {"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"], "datasets": datasets}]
+            arrays.append(
+                g.create_dataset(
+                    f"s{k}",
+                    shape=shape,
+                    chunks=CHUNKS,
+                    dtype=np.uint8,
+                    fill_value=0,
+                    compressor=Zstd(level=1),
+                    dimension_separator="/",
+                )
+            )
+            datasets.append(
+                {
+                    "path": f"s{k}",
+                    "coordinateTransformations": [
+                        {"type": "scale", "scale": scale},
+                        {"type": "translation", "translation": trans},
+                    ],
+                }
+            )
+        g.attrs["multiscales"] = [
+            {
+                "version": "0.4",
+                "name": ds,
+                "axes": [{"name": a, "type": "space", "unit": "nanometer"} for a in "zyx"],
+                "datasets": datasets,
+            }
+        ]
         for c, lo, hi in regions:
             zz, yy, xx = (t[ax] + np.arange(lo[ax], hi[ax]) * e[ax] for ax in range(3))
             block = em_value(zz[:, None, None], yy[None, :, None], xx[None, None, :])
             for k in range(N_LEVELS):
-                f = 2 ** k
+                f = 2**k
                 if c.crop in unfetched and k < 2:
                     continue  # csc fetch-data leaves the fine levels of coarse crops empty
-                lv = block if f == 1 else block.reshape(
-                    block.shape[0] // f, f, block.shape[1] // f, f, block.shape[2] // f, f).mean(axis=(1, 3, 5))
+                lv = (
+                    block
+                    if f == 1
+                    else block.reshape(block.shape[0] // f, f, block.shape[1] // f, f, block.shape[2] // f, f).mean(
+                        axis=(1, 3, 5)
+                    )
+                )
                 sl = tuple(slice(a // f, a // f + n) for a, n in zip(lo, lv.shape))
                 arrays[k][sl] = np.rint(lv).astype(np.uint8) if f > 1 else lv
     (root / "README.json").write_text(json.dumps({"crops": [c.crop for c in crops]}))

@@ -78,8 +78,9 @@ def test_analyze_writes_monai_stats_without_unknown(blobs_work_dir: Path) -> Non
 def test_report_shares_by_class_id_when_cases_lack_classes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     wd = tmp_path / "w"
     # case 0 lacks class 2; class 3 never occurs: MONAI's positional pooling mixes these up
-    make_blobs_dataset(wd, n_cases=4, shape=(24, 24, 16), n_classes=3, n_val=1, seed=3,
-                       missing={0: (2, 3), 1: (3,), 2: (3,), 3: (3,)})
+    make_blobs_dataset(
+        wd, n_cases=4, shape=(24, 24, 16), n_classes=3, n_val=1, seed=3, missing={0: (2, 3), 1: (3,), 2: (3,), 3: (3,)}
+    )
     (wd / "pipeline.yaml").write_text("classes: [ecs, pm, mito_mem]\nunknown_label: 255\n")
     with caplog.at_level(logging.WARNING):
         run_analyze_entry(wd)
@@ -122,8 +123,10 @@ def test_corrupt_image_fails_naming_the_case(blobs_work_dir: Path) -> None:
 
 def test_cases_dropped_by_monai_are_named(tmp_path: Path) -> None:
     items = [CaseItem(f"c{i}", tmp_path / f"c{i}_image.nii.gz", tmp_path / f"c{i}_label.nii.gz") for i in range(3)]
-    result = {"failed": {}, "by_case": [{"image_filepath": str(items[0].image)},
-                                        {"image_filepath": str(items[2].image)}]}
+    result = {
+        "failed": {},
+        "by_case": [{"image_filepath": str(items[0].image)}, {"image_filepath": str(items[2].image)}],
+    }
     with pytest.raises(StageFailed, match=r"c1 \(dropped by MONAI"):
         check_complete(items, result)
 
@@ -150,8 +153,13 @@ def test_sharded_and_parallel_equal_unsharded(blobs_work_dir: Path) -> None:
     for i in range(3):
         run_analyze(w, cfg, shard=(i, 3))
     assert sorted(p.name for p in (wd / "analyze_shards" / "n3").iterdir()) == [
-        "datastats_by_case_0.yaml", "datastats_by_case_1.yaml", "datastats_by_case_2.yaml",
-        "shard_0.json", "shard_1.json", "shard_2.json"]
+        "datastats_by_case_0.yaml",
+        "datastats_by_case_1.yaml",
+        "datastats_by_case_2.yaml",
+        "shard_0.json",
+        "shard_1.json",
+        "shard_2.json",
+    ]
     run_analyze(w, cfg, merge=True)
     same_as_reference()
 
@@ -176,15 +184,15 @@ def test_merge_without_shards_and_bad_flags_are_one_line_errors(blobs_work_dir: 
     shutil.rmtree(empty)
 
 
-def test_foreground_empty_case_does_not_move_the_clip_and_is_named(tmp_path: Path,
-                                                                   caplog: pytest.LogCaptureFixture) -> None:
+def test_foreground_empty_case_does_not_move_the_clip_and_is_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """A case without class voxels: MONAI's mean of per-case percentiles drops, ours does not."""
     yaml_text = "classes: [ecs, pm, mito_mem]\nunknown_label: 255\n"
     ref, with_empty = tmp_path / "ref", tmp_path / "empty"
     # same seed: the first three cases are identical, the fourth holds background and unknown only
     make_blobs_dataset(ref, n_cases=3, shape=(24, 24, 16), n_classes=3, n_val=1, seed=5)
-    make_blobs_dataset(with_empty, n_cases=4, shape=(24, 24, 16), n_classes=3, n_val=1, seed=5,
-                       missing={3: (1, 2, 3)})
+    make_blobs_dataset(with_empty, n_cases=4, shape=(24, 24, 16), n_classes=3, n_val=1, seed=5, missing={3: (1, 2, 3)})
     for wd in (ref, with_empty):
         (wd / "pipeline.yaml").write_text(yaml_text)
     run_analyze_entry(ref)

@@ -28,12 +28,18 @@ from training import vendor
 TRAINING = ROOT / "training"
 ALLOWED = {"torch", "monai", "numpy", "yaml"}
 OPTIONAL = {"tensorboard", "mlflow", "matplotlib", "psutil", "einops", "tqdm"}  # imported inside try/except or lazily
-TINY_ONE_EPOCH = {"num_epochs": 1, "roi_size": [32, 32, 16], "batch_size": 2, "num_workers": 0, "network": TINY_NET,
-                  "num_steps_per_epoch": 2}
+TINY_ONE_EPOCH = {
+    "num_epochs": 1,
+    "roi_size": [32, 32, 16],
+    "batch_size": 2,
+    "num_workers": 0,
+    "network": TINY_NET,
+    "num_steps_per_epoch": 2,
+}
 IMAGE = "synth_crop1_image.nii.gz"
 
 # predicts one image through MONAI's own path (algo_from_json -> get_inferer -> InferClass.infer)
-PREDICT = r'''
+PREDICT = r"""
 import sys, json, importlib, importlib.util
 args = json.loads(sys.argv[1])
 if args.get("isolate"):
@@ -61,7 +67,7 @@ if args.get("direct"):
     direct = training.inference.predict_probabilities(args["bundle"], args["image"], device="cpu")
     np.save(args["out"] + ".direct.npy", direct)
 print(json.dumps({"library_modules": sorted(lib), "training_loaded": "training" in sys.modules}))
-'''
+"""
 
 
 def _imports(path: Path) -> set[str]:
@@ -78,8 +84,20 @@ def _imports(path: Path) -> set[str]:
 def test_runtime_modules_import_only_themselves_and_torch_monai() -> None:
     files = vendor.runtime_files()
     names = {p.name for p in files}
-    assert {"trainer.py", "data.py", "checkpoint.py", "loop.py", "inference.py", "signals.py", "networks.py",
-            "losses.py", "sampling.py", "tracking.py", "dints_search.py", "errors.py"} <= names
+    assert {
+        "trainer.py",
+        "data.py",
+        "checkpoint.py",
+        "loop.py",
+        "inference.py",
+        "signals.py",
+        "networks.py",
+        "losses.py",
+        "sampling.py",
+        "tracking.py",
+        "dints_search.py",
+        "errors.py",
+    } <= names
     assert not names & {"autoconfig.py", "vendor.py"}
     allowed = set(sys.stdlib_module_names) | ALLOWED | OPTIONAL | {"__future__"}
     bad = {p.name: sorted(_imports(p) - allowed) for p in files if _imports(p) - allowed}
@@ -157,8 +175,9 @@ def trained(analysed: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  
 
 
 def _predict(args: dict, env: dict[str, str], cwd: Path) -> dict:
-    r = subprocess.run([sys.executable, "-c", PREDICT, json.dumps(args)], env=env, cwd=cwd, capture_output=True,
-                       text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", PREDICT, json.dumps(args)], env=env, cwd=cwd, capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -168,8 +187,12 @@ def test_old_bundle_predicts_identically_after_a_trainer_change(trained: Path, t
     wd = trained
     bundle = wd / "segresnet_0"
     alias = json.loads((bundle / "cellmap_bundle.json").read_text())["library"]["alias"]
-    base = {"algo_json": str(bundle / "algo_object.json"), "templates": str(wd / "algorithm_templates"),
-            "image": str(wd / "nifti_data" / IMAGE), "bundle": str(bundle)}
+    base = {
+        "algo_json": str(bundle / "algo_object.json"),
+        "templates": str(wd / "algorithm_templates"),
+        "image": str(wd / "nifti_data" / IMAGE),
+        "bundle": str(bundle),
+    }
     env = _env()
     info = _predict({**base, "out": str(tmp_path / "p1.npy")}, env, ROOT)
     assert info["library_modules"][0] == alias  # MONAI's get_inferer ran the bundle's copy ...
@@ -195,8 +218,16 @@ def test_old_bundle_predicts_identically_after_a_trainer_change(trained: Path, t
 def test_copied_bundle_predicts_through_monai_without_the_repository(trained: Path, tmp_path: Path) -> None:
     wd = trained
     ref = tmp_path / "ref.npy"
-    _predict({"algo_json": str(wd / "segresnet_0" / "algo_object.json"), "templates": str(wd / "algorithm_templates"),
-              "image": str(wd / "nifti_data" / IMAGE), "out": str(ref)}, _env(), ROOT)
+    _predict(
+        {
+            "algo_json": str(wd / "segresnet_0" / "algo_object.json"),
+            "templates": str(wd / "algorithm_templates"),
+            "image": str(wd / "nifti_data" / IMAGE),
+            "out": str(ref),
+        },
+        _env(),
+        ROOT,
+    )
     # MONAI's layout: the bundle beside algorithm_templates, in a directory outside the repository
     out = tmp_path / "elsewhere"
     shutil.copytree(wd / "segresnet_0", out / "segresnet_0")
@@ -207,10 +238,18 @@ def test_copied_bundle_predicts_through_monai_without_the_repository(trained: Pa
     original = wd / "segresnet_0" / "model"
     original.rename(original.with_name("model.away"))  # the copy must use its own model, not the original's
     try:
-        info = _predict({"algo_json": str(out / "segresnet_0" / "algo_object.json"),
-                         "templates": str(out / "algorithm_templates"), "image": str(out / IMAGE),
-                         "out": str(tmp_path / "copy.npy"), "isolate": True,
-                         "repos": sorted({str(ROOT), str(Path(vendor.__file__).resolve().parents[1])})}, env, tmp_path)
+        info = _predict(
+            {
+                "algo_json": str(out / "segresnet_0" / "algo_object.json"),
+                "templates": str(out / "algorithm_templates"),
+                "image": str(out / IMAGE),
+                "out": str(tmp_path / "copy.npy"),
+                "isolate": True,
+                "repos": sorted({str(ROOT), str(Path(vendor.__file__).resolve().parents[1])}),
+            },
+            env,
+            tmp_path,
+        )
     finally:
         original.with_name("model.away").rename(original)
     assert info["library_modules"] and not info["training_loaded"]

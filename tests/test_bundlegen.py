@@ -33,8 +33,16 @@ def _no_template_modules_left() -> Iterator[None]:
 def _analyzed(root: Path, pipeline_yaml: str, unknown_label: int | None) -> Path:
     """A small analysed work dir whose data never shows class 3 (so pinning matters)."""
     wd = root / "work"
-    make_blobs_dataset(wd, n_cases=4, shape=(32, 32, 16), n_classes=3, n_val=1, seed=1,
-                       unknown_label=unknown_label, missing={i: (3,) for i in range(4)})
+    make_blobs_dataset(
+        wd,
+        n_cases=4,
+        shape=(32, 32, 16),
+        n_classes=3,
+        n_val=1,
+        seed=1,
+        unknown_label=unknown_label,
+        missing={i: (3,) for i in range(4)},
+    )
     (wd / "pipeline.yaml").write_text(pipeline_yaml)
     run_analyze_entry(wd)
     return wd
@@ -125,9 +133,11 @@ def test_bad_algo_missing_datastats_and_official_errors(tmp_path: Path, blobs_wo
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get(OFFICIAL_TEMPLATES_ENV),
-                    reason=f"set {OFFICIAL_TEMPLATES_ENV} to a local copy of research-contributions@21ed8e5 "
-                           "auto3dseg/algorithm_templates to test the official templates")
+@pytest.mark.skipif(
+    not os.environ.get(OFFICIAL_TEMPLATES_ENV),
+    reason=f"set {OFFICIAL_TEMPLATES_ENV} to a local copy of research-contributions@21ed8e5 "
+    "auto3dseg/algorithm_templates to test the official templates",
+)
 def test_official_templates_offline_on_cpu(tmp_path: Path) -> None:
     from monai.auto3dseg.utils import algo_from_json
 
@@ -173,5 +183,7 @@ def test_bundle_statistics_equal_analyze_report(analyzed_builtin: Path) -> None:
     assert hp["intensity_bounds"] == report["recommended"]["intensity_clip"]  # the very same number
     # the data really has unknown voxels, so counting them as background would differ
     assert report["unknown"]["voxels"] > 0
-    with_unknown_as_bg = (counts + np.array([report["unknown"]["voxels"], 0, 0, 0])) / (counts.sum() + report["unknown"]["voxels"])
+    with_unknown_as_bg = (counts + np.array([report["unknown"]["voxels"], 0, 0, 0])) / (
+        counts.sum() + report["unknown"]["voxels"]
+    )
     assert abs(hp["class_shares"][0] - with_unknown_as_bg[0]) > 1e-3

@@ -20,8 +20,13 @@ from containers import lint, wheelhouse
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("convert", "analyze", "bundlegen", "train", "ensemble")
-BASE_OF = {"convert": "base-cpu", "analyze": "base-cpu", "bundlegen": "base-cpu",
-           "train": "base-cuda", "ensemble": "base-cuda"}
+BASE_OF = {
+    "convert": "base-cpu",
+    "analyze": "base-cpu",
+    "bundlegen": "base-cpu",
+    "train": "base-cuda",
+    "ensemble": "base-cuda",
+}
 WITH_TEMPLATES = {"bundlegen", "train"}
 
 
@@ -119,8 +124,9 @@ def test_entrypoint_help_runs_natively(stage: str) -> None:
     argv = entrypoint_argv(stage)
     assert argv[0] == "python"
     env = dict(os.environ, PYTHONNOUSERSITE="1")
-    res = subprocess.run([sys.executable, *argv[1:], "--help"], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, *argv[1:], "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     assert "Usage:" in res.stdout and "--work-dir" in res.stdout
 
@@ -186,11 +192,15 @@ def test_locks_follow_constraints() -> None:
             assert len(hashes) >= 1 and all(re.fullmatch(r"[0-9a-f]{64}", h) for h in hashes), f"{lock.name}: {name}"
             if name in pins:
                 assert ver.split("+")[0] == pins[name], f"{lock.name}: {name}=={ver} vs constraints {pins[name]}"
-        wanted = {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-")
-                  for r in wheelhouse.stage_requirements(stage)}
+        wanted = {
+            re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower().replace("_", "-")
+            for r in wheelhouse.stage_requirements(stage)
+        }
         stale = sorted(wanted - set(got))
-        assert not stale, (f"{lock.name} lacks {stale} from pyproject [{stage}]: rerun "
-                           f"python -m containers.wheelhouse {stage} --relock")
+        assert not stale, (
+            f"{lock.name} lacks {stale} from pyproject [{stage}]: rerun "
+            f"python -m containers.wheelhouse {stage} --relock"
+        )
         if not flavour:
             assert "torch" not in got and "monai" not in got, f"{lock.name} must not carry torch/MONAI"
         else:
@@ -200,8 +210,10 @@ def test_locks_follow_constraints() -> None:
         if flavour == "cpu":
             assert not [n for n in got if n.startswith("nvidia-")], f"{lock.name}: CUDA wheels in a CPU image"
     assert "torch" not in wheelhouse.stage_requirements("convert")
-    train, ens = wheelhouse.read_lock(ROOT / "containers" / "locks" / "train.txt"), wheelhouse.read_lock(
-        ROOT / "containers" / "locks" / "ensemble.txt")
+    train, ens = (
+        wheelhouse.read_lock(ROOT / "containers" / "locks" / "train.txt"),
+        wheelhouse.read_lock(ROOT / "containers" / "locks" / "ensemble.txt"),
+    )
     assert not {"mlflow", "tensorboard", "pandas", "pyarrow"} & set(ens), "training-only packages in ensemble"
     assert train["torch"] == ens["torch"], "train and ensemble share one torch wheel"
 
@@ -248,8 +260,10 @@ def _stand_in_apptainer(bin_dir: Path, log: Path) -> None:
     """An ``apptainer`` that records its argv and writes the SIF it is asked for."""
     bin_dir.mkdir()
     exe = bin_dir / "apptainer"
-    exe.write_text(f'#!/bin/bash\necho "$*" >> {shlex.quote(str(log))}\n'
-                   'for a; do last2=$last1; last1=$a; done\necho SIF > "$last2"\n')
+    exe.write_text(
+        f'#!/bin/bash\necho "$*" >> {shlex.quote(str(log))}\n'
+        'for a; do last2=$last1; last1=$a; done\necho SIF > "$last2"\n'
+    )
     exe.chmod(0o755)
 
 
@@ -262,10 +276,16 @@ def test_sif_source(tmp_path: Path, cli: str) -> None:
     images = tmp_path / "images"
     images.mkdir()
     (images / "convert.tar").write_bytes(b"archive")
-    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", CONTAINER_CLI=cli,
-               IMAGES_DIR=str(images), VERSION="9.9.9")
-    res = subprocess.run([str(ROOT / "containers" / "sif.sh"), "convert"], env=env,
-                         capture_output=True, text=True, timeout=60)
+    env = dict(
+        os.environ,
+        PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+        CONTAINER_CLI=cli,
+        IMAGES_DIR=str(images),
+        VERSION="9.9.9",
+    )
+    res = subprocess.run(
+        [str(ROOT / "containers" / "sif.sh"), "convert"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     argv = log.read_text().split()
     source = "docker-daemon:cellmap-a3ds/convert:9.9.9" if cli == "docker" else f"docker-archive:{images}/convert.tar"
@@ -273,8 +293,13 @@ def test_sif_source(tmp_path: Path, cli: str) -> None:
     assert (images / "convert.sif").read_text() == "SIF\n"
     assert not (images / "convert.sif.tmp").exists()
     # No archive and no engine: one clear error, exit 2, nothing written.
-    res = subprocess.run([str(ROOT / "containers" / "sif.sh"), "train"], env=dict(env, CONTAINER_CLI="none"),
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [str(ROOT / "containers" / "sif.sh"), "train"],
+        env=dict(env, CONTAINER_CLI="none"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "no " in res.stderr and not (images / "train.sif").exists()
 
 
@@ -302,41 +327,61 @@ def test_fetch_templates_offline(tmp_path: Path) -> None:
     sha = hashlib.sha256(tarball.read_bytes()).hexdigest()
     dest = tmp_path / "opt"
     url = "http://127.0.0.1:9/unreachable.tar.gz"  # must not be used
-    res = subprocess.run(["bash", str(script), "21ed8e5", url, str(local), str(dest), sha],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(script), "21ed8e5", url, str(local), str(dest), sha], capture_output=True, text=True, timeout=60
+    )
     assert res.returncode == 0, res.stderr
     assert (dest / "21ed8e5" / "segresnet" / "scripts" / "algo.py").is_file()
-    res = subprocess.run(["bash", str(script), "21ed8e5", url, str(local), str(dest), "0" * 64],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(script), "21ed8e5", url, str(local), str(dest), "0" * 64],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0, "a wrong sha256 must fail the build"
     _templates_tarball(local / "21ed8e5.tar.gz", with_algo=False)
-    res = subprocess.run(["bash", str(script), "21ed8e5", url, str(local), str(tmp_path / "opt2"), "unverified"],
-                         capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        ["bash", str(script), "21ed8e5", url, str(local), str(tmp_path / "opt2"), "unverified"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode != 0 and "no <algo>/scripts/algo.py" in res.stderr
     assert "NOT verified" in res.stderr
     # The checksum is required by default: no sha256 is a one-line refusal, before any download.
     for bad in ([], ["not-a-sha"]):
-        res = subprocess.run(["bash", str(script), "21ed8e5", url, str(local), str(tmp_path / "opt3"), *bad],
-                             capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            ["bash", str(script), "21ed8e5", url, str(local), str(tmp_path / "opt3"), *bad],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
         assert "ALGO_TEMPLATES_SHA256" in res.stderr and not (tmp_path / "opt3").exists()
 
 
 def test_optional_imports_are_recognised() -> None:
     """Imports guarded by ``except ImportError`` are optional; plain and lazy ones are not."""
-    tree = ast.parse("try:\n    import matplotlib\nexcept ImportError:\n    pass\n"
-                     "import torch\ndef f():\n    import scipy\n")
+    tree = ast.parse(
+        "try:\n    import matplotlib\nexcept ImportError:\n    pass\nimport torch\ndef f():\n    import scipy\n"
+    )
     optional = _optional_imports(tree)
-    required = sorted(n.names[0].name for n in ast.walk(tree)
-                      if isinstance(n, ast.Import) and id(n) not in optional)
+    required = sorted(n.names[0].name for n in ast.walk(tree) if isinstance(n, ast.Import) and id(n) not in optional)
     assert required == ["scipy", "torch"]
 
 
 def test_wheelhouse_completeness_check(tmp_path: Path) -> None:
     """A complete wheelhouse is used as is (offline rebuilds); gaps are named."""
     lock = tmp_path / "lock.txt"
-    lock.write_text("# header\nPyYAML==6.0.3 --hash=sha256:" + "a" * 64 + "\ntorch==2.13.0+cpu --hash=sha256:"
-                    + "b" * 64 + "\nzarr==2.18.7 --hash=sha256:" + "c" * 64 + "\n")
+    lock.write_text(
+        "# header\nPyYAML==6.0.3 --hash=sha256:"
+        + "a" * 64
+        + "\ntorch==2.13.0+cpu --hash=sha256:"
+        + "b" * 64
+        + "\nzarr==2.18.7 --hash=sha256:"
+        + "c" * 64
+        + "\n"
+    )
     (tmp_path / "pyyaml-6.0.3-cp311-cp311-manylinux2014_x86_64.whl").write_bytes(b"")
     (tmp_path / "torch-2.13.0+cpu-cp311-cp311-manylinux_2_28_x86_64.whl").write_bytes(b"")
     (tmp_path / "zarr-2.18.6-py3-none-any.whl").write_bytes(b"")  # wrong version

@@ -34,8 +34,15 @@ CONF = ROOT / "containers" / "podman" / "containers.conf"
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, CONTAINERS_CONF=str(CONF), CONTAINER_CLI="podman", IMAGE_PREFIX=PREFIX,
-                VERSION=VERSION, PYTHON=sys.executable, IMAGES_DIR=str(ROOT / "build" / "test-images"))
+    return dict(
+        os.environ,
+        CONTAINERS_CONF=str(CONF),
+        CONTAINER_CLI="podman",
+        IMAGE_PREFIX=PREFIX,
+        VERSION=VERSION,
+        PYTHON=sys.executable,
+        IMAGES_DIR=str(ROOT / "build" / "test-images"),
+    )
 
 
 def _run(cmd: list[str], timeout: float = 900, **kw) -> subprocess.CompletedProcess[str]:
@@ -74,8 +81,9 @@ def convert_image() -> str:
     return IMAGE
 
 
-def _podman_run(image: str, args: list[str], binds: tuple[str, ...] = (),
-                entrypoint: str | None = None) -> subprocess.CompletedProcess[str]:
+def _podman_run(
+    image: str, args: list[str], binds: tuple[str, ...] = (), entrypoint: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """``podman run`` the way the clusters run a stage: no network, read-only root, given binds."""
     cmd = ["podman", "run", "--rm", "--network", "none", "--read-only"]
     for b in binds:
@@ -116,12 +124,28 @@ def test_help_in_container(convert_image: str, tmp_path: Path) -> None:
     (decoy / "__main__.py").write_text("print('DECOY')\n")
     for p in [tmp_path, *tmp_path.rglob("*")]:
         os.chmod(p, 0o755 if p.is_dir() else 0o644)
-    res = _run(["podman", "run", "--rm", "--network", "none", "--read-only", "-v",
-                f"{tmp_path}:{tmp_path}:ro", "-w", str(tmp_path), convert_image, "--help"], timeout=300)
+    res = _run(
+        [
+            "podman",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            "--read-only",
+            "-v",
+            f"{tmp_path}:{tmp_path}:ro",
+            "-w",
+            str(tmp_path),
+            convert_image,
+            "--help",
+        ],
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr
     assert "DECOY" not in res.stdout
-    native = subprocess.run([sys.executable, "-m", "stages.convert", "--help"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    native = subprocess.run(
+        [sys.executable, "-m", "stages.convert", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert res.stdout == native.stdout
 
 
@@ -146,8 +170,9 @@ def test_convert_in_container_matches_native(convert_image: str, tmp_path: Path)
         if name == "container":
             res = _podman_run(convert_image, args, binds=(f"{data}:{data}:ro", f"{wd}:{wd}"))
         else:
-            res = subprocess.run([sys.executable, "-m", "stages.convert", *args], cwd=ROOT,
-                                 capture_output=True, text=True, timeout=300)
+            res = subprocess.run(
+                [sys.executable, "-m", "stages.convert", *args], cwd=ROOT, capture_output=True, text=True, timeout=300
+            )
         runs[name] = (wd, res)
     (cwd, cres), (nwd, nres) = runs["container"], runs["native"]
     assert cres.returncode == nres.returncode, cres.stderr[-3000:]

@@ -26,8 +26,13 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> SyntheticInfo:
 def _run(tmp: Path, synth: SyntheticInfo, name: str = "work", **cfg_keys: object):
     """Convert with a failure budget that tolerates the fixture's deliberately malformed crops."""
     wd = WorkDir.at(tmp / name).ensure()
-    keys = {"data_root": str(synth.root), "resolution_nm": 4, "classes": CLASSES7,
-            "convert": {"max_failed_fraction": 1.0}, **cfg_keys}
+    keys = {
+        "data_root": str(synth.root),
+        "resolution_nm": 4,
+        "classes": CLASSES7,
+        "convert": {"max_failed_fraction": 1.0},
+        **cfg_keys,
+    }
     cfg = load_config(wd.root, None, keys)
     return cfg, wd, run_convert(cfg, wd, workers=1, progress=False)
 
@@ -112,8 +117,11 @@ def test_label_maps_and_unknown_voxels(synth: SyntheticInfo, run4) -> None:
     # there, so a 0 in `all` is unknown; cyto (35) is a true negative for every class; the
     # mito group 50 is unknown. Codes are made at s0, then each block takes the block rule.
     a = synth.labels["1"]["all"][0]
-    codes = np.select([a == 1, a == 3, a == 4, a == 35, a == 50, a == 0],
-                      [ids["ecs"], ids["mito_mem"], ids["mito_lum"], 0, 255, 255], -1)
+    codes = np.select(
+        [a == 1, a == 3, a == 4, a == 35, a == 50, a == 0],
+        [ids["ecs"], ids["mito_mem"], ids["mito_lum"], 0, 255, 255],
+        -1,
+    )
     assert (codes >= 0).all()
     want = _majority(codes.astype(np.uint8), (2, 2, 2))
     assert {0, 255, ids["ecs"], ids["mito_mem"]} <= set(np.unique(want).tolist())
@@ -140,8 +148,9 @@ def test_fully_annotated_crop_and_unknown_label_zero(synth: SyntheticInfo, tmp_p
     classes = ["ecs", "mito_mem", "mito_lum", "mito_ribo"]
     _, wd, summary = _run(tmp_path, synth, classes=classes, crops=[1])
     a = synth.labels["1"]["all"][0]
-    want = _majority(np.select([a == 1, a == 3, a == 4, a == 50], [1, 2, 3, 255], 0).astype(np.uint8),
-                     (2, 2, 2))  # 0 and 35: background
+    want = _majority(
+        np.select([a == 1, a == 3, a == 4, a == 50], [1, 2, 3, 255], 0).astype(np.uint8), (2, 2, 2)
+    )  # 0 and 35: background
     np.testing.assert_array_equal(_label(wd, summary, "1"), want)
     _, wd0, summary0 = _run(tmp_path, synth, name="w0", classes=classes, crops=[1], unknown_label=0)
     np.testing.assert_array_equal(_label(wd0, summary0, "1"), np.where(want == 255, 0, want))
@@ -153,7 +162,11 @@ def test_coarse_crop_converts_at_its_resolution(synth: SyntheticInfo, tmp_path: 
     ex = synth.coarse_crop3
     r3 = got["3"]
     # crop3 sits on EM s2 voxels: cut on EM s0 (4x the s2 range) and block-mean 4x4x4
-    assert r3["status"] == "converted" and (r3["em_level"], r3["em_factor"], r3["label_factor"]) == ("s0", [4, 4, 4], [1, 1, 1])
+    assert r3["status"] == "converted" and (r3["em_level"], r3["em_factor"], r3["label_factor"]) == (
+        "s0",
+        [4, 4, 4],
+        [1, 1, 1],
+    )
     assert [tuple(c) for c in r3["em_cut"]] == [(4 * a, 4 * b) for a, b in ex.em_cut]
     image, aff = _nii(wd.nifti_dir / r3["image"])
     s0 = em_block(0, tuple(slice(4 * a, 4 * b) for a, b in ex.em_cut))
@@ -168,8 +181,11 @@ def test_coarse_crop_converts_at_its_resolution(synth: SyntheticInfo, tmp_path: 
 
 def test_rerun_is_a_noop(synth: SyntheticInfo, tmp_path: Path) -> None:
     cfg, wd, first = _run(tmp_path, synth)
-    files = sorted(p for p in wd.root.rglob("*") if p.is_file() and "markers/convert.json" not in str(p)
-                   and not str(p).endswith(".log"))
+    files = sorted(
+        p
+        for p in wd.root.rglob("*")
+        if p.is_file() and "markers/convert.json" not in str(p) and not str(p).endswith(".log")
+    )
     before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
     second = run_convert(cfg, wd, workers=1, progress=False)
     assert second.converted_now == [] and len(first.converted_now) == 3
@@ -258,7 +274,9 @@ def test_failure_budget_fails_the_stage_with_reasons(synth: SyntheticInfo, tmp_p
     """The fixture's 7 malformed crops are 70 % of the eligible ones: over the default 2 % budget."""
     from common.errors import StageFailed
 
-    with pytest.raises(StageFailed, match=r"7 of 10 eligible crops failed \(70.0 % > convert.max_failed_fraction 2 %\)"):
+    with pytest.raises(
+        StageFailed, match=r"7 of 10 eligible crops failed \(70.0 % > convert.max_failed_fraction 2 %\)"
+    ):
         _run(tmp_path, synth, convert={})
     wd = WorkDir.at(tmp_path / "work")
     rep = read_json(wd.reports_dir / "convert.json")

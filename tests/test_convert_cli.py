@@ -29,8 +29,14 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> SyntheticInfo:
 
 
 def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "stages.convert", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "stages.convert", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def _outputs(wd: Path) -> dict[str, bytes]:
@@ -51,26 +57,33 @@ def _one_error_line(res: subprocess.CompletedProcess[str], *needles: str) -> Non
 def test_bad_inputs_exit_2_with_one_line(synth: SyntheticInfo, tmp_path: Path) -> None:
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text("resolution_nm: 4\nclasess: [ecs]\n")
-    _one_error_line(_cli("--work-dir", str(tmp_path / "w1"), "--config", str(bad_cfg),
-                         "--data-root", str(synth.root)), "bad.yaml", "unknown key 'clasess'")
-    _one_error_line(_cli("--work-dir", str(tmp_path / "w2"), "--data-root", str(tmp_path / "nope")),
-                    "nope", "data_root not found")
+    _one_error_line(
+        _cli("--work-dir", str(tmp_path / "w1"), "--config", str(bad_cfg), "--data-root", str(synth.root)),
+        "bad.yaml",
+        "unknown key 'clasess'",
+    )
+    _one_error_line(
+        _cli("--work-dir", str(tmp_path / "w2"), "--data-root", str(tmp_path / "nope")), "nope", "data_root not found"
+    )
     (tmp_path / "empty").mkdir()
-    _one_error_line(_cli("--work-dir", str(tmp_path / "w3"), "--data-root", str(tmp_path / "empty")),
-                    "no crops found")
+    _one_error_line(_cli("--work-dir", str(tmp_path / "w3"), "--data-root", str(tmp_path / "empty")), "no crops found")
     (tmp_path / "afile").write_text("x")
-    _one_error_line(_cli("--work-dir", str(tmp_path / "afile" / "w"), "--data-root", str(synth.root)),
-                    "work dir is not writable")
+    _one_error_line(
+        _cli("--work-dir", str(tmp_path / "afile" / "w"), "--data-root", str(synth.root)), "work dir is not writable"
+    )
     cc = tmp_path / "cc.yaml"
     cc.write_text("convert: {compress_level: 12}\n")
-    _one_error_line(_cli("--work-dir", str(tmp_path / "w5"), "--config", str(cc), "--data-root", str(synth.root)),
-                    "compress_level")
+    _one_error_line(
+        _cli("--work-dir", str(tmp_path / "w5"), "--config", str(cc), "--data-root", str(synth.root)), "compress_level"
+    )
 
 
 def test_no_crop_converted_exits_1_with_report(synth: SyntheticInfo, tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("resolution_nm: 4\ncrops: [4, 8]\n")
-    res = _cli("--work-dir", str(tmp_path / "w"), "--config", str(cfg), "--data-root", str(synth.root), "--workers", "1")
+    res = _cli(
+        "--work-dir", str(tmp_path / "w"), "--config", str(cfg), "--data-root", str(synth.root), "--workers", "1"
+    )
     assert res.returncode == 1, res.stderr
     assert "0 converted" in res.stdout and "crop8: off-grid" in res.stdout
     assert read_json(tmp_path / "w/reports/convert.json")["counts"]["failed"] == 2
@@ -83,7 +96,11 @@ def test_plan_writes_nothing_and_the_budget_fails_the_stage(synth: SyntheticInfo
     plan = _cli("--work-dir", str(wd), "--data-root", str(synth.root), "--plan", "--plan-json", "-")
     assert plan.returncode == 0, plan.stderr
     rows = {r["crop"]: r for r in json.loads(plan.stdout)["crops"]}
-    assert rows["1"]["status"] == "convert" and rows["1"]["em_factor"] == [2, 2, 2] and rows["1"]["label_factor"] == [4, 4, 4]
+    assert (
+        rows["1"]["status"] == "convert"
+        and rows["1"]["em_factor"] == [2, 2, 2]
+        and rows["1"]["label_factor"] == [4, 4, 4]
+    )
     assert rows["5"]["status"] == "failed" and "never fetched" in rows["5"]["reason"]
     assert rows["3"]["status"] == "skipped"
     assert not wd.exists()  # no work dir, no pipeline.yaml, no log
@@ -100,8 +117,10 @@ def test_plan_writes_nothing_and_the_budget_fails_the_stage(synth: SyntheticInfo
 def test_shards_then_merge_equal_one_run(synth: SyntheticInfo, tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     # the fixture holds 7 deliberately malformed crops: lift the failure budget
-    cfg.write_text("resolution_nm: 4\nclasses: [ecs, pm, mito_mem, mito_lum, mito_ribo, er_mem, nuc]\n"
-                   "convert: {max_failed_fraction: 1.0}\n")
+    cfg.write_text(
+        "resolution_nm: 4\nclasses: [ecs, pm, mito_mem, mito_lum, mito_ribo, er_mem, nuc]\n"
+        "convert: {max_failed_fraction: 1.0}\n"
+    )
     common = ["--config", str(cfg), "--data-root", str(synth.root)]
     one = _cli("--work-dir", str(tmp_path / "one"), *common, "--workers", "2")
     assert one.returncode == 0, one.stderr
@@ -114,7 +133,9 @@ def test_shards_then_merge_equal_one_run(synth: SyntheticInfo, tmp_path: Path) -
     assert merged.returncode == 0, merged.stderr
     assert "(0 now)" in merged.stdout  # the shards did all the work
     assert _outputs(tmp_path / "sh") == _outputs(tmp_path / "one")
-    assert (tmp_path / "sh/nifti_data/datalist.json").read_bytes() == (tmp_path / "one/nifti_data/datalist.json").read_bytes()
+    assert (tmp_path / "sh/nifti_data/datalist.json").read_bytes() == (
+        tmp_path / "one/nifti_data/datalist.json"
+    ).read_bytes()
 
 
 # ---- SIGKILL mid-way, then rerun -----------------------------------------------------------
@@ -127,10 +148,22 @@ def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path: Path) -> None:
     run_convert(load_config(ref.root, cfg, {"data_root": str(data.root)}), ref, workers=1, progress=False)
 
     wd = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "stages.convert", "--work-dir", str(wd), "--config", str(cfg),
-           "--data-root", str(data.root), "--workers", "1"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    cmd = [
+        sys.executable,
+        "-m",
+        "stages.convert",
+        "--work-dir",
+        str(wd),
+        "--config",
+        str(cfg),
+        "--data-root",
+        str(data.root),
+        "--workers",
+        "1",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     nifti, records = wd / "nifti_data", wd / "markers" / "convert"
     seen_tmp = False
     deadline = time.monotonic() + 120
@@ -150,8 +183,9 @@ def test_sigkill_midway_then_rerun_is_byte_identical(tmp_path: Path) -> None:
     assert not (nifti / "datalist.json").exists()
     assert WorkDir.at(wd).marker("convert").status == "running"
 
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)}
+    )
     assert res.returncode == 0, res.stderr
     assert not [p for p in nifti.iterdir() if p.name.startswith(TMP_MARK)]
     assert _outputs(wd) == _outputs(ref.root)

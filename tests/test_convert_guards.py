@@ -40,8 +40,18 @@ def _gt(info: SyntheticInfo) -> Path:
 def _convert(info: SyntheticInfo, tmp: Path, crops: list[str], **keys: object):
     """Convert ``crops`` plus crop1 (a good one, so the stage itself succeeds); records of ``crops`` only."""
     wd = WorkDir.at(tmp / "w").ensure()
-    cfg = load_config(wd.root, None, {"data_root": str(info.root), "resolution_nm": 4, "classes": CLASSES,
-                                      "crops": [*crops, "1"], "convert": {"max_failed_fraction": 1.0}, **keys})
+    cfg = load_config(
+        wd.root,
+        None,
+        {
+            "data_root": str(info.root),
+            "resolution_nm": 4,
+            "classes": CLASSES,
+            "crops": [*crops, "1"],
+            "convert": {"max_failed_fraction": 1.0},
+            **keys,
+        },
+    )
     summary = run_convert(cfg, wd, workers=1, progress=False)
     return wd, [r for r in summary.records if r["crop"] in crops]
 
@@ -50,8 +60,9 @@ def _rewrite(arr_dir: Path, data: np.ndarray) -> None:
     """Replace a label array's data (and dtype) in place, keeping its attributes."""
     attrs = json.loads((arr_dir / ".zattrs").read_text()) if (arr_dir / ".zattrs").exists() else None
     shutil.rmtree(arr_dir)
-    a = zarr.open_array(str(arr_dir), mode="w", shape=data.shape, chunks=data.shape, dtype=data.dtype,
-                        dimension_separator="/")
+    a = zarr.open_array(
+        str(arr_dir), mode="w", shape=data.shape, chunks=data.shape, dtype=data.dtype, dimension_separator="/"
+    )
     a[...] = data
     if attrs:
         a.attrs.update(attrs)
@@ -72,7 +83,9 @@ def test_crop_names_and_level_paths_stay_inside_their_group(synth: SyntheticInfo
 
 
 @pytest.mark.parametrize("kind", ["int16", "float", "nan", "f8-over-u8", "id-200", "wide-id"])
-def test_label_dtypes_and_values_outside_the_encoding_fail_the_crop(synth: SyntheticInfo, tmp_path: Path, kind: str) -> None:
+def test_label_dtypes_and_values_outside_the_encoding_fail_the_crop(
+    synth: SyntheticInfo, tmp_path: Path, kind: str
+) -> None:
     a = synth.labels["2"]["all"][0]
     s0 = _gt(synth) / "crop2" / "all" / "s0"
     want = "expected unsigned integers"
@@ -124,7 +137,9 @@ def test_a_declared_huge_label_is_refused_before_allocating(synth: SyntheticInfo
 
 
 @pytest.mark.parametrize("err", [errno.ENOSPC, errno.EIO, errno.EACCES])
-def test_storage_errors_stop_the_stage(synth: SyntheticInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int) -> None:
+def test_storage_errors_stop_the_stage(
+    synth: SyntheticInfo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
+) -> None:
     import stages.convert.crops as crops
 
     def broken(path: object, *args: object, **kwargs: object) -> int:
@@ -156,9 +171,25 @@ def test_pool_workers_die_with_their_parent(tmp_path: Path) -> None:
     data = make_synthetic_cellmap(tmp_path / "data", small=False, n_extra_crops=8, size=64)
     cfg = tmp_path / "c.yaml"
     cfg.write_text("resolution_nm: 4\nclasses: [ecs, pm, mito_mem, mito_lum]\nconvert: {compress_level: 9}\n")
-    proc = subprocess.Popen([sys.executable, "-m", "stages.convert", "--work-dir", str(tmp_path / "w"), "--config",
-                             str(cfg), "--data-root", str(data.root), "--workers", "2"], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "stages.convert",
+            "--work-dir",
+            str(tmp_path / "w"),
+            "--config",
+            str(cfg),
+            "--data-root",
+            str(data.root),
+            "--workers",
+            "2",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     workers: list[int] = []
     deadline = time.monotonic() + 120
     while proc.poll() is None and time.monotonic() < deadline and len(workers) < 2:

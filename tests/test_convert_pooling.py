@@ -15,16 +15,16 @@ def test_block_rule_by_hand() -> None:
     # 2x2x2 blocks (8 voxels) along x: majority, tie -> smaller value, > half unknown -> unknown,
     # exactly half unknown -> majority of the known voxels
     blocks = [
-        ([3, 3, 3, 1, 1, 0, 0, 0], 0),   # 3 x 3 vs 3 x 0: tie, 0 (background) wins
-        ([3, 3, 3, 3, 1, 1, 0, 0], 3),   # majority
-        ([U, U, U, U, U, 2, 2, 2], U),   # 5 of 8 unknown
-        ([U, U, U, U, 2, 2, 2, 1], 2),   # 4 of 8 unknown: not most; known majority 2
-        ([U, U, U, U, 1, 2, 1, 2], 1),   # tie among known: smaller value
+        ([3, 3, 3, 1, 1, 0, 0, 0], 0),  # 3 x 3 vs 3 x 0: tie, 0 (background) wins
+        ([3, 3, 3, 3, 1, 1, 0, 0], 3),  # majority
+        ([U, U, U, U, U, 2, 2, 2], U),  # 5 of 8 unknown
+        ([U, U, U, U, 2, 2, 2, 1], 2),  # 4 of 8 unknown: not most; known majority 2
+        ([U, U, U, U, 1, 2, 1, 2], 1),  # tie among known: smaller value
         ([7] * 8, 7),
     ]
     codes = np.zeros((2, 2, 2 * len(blocks)), np.uint8)
     for i, (vals, _) in enumerate(blocks):
-        codes[:, :, 2 * i: 2 * i + 2] = np.array(vals, np.uint8).reshape(2, 2, 2)
+        codes[:, :, 2 * i : 2 * i + 2] = np.array(vals, np.uint8).reshape(2, 2, 2)
     want = np.array([w for _, w in blocks], np.uint8).reshape(1, 1, -1)
     np.testing.assert_array_equal(pool_labels(codes, (2, 2, 2), U), want)
     np.testing.assert_array_equal(pool_ids(codes, (2, 2, 2), np.arange(256, dtype=np.uint8), U), want)
@@ -32,8 +32,9 @@ def test_block_rule_by_hand() -> None:
 
 @pytest.mark.parametrize("factor", [(2, 2, 2), (1, 2, 2), (4, 4, 4), (3, 1, 2)])
 @pytest.mark.parametrize("cache_bytes", [1 << 19, 64])
-def test_fast_path_equals_the_plain_rule(factor: tuple[int, int, int], cache_bytes: int,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fast_path_equals_the_plain_rule(
+    factor: tuple[int, int, int], cache_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """pool_ids (uniform blocks skipped, in cache-sized z slabs) == pool_labels(lut[ids]), smooth and noisy maps."""
     import stages.convert.pooling as pooling
 

@@ -84,8 +84,9 @@ def ens_wd(blobs_work_dir: Path) -> WorkDir:
     return wd
 
 
-def _independent_scores(pred_files: dict[str, Path], label_files: dict[str, Path], n_classes: int,
-                        unknown: int) -> tuple[list[float], list[float]]:
+def _independent_scores(
+    pred_files: dict[str, Path], label_files: dict[str, Path], n_classes: int, unknown: int
+) -> tuple[list[float], list[float]]:
     """Pooled per-class Dice/IoU recomputed straight from the NIfTI files with boolean masks."""
     tp = np.zeros(n_classes + 1)
     fp = np.zeros(n_classes + 1)
@@ -235,8 +236,13 @@ def test_peak_memory_does_not_grow_with_members(tmp_path: Path) -> None:
 def test_no_trained_bundle_is_one_clear_error(blobs_work_dir: Path) -> None:
     wd = WorkDir.at(blobs_work_dir)
     add_trained_bundle(wd, "segresnet_0", None, status="running")
-    res = subprocess.run([sys.executable, "-m", "stages.ensemble", "--work-dir", str(wd.root)],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+    res = subprocess.run(
+        [sys.executable, "-m", "stages.ensemble", "--work-dir", str(wd.root)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ},
+    )
     assert res.returncode == 2, res.stderr
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "no trained bundle" in errors[0] and "segresnet_0" in errors[0]
@@ -250,8 +256,7 @@ def test_bad_choices(ens_wd: WorkDir) -> None:
     with pytest.raises(PipelineError, match="n-best"):
         run_ensemble(cfg, ens_wd, n_best=0, predictor_factory=make_intensity_factory())
     with pytest.raises(PipelineError, match="image not found"):
-        run_ensemble(cfg, ens_wd, on=str(ens_wd.root / "nope_image.nii.gz"),
-                     predictor_factory=make_intensity_factory())
+        run_ensemble(cfg, ens_wd, on=str(ens_wd.root / "nope_image.nii.gz"), predictor_factory=make_intensity_factory())
 
 
 def test_scoring_by_hand() -> None:
@@ -281,7 +286,7 @@ def test_mean_and_vote_differ_as_defined(tmp_path: Path) -> None:
     root = tmp_path / "probs"
     members = [Member(n, n.split("_")[0], 0, tmp_path, s, "x") for n, s in (("a_0", 0.9), ("b_0", 0.8), ("c_0", 0.7))]
     probs = {
-        "a_0": [0.0, 1.0, 0.0],   # confident class 1
+        "a_0": [0.0, 1.0, 0.0],  # confident class 1
         "b_0": [0.0, 0.45, 0.55],  # mildly class 2
         "c_0": [0.0, 0.45, 0.55],
     }
@@ -293,8 +298,9 @@ def test_mean_and_vote_differ_as_defined(tmp_path: Path) -> None:
             enc = arr.astype(np.float16) if dtype == "float16" else np.rint(arr * 255).astype(np.uint8)
             np.save(root / name / "v.npy", enc)
         mean, _ = combine_case(case, members, root, "mean", dtype, 3)
-        vote, counts = combine_case(case, members, root, "vote", dtype, 3,
-                                    gt=np.full((2, 2, 2), 2, np.uint8), unknown_label=0)
+        vote, counts = combine_case(
+            case, members, root, "vote", dtype, 3, gt=np.full((2, 2, 2), 2, np.uint8), unknown_label=0
+        )
         assert (mean == 1).all() and (vote == 2).all()
         assert counts["a_0"][2, 1] == 8 and counts["ensemble"][2, 2] == 8
 

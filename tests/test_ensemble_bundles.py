@@ -63,7 +63,11 @@ def trained_wd(tmp_path_factory: pytest.TempPathFactory) -> WorkDir:
     for algo in ALGOS:  # the real train stage, three algorithms in parallel (mostly start-up time)
         procs[algo] = subprocess.Popen(
             [py, "-m", "stages.train", "--work-dir", str(root), "--algo", algo, "--gpus", "0"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(),
+            cwd=ROOT,
         )
     for algo, p in procs.items():
         out, _ = p.communicate(timeout=600)
@@ -196,9 +200,24 @@ def test_export_with_trained_bundles(trained_wd: WorkDir, tmp_path: Path) -> Non
     extra = tmp_path / "export.yaml"  # small halo: the shrunk crops are ~20 training voxels wide
     extra.write_text("ensemble: {export_block: 32, export_halo: 4}\n")
     res = subprocess.run(
-        [sys.executable, "-m", "stages.ensemble", "--work-dir", str(trained_wd.root), "--skip-ensemble",
-         "--config", str(extra), "--export-submission", str(manifest), "--data-root", str(root)],
-        capture_output=True, text=True, cwd=ROOT, env=_env(),
+        [
+            sys.executable,
+            "-m",
+            "stages.ensemble",
+            "--work-dir",
+            str(trained_wd.root),
+            "--skip-ensemble",
+            "--config",
+            str(extra),
+            "--export-submission",
+            str(manifest),
+            "--data-root",
+            str(root),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=_env(),
     )
     assert res.returncode == 0, res.stderr[-3000:]
     report = json.loads((trained_wd.reports_dir / "export.json").read_text())
@@ -212,7 +231,10 @@ def test_export_with_trained_bundles(trained_wd: WorkDir, tmp_path: Path) -> Non
             arr = store[f"crop{r.crop}"][r.class_label]
             assert arr.shape == r.shape
             assert (arr.attrs["voxel_size"], arr.attrs["translation"], arr.attrs["shape"]) == (
-                list(r.voxel_size), list(r.translation), list(r.shape))
+                list(r.voxel_size),
+                list(r.translation),
+                list(r.shape),
+            )
         else:
             assert "to `classes:`" in report["untrained"][r.key]
     assert report["n_written"] + len(report["untrained"]) == 413 and report["n_written"] >= 30

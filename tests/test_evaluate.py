@@ -81,8 +81,9 @@ def test_merged_instances() -> None:
     truth = box(0, 4, 1)
     box(5, 9, 2, truth)
     pred = box(0, 9, 7)
-    assert M.match_objects(*M.connected_objects(truth)[:1], *M.connected_objects(pred)[:1], 2, 1)[0][2] == \
-        pytest.approx(64 / 144)
+    assert M.match_objects(*M.connected_objects(truth)[:1], *M.connected_objects(pred)[:1], 2, 1)[0][
+        2
+    ] == pytest.approx(64 / 144)
     s = M.instance_scores(M.instance_counts(pred, truth, VS))
     assert (s["tp"], s["fp"], s["fn"]) == (1, 0, 1)
     assert s["f1"] == pytest.approx(2 / 3)
@@ -157,11 +158,21 @@ def _truth_zarr(root: Path, arrays: dict[tuple[str, str], np.ndarray]) -> Path:
     g.require_group("recon-1/em/fibsem-uint8")  # not a crop: skipped by the walk
     for (crop, cls), a in arrays.items():
         cg = gt.require_group(crop).require_group(cls)
-        cg.attrs["multiscales"] = [{"version": "0.4", "axes": [{"name": n, "type": "space", "unit": "nanometer"}
-                                                                for n in "zyx"],
-                                    "datasets": [{"path": "s0", "coordinateTransformations": [
-                                        {"type": "scale", "scale": list(VS)},
-                                        {"type": "translation", "translation": [1.0, 2.0, 2.0]}]}]}]
+        cg.attrs["multiscales"] = [
+            {
+                "version": "0.4",
+                "axes": [{"name": n, "type": "space", "unit": "nanometer"} for n in "zyx"],
+                "datasets": [
+                    {
+                        "path": "s0",
+                        "coordinateTransformations": [
+                            {"type": "scale", "scale": list(VS)},
+                            {"type": "translation", "translation": [1.0, 2.0, 2.0]},
+                        ],
+                    }
+                ],
+            }
+        ]
         cg.create_dataset("s0", data=a, chunks=(16, 16, 16))
     return path
 
@@ -170,7 +181,11 @@ def _submission(path: Path, arrays: dict[tuple[str, str], np.ndarray]) -> Path:
     """The challenge's submission: submission.zarr/crop<id>/<class> plain arrays (zip or directory)."""
     import zarr
 
-    store = zarr.ZipStore(str(path), mode="w") if path.suffix == ".zip" else zarr.DirectoryStore(str(path / "submission.zarr"))
+    store = (
+        zarr.ZipStore(str(path), mode="w")
+        if path.suffix == ".zip"
+        else zarr.DirectoryStore(str(path / "submission.zarr"))
+    )
     g = zarr.group(store=store)
     for (crop, cls), a in arrays.items():
         arr = g.require_group(crop).create_dataset(cls, data=a, chunks=(16, 16, 16))
@@ -192,13 +207,19 @@ def test_evaluate_stage_reproduces_hand_computed_scores(tmp_path: Path) -> None:
     box(5, 9, 2, nuc1)  # two objects, merged in the prediction
     mito2 = box(0, 4, 3)
     box(8, 12, 9, mito2)
-    truth = _truth_zarr(tmp_path, {("crop1", "ecs"): ecs1, ("crop1", "nuc"): nuc1,
-                                   ("crop2", "ecs"): box(0, 4, 1), ("crop2", "mito"): mito2})
-    pred = {("crop1", "ecs"): ecs1_pred.astype(np.uint8), ("crop1", "nuc"): box(0, 9, 1).astype(np.uint32),
-            ("crop2", "ecs"): box(0, 4, 1).astype(np.uint8)}  # crop2/mito is missing
+    truth = _truth_zarr(
+        tmp_path,
+        {("crop1", "ecs"): ecs1, ("crop1", "nuc"): nuc1, ("crop2", "ecs"): box(0, 4, 1), ("crop2", "mito"): mito2},
+    )
+    pred = {
+        ("crop1", "ecs"): ecs1_pred.astype(np.uint8),
+        ("crop1", "nuc"): box(0, 9, 1).astype(np.uint32),
+        ("crop2", "ecs"): box(0, 4, 1).astype(np.uint8),
+    }  # crop2/mito is missing
     sub_zip = _submission(tmp_path / "submission.zip", pred)
-    res = CliRunner().invoke(evaluate_cli, ["--truth", str(truth), "--submission", str(sub_zip),
-                                            "--out", str(tmp_path / "out")])
+    res = CliRunner().invoke(
+        evaluate_cli, ["--truth", str(truth), "--submission", str(sub_zip), "--out", str(tmp_path / "out")]
+    )
     assert res.exit_code == 0, res.output
     r = json.loads((tmp_path / "out" / "evaluation.json").read_text())
 
@@ -208,7 +229,9 @@ def test_evaluate_stage_reproduces_hand_computed_scores(tmp_path: Path) -> None:
     nuc_combined = math.sqrt(2 / 3 * (h(20.0) + h(CAP)) / 2)  # the merged case
     assert r["instance"]["nuc"]["combined"] == pytest.approx(nuc_combined)
     # missing mito: both objects false negatives at the cap
-    assert (r["instance"]["mito"]["tp"], r["instance"]["mito"]["fn"]) == (0, 2) and r["instance"]["mito"]["combined"] == 0
+    assert (r["instance"]["mito"]["tp"], r["instance"]["mito"]["fn"]) == (0, 2) and r["instance"]["mito"][
+        "combined"
+    ] == 0
     assert r["missing_in_submission"] == ["crop2/mito"]
     assert r["overall"] == pytest.approx(math.sqrt(112 / 144 * (nuc_combined + 0.0) / 2))
     md = (tmp_path / "out" / "evaluation.md").read_text()
@@ -219,8 +242,9 @@ def test_evaluate_stage_reproduces_hand_computed_scores(tmp_path: Path) -> None:
 
     # the same predictions as a folder holding submission.zarr score the same
     folder = _submission(tmp_path / "pred_folder", pred)
-    res = CliRunner().invoke(evaluate_cli, ["--truth", str(truth), "--submission", str(folder),
-                                            "--out", str(tmp_path / "out2")])
+    res = CliRunner().invoke(
+        evaluate_cli, ["--truth", str(truth), "--submission", str(folder), "--out", str(tmp_path / "out2")]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "out2" / "evaluation.json").read_text())["overall"] == r["overall"]
 
@@ -233,8 +257,9 @@ def test_evaluate_bad_inputs_are_one_line_errors(tmp_path: Path) -> None:
     truth = _truth_zarr(tmp_path, {("crop1", "ecs"): box(0, 4, 1)})
     wrong = _submission(tmp_path / "s.zip", {("crop1", "ecs"): np.zeros((8, 8, 8), np.uint8)})
     for sub, needle in ((wrong, "has shape [8, 8, 8], the truth [32, 16, 16]"), (tmp_path / "nope.zip", "not found")):
-        res = CliRunner().invoke(evaluate_cli, ["--truth", str(truth), "--submission", str(sub),
-                                                "--out", str(tmp_path / "o")])
+        res = CliRunner().invoke(
+            evaluate_cli, ["--truth", str(truth), "--submission", str(sub), "--out", str(tmp_path / "o")]
+        )
         assert res.exit_code == 2
         lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], res.output
@@ -271,8 +296,15 @@ def test_trainer_validation_is_the_pooled_score(tmp_path: Path) -> None:
         save_nifti(tmp_path / f"{name}_image.nii.gz", img, aff)
         save_nifti(tmp_path / f"{name}_label.nii.gz", lab, aff)
         items.append({"image": str(tmp_path / f"{name}_image.nii.gz"), "label": str(tmp_path / f"{name}_label.nii.gz")})
-    cfg = {"intensity_bounds": [0.0, 3.0], "unknown_label": 255, "roi_size": [16, 16, 16], "output_classes": 3,
-           "amp": False, "sw_batch_size": 1, "sw_overlap": 0.25}
+    cfg = {
+        "intensity_bounds": [0.0, 3.0],
+        "unknown_label": 255,
+        "roi_size": [16, 16, 16],
+        "output_classes": 3,
+        "amp": False,
+        "sw_batch_size": 1,
+        "sw_overlap": 0.25,
+    }
     dice = validate(Oracle(), cfg, items, torch.device("cpu"))
     # pooled by hand: class 1 TP 512 (unknown voxels excluded); class 2 TP 100, FN 8 -> 200 / 208
     assert dice[0] == pytest.approx(1.0)

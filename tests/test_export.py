@@ -59,8 +59,10 @@ def band_factory(member, wd, cfg):  # noqa: ANN001, ANN201
 def _work_dir(tmp_path: Path, data_root: Path) -> WorkDir:
     wd = WorkDir.at(tmp_path / "work").ensure()
     # today's resolution_nm differs from the bundles' record: the record wins
-    wd.config_file.write_text(f"classes: [{', '.join(CLASSES)}]\ndata_root: {data_root}\nresolution_nm: 8\n"
-                              "ensemble: {export_block: 8, export_halo: 2}\n")
+    wd.config_file.write_text(
+        f"classes: [{', '.join(CLASSES)}]\ndata_root: {data_root}\nresolution_nm: 8\n"
+        "ensemble: {export_block: 8, export_halo: 2}\n"
+    )
     for name, score in (("segresnet_0", 0.9), ("dints_0", 0.8)):
         add_trained_bundle(wd, name, score)
         (wd.root / name / "cellmap_bundle.json").write_text(json.dumps({"resolution_nm": [6, 4, 4]}))
@@ -94,7 +96,10 @@ def test_export_round_trip(cellmap_root, tmp_path: Path) -> None:  # noqa: ANN00
         # nuc is an instance class: connected-component ids, never uint8
         assert arr.dtype == (np.uint16 if box["class_label"] == "nuc" else np.uint8)
         assert (arr.attrs["voxel_size"], arr.attrs["translation"], arr.attrs["shape"]) == (
-            list(row.voxel_size), list(row.translation), list(row.shape))
+            list(row.voxel_size),
+            list(row.translation),
+            list(row.shape),
+        )
         got = (arr[...] > 0).astype(np.uint8)
         cls = CLASSES.index(box["class_label"]) + 1
         if box["em_level"] == "s0":
@@ -110,8 +115,9 @@ def test_export_round_trip(cellmap_root, tmp_path: Path) -> None:  # noqa: ANN00
             # argmax (= the band with most votes, ties to the lower label)
             fine = _expected_labels(s0[tuple(slice(2 * a, 2 * b) for a, b in box["em_cut"])])
             nz, ny, nx = got.shape
-            votes = np.stack([(fine == c).reshape(nz, 2, ny, 2, nx, 2).sum(axis=(1, 3, 5))
-                              for c in range(len(CLASSES) + 1)])
+            votes = np.stack(
+                [(fine == c).reshape(nz, 2, ny, 2, nx, 2).sum(axis=(1, 3, 5)) for c in range(len(CLASSES) + 1)]
+            )
             want = (votes.argmax(0) == cls).astype(np.uint8)
             assert want.any()
             np.testing.assert_array_equal(got, want)
@@ -127,17 +133,46 @@ def test_export_cli_bad_manifest(tmp_path: Path) -> None:
     bad.write_text("crop,dataset\n1,x\n")
     wd = tmp_path / "w"
     wd.mkdir()
-    res = subprocess.run([sys.executable, "-m", "stages.ensemble.export", "--work-dir", str(wd),
-                          "--manifest", str(bad), "--data-root", str(tmp_path)],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.ensemble.export",
+            "--work-dir",
+            str(wd),
+            "--manifest",
+            str(bad),
+            "--data-root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ},
+    )
     assert res.returncode == 2
     assert "header must be crop_name,dataset" in res.stderr
 
 
 def test_export_cli_unknown_member_is_bad_input(cellmap_root, tmp_path: Path) -> None:  # noqa: ANN001
     wd = _work_dir(tmp_path, cellmap_root.root)
-    res = subprocess.run([sys.executable, "-m", "stages.ensemble", "--work-dir", str(wd.root), "--skip-ensemble",
-                          "--export-submission", str(cellmap_root.manifest), "--members", "swinunetr_0"],
-                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.ensemble",
+            "--work-dir",
+            str(wd.root),
+            "--skip-ensemble",
+            "--export-submission",
+            str(cellmap_root.manifest),
+            "--members",
+            "swinunetr_0",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert res.returncode == 2, res.stderr
     assert "--members: swinunetr_0 is not a trained bundle" in res.stderr

@@ -45,8 +45,11 @@ def setup(tmp_path: Path) -> tuple[WorkDir, Path]:
         (wd.root / name / "cellmap_bundle.json").write_text(json.dumps({"resolution_nm": [8], "output_classes": 3}))
     group = tmp_path / "em.zarr"
     g = zarr.open_group(str(group), mode="w")
-    z, y, x = np.arange(SHAPE[0])[:, None, None] * E0[0], np.arange(SHAPE[1])[None, :, None] * E0[1], \
-        np.arange(SHAPE[2])[None, None, :] * E0[2]
+    z, y, x = (
+        np.arange(SHAPE[0])[:, None, None] * E0[0],
+        np.arange(SHAPE[1])[None, :, None] * E0[1],
+        np.arange(SHAPE[2])[None, None, :] * E0[2],
+    )
     g.create_dataset("s0", data=em_value(z, y, x), chunks=(16, 16, 16))
     from common.ngff import Level, multiscales_attrs
 
@@ -59,10 +62,12 @@ ROI = "10:110,13:190,30:161"  # world nm; starts inside voxels, odd phase
 
 def test_predict_blockwise_equals_whole_with_ome_geometry(setup, tmp_path: Path) -> None:  # noqa: ANN001
     wd, group = setup
-    a = run_predict(wd.root, group, tmp_path / "a", roi=ROI, block_t=8, halo=2, probabilities=True,
-                    array_predictor_factory=band)
-    b = run_predict(wd.root, group, tmp_path / "b", roi=ROI, block_t=128, halo=2, probabilities=True,
-                    array_predictor_factory=band)
+    a = run_predict(
+        wd.root, group, tmp_path / "a", roi=ROI, block_t=8, halo=2, probabilities=True, array_predictor_factory=band
+    )
+    b = run_predict(
+        wd.root, group, tmp_path / "b", roi=ROI, block_t=128, halo=2, probabilities=True, array_predictor_factory=band
+    )
     assert a["complete"] and a["n_blocks"] > 8 and b["n_blocks"] == 1
     la = zarr.open_array(str(tmp_path / "a" / "s0"), mode="r")[...]
     lb = zarr.open_array(str(tmp_path / "b" / "s0"), mode="r")[...]
@@ -91,7 +96,9 @@ def test_predict_blockwise_equals_whole_with_ome_geometry(setup, tmp_path: Path)
     assert len(ms["datasets"]) >= 2
     # nothing of another stage touched
     assert not (wd.root / "reports").exists() and sorted(p.name for p in wd.markers_dir.iterdir()) == [
-        "train.dints_0.json", "train.segresnet_0.json"]
+        "train.dints_0.json",
+        "train.segresnet_0.json",
+    ]
 
 
 def test_predict_shards_and_resume(setup, tmp_path: Path) -> None:  # noqa: ANN001
@@ -102,8 +109,9 @@ def test_predict_shards_and_resume(setup, tmp_path: Path) -> None:  # noqa: ANN0
     assert not s0["complete"] and not (out / "predict.json").exists()
     s1 = run_predict(wd.root, group, out, roi=ROI, block_t=8, halo=2, shard="1/2", array_predictor_factory=band)
     assert s1["complete"] and ref["n_blocks"] == s1["n_blocks"]
-    np.testing.assert_array_equal(zarr.open_array(str(out / "s0"), mode="r")[...],
-                                  zarr.open_array(str(tmp_path / "ref" / "s0"), mode="r")[...])
+    np.testing.assert_array_equal(
+        zarr.open_array(str(out / "s0"), mode="r")[...], zarr.open_array(str(tmp_path / "ref" / "s0"), mode="r")[...]
+    )
 
     # killed after 3 blocks, then rerun: only the remaining blocks are predicted
     calls = []
@@ -116,6 +124,7 @@ def test_predict_shards_and_resume(setup, tmp_path: Path) -> None:  # noqa: ANN0
             if len(calls) > 6:  # two members per block
                 raise KeyboardInterrupt
             return inner(em, win)
+
         return predict
 
     res = tmp_path / "resumed"
@@ -131,12 +140,14 @@ def test_predict_shards_and_resume(setup, tmp_path: Path) -> None:  # noqa: ANN0
         def predict(em, win):  # noqa: ANN001, ANN202
             counted.append(1)
             return inner(em, win)
+
         return predict
 
     done = run_predict(wd.root, group, res, roi=ROI, block_t=8, halo=2, array_predictor_factory=counting)
     assert done["complete"] and len(counted) == 2 * (ref["n_blocks"] - 3)
-    np.testing.assert_array_equal(zarr.open_array(str(res / "s0"), mode="r")[...],
-                                  zarr.open_array(str(tmp_path / "ref" / "s0"), mode="r")[...])
+    np.testing.assert_array_equal(
+        zarr.open_array(str(res / "s0"), mode="r")[...], zarr.open_array(str(tmp_path / "ref" / "s0"), mode="r")[...]
+    )
     with pytest.raises(PipelineError, match="holds another prediction"):
         run_predict(wd.root, group, res, roi="10:60,13:90,30:100", array_predictor_factory=band)
     with pytest.raises(PipelineError, match="holds no voxel"):
@@ -159,7 +170,23 @@ def test_predict_nifti_in_nifti_out(setup, tmp_path: Path) -> None:  # noqa: ANN
 
 def test_predict_cli_bad_shard_exit_2(setup, tmp_path: Path) -> None:  # noqa: ANN001
     wd, group = setup
-    r = subprocess.run([sys.executable, "-m", "stages.predict", "--work-dir", str(wd.root), "--input", str(group),
-                        "--out", str(tmp_path / "o"), "--shard", "2/2"], capture_output=True, text=True, cwd=ROOT,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.predict",
+            "--work-dir",
+            str(wd.root),
+            "--input",
+            str(group),
+            "--out",
+            str(tmp_path / "o"),
+            "--shard",
+            "2/2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert r.returncode == 2 and "--shard: expected I/N" in r.stderr

@@ -75,8 +75,9 @@ def fraction_predictor(label_fn, n: int, ss: int = 4):  # noqa: ANN001, ANN201
             for dy in offs:
                 for dx in offs:
                     z, y, x = centres(win)
-                    lab = np.broadcast_to(label_fn(z + dz * win.scale[0], y + dy * win.scale[1],
-                                                   x + dx * win.scale[2]), win.shape)
+                    lab = np.broadcast_to(
+                        label_fn(z + dz * win.scale[0], y + dy * win.scale[1], x + dx * win.scale[2]), win.shape
+                    )
                     for c in range(n):
                         out[c] += lab == c
         return out / ss**3
@@ -86,8 +87,10 @@ def fraction_predictor(label_fn, n: int, ss: int = 4):  # noqa: ANN001, ANN201
 
 def make_wd(tmp: Path, classes: list[str], res: list[float], data_root: Path, block: int = 16) -> WorkDir:
     wd = WorkDir.at(tmp / "work").ensure()
-    wd.config_file.write_text(f"classes: [{', '.join(classes)}]\ndata_root: {data_root}\n"
-                              f"resolution_nm: 16\nensemble: {{export_block: {block}, export_halo: 2}}\n")
+    wd.config_file.write_text(
+        f"classes: [{', '.join(classes)}]\ndata_root: {data_root}\n"
+        f"resolution_nm: 16\nensemble: {{export_block: {block}, export_halo: 2}}\n"
+    )
     for name, score in (("segresnet_0", 0.9), ("dints_0", 0.8)):
         add_trained_bundle(wd, name, score)
         (wd.root / name / "cellmap_bundle.json").write_text(json.dumps({"resolution_nm": res}))
@@ -125,8 +128,10 @@ def test_em_reader_is_the_block_mean_of_em_s0_in_the_box_phase(real_tree) -> Non
         for t, s, bt, bs in zip(plan.grid.translation, plan.grid.scale, c.translation, c.voxel_size):
             assert abs((t - s / 2) - (bt - bs / 2)) < 1e-6
         # independent: EM s0 from the box start, block mean in the box phase
-        a0 = [round((bt - bs / 2 - (st - ss / 2)) / ss) for bt, bs, st, ss in
-              zip(c.translation, c.voxel_size, s0.translation, s0.scale)]
+        a0 = [
+            round((bt - bs / 2 - (st - ss / 2)) / ss)
+            for bt, bs, st, ss in zip(c.translation, c.voxel_size, s0.translation, s0.scale)
+        ]
         n = [3, 4, 5]
         want = block_mean(np.asarray(s0_arr[tuple(slice(a, a + k * ff) for a, k, ff in zip(a0, n, f))]), f)
         got = em_reader(plan, row)((0, 0, 0), tuple(n))
@@ -161,8 +166,9 @@ def test_every_real_test_row_written(real_tree, tmp_path: Path) -> None:  # noqa
         return ((z // 40).astype(np.int64) + 3 * (y // 48).astype(np.int64) + 7 * (x // 56).astype(np.int64)) % n
 
     wd = make_wd(tmp_path, classes, [8.0], root, block=32)
-    s = run_export(load_config(wd.root), wd, manifest,
-                   array_predictor_factory=lambda m, w, c: onehot_predictor(label_fn, n))
+    s = run_export(
+        load_config(wd.root), wd, manifest, array_predictor_factory=lambda m, w, c: onehot_predictor(label_fn, n)
+    )
     assert s["failed"] == {} and s["untrained"] == {}
     assert s["n_written"] == 413 and s["training_resolution_nm"] == [None, 8.0, 8.0]
     store = zarr.open_group(str(wd.root / "submission" / "submission.zarr"), mode="r")
@@ -211,8 +217,12 @@ def test_perfect_predictor_scores_on_finer_and_coarser_crops(real_tree, tmp_path
     sel = [fine, coarse, coarse32]
     tree = build_tree(tmp_path / "data", sel)
     wd = make_wd(tmp_path, classes, [8.0], tree)
-    plans = {c.crop: plan_em(tree, ManifestRow(c.crop, c.dataset, "ecs", c.voxel_size, c.translation, c.shape),
-                             (None, 8.0, 8.0)) for c in sel}
+    plans = {
+        c.crop: plan_em(
+            tree, ManifestRow(c.crop, c.dataset, "ecs", c.voxel_size, c.translation, c.shape), (None, 8.0, 8.0)
+        )
+        for c in sel
+    }
 
     # truth constant over training voxels (and over the coarse crops' voxels): regions cut by
     # planes on multiples of 4 training voxels in each crop's own phase, 3 classes + background
@@ -220,10 +230,13 @@ def test_perfect_predictor_scores_on_finer_and_coarser_crops(real_tree, tmp_path
         g = plans[c.crop].grid
 
         def fn(z, y, x):  # noqa: ANN001, ANN202
-            iz, iy, ix = (np.floor((v - (t - s / 2)) / s + 1e-9).astype(np.int64)
-                          for v, t, s in zip((z, y, x), g.translation, g.scale))
+            iz, iy, ix = (
+                np.floor((v - (t - s / 2)) / s + 1e-9).astype(np.int64)
+                for v, t, s in zip((z, y, x), g.translation, g.scale)
+            )
             out = np.where(ix < 16, 1, np.where(iy < 20, 2, np.where((iz >= 8) & (iz < 28), 3, 0)))
             return np.where((ix >= 28) & (iy >= 28), 1, out)
+
         return fn
 
     scores = {}
@@ -231,8 +244,13 @@ def test_perfect_predictor_scores_on_finer_and_coarser_crops(real_tree, tmp_path
         fn = per_crop_fn(c)
         m = tmp_path / f"m{c.crop}.csv"
         write_manifest(m, [c], lambda _: classes)
-        s = run_export(load_config(wd.root), wd, m, out_dir=tmp_path / f"out{c.crop}",
-                       array_predictor_factory=lambda mm, w, cc, fn=fn: onehot_predictor(fn, n))
+        s = run_export(
+            load_config(wd.root),
+            wd,
+            m,
+            out_dir=tmp_path / f"out{c.crop}",
+            array_predictor_factory=lambda mm, w, cc, fn=fn: onehot_predictor(fn, n),
+        )
         assert s["n_written"] == 3, s
         row = read_manifest(m)[0]
         truth = _truth_at(fn, row)
@@ -266,6 +284,7 @@ def test_interpolation_and_footprint_beat_nearest(real_tree, tmp_path: Path) -> 
             for cc, rr, kk in zip(cen, rad, cls):
                 out[(z - cc[0]) ** 2 + (y - cc[1]) ** 2 + (x - cc[2]) ** 2 <= rr**2] = kk
             return out
+
         return fn
 
     classes = ["ecs", "pm"]
@@ -278,21 +297,31 @@ def test_interpolation_and_footprint_beat_nearest(real_tree, tmp_path: Path) -> 
         m = tmp_path / f"m{c.crop}.csv"
         write_manifest(m, [c], lambda _: classes)
         out = tmp_path / f"out{c.crop}"
-        s = run_export(load_config(wd.root), wd, m, out_dir=out,
-                       array_predictor_factory=lambda mm, w, cc: fraction_predictor(fn, n, ss))
+        s = run_export(
+            load_config(wd.root),
+            wd,
+            m,
+            out_dir=out,
+            array_predictor_factory=lambda mm, w, cc: fraction_predictor(fn, n, ss),
+        )
         assert s["n_written"] == 2
         row = read_manifest(m)[0]
         plan = plan_em(tree, row, (None, 8.0, 8.0))
         g = plan.grid
-        rng_t = [needed_range(o, ot, 0, k, ts, tt) for o, ot, k, ts, tt in
-                 zip(row.voxel_size, row.translation, row.shape, g.scale, g.translation)]
+        rng_t = [
+            needed_range(o, ot, 0, k, ts, tt)
+            for o, ot, k, ts, tt in zip(row.voxel_size, row.translation, row.shape, g.scale, g.translation)
+        ]
         win = g.window(tuple(a for a, _ in rng_t), tuple(b for _, b in rng_t))
         prob_t = fraction_predictor(fn, n, ss)(np.zeros(win.shape, np.float32), win)
         lab_t = prob_t.argmax(0)
         # nearest training voxel of each manifest voxel centre ("one sub-voxel" when coarser)
-        idx = [np.clip(np.floor((t + np.arange(k) * o - (wt - ws / 2)) / ws).astype(int), 0, w - 1)
-               for t, o, k, wt, ws, w in zip(row.translation, row.voxel_size, row.shape, win.translation,
-                                             win.scale, win.shape)]
+        idx = [
+            np.clip(np.floor((t + np.arange(k) * o - (wt - ws / 2)) / ws).astype(int), 0, w - 1)
+            for t, o, k, wt, ws, w in zip(
+                row.translation, row.voxel_size, row.shape, win.translation, win.scale, win.shape
+            )
+        ]
         nearest = lab_t[np.ix_(*idx)]
         if c is fine:
             truth = _truth_at(fn, row)
@@ -317,8 +346,12 @@ def test_unfetched_em_fails_with_the_fetch_command(tmp_path: Path) -> None:
     m = tmp_path / "m.csv"
     write_manifest(m, sel, lambda _: ["ecs", "nuc", "mito"])
     wd = make_wd(tmp_path, ["ecs", "mito_mem"], [8.0], tree)
-    s = run_export(load_config(wd.root), wd, m,
-                   array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 3, 3))
+    s = run_export(
+        load_config(wd.root),
+        wd,
+        m,
+        array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 3, 3),
+    )
     # crop 985 (32 nm) has EM only at s2/s3: no silent prediction at 4x the training voxel
     assert set(s["failed"]) == {"crop985/ecs", "crop985/mito"}
     assert "csc fetch-data --crops 985 --fetch-all-em-resolutions" in s["failed"]["crop985/ecs"]
@@ -329,8 +362,14 @@ def test_unfetched_em_fails_with_the_fetch_command(tmp_path: Path) -> None:
     assert s["n_written"] == 2 and "mito_mem" in s["written"]["crop558/mito"]["note"]
     assert wd.marker("ensemble.export").status == "failed"
     # --members restricts the ensemble; an unknown member is bad input
-    s = run_export(load_config(wd.root), wd, m, members=["dints_0"], out_dir=tmp_path / "o2",
-                   array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 3, 3))
+    s = run_export(
+        load_config(wd.root),
+        wd,
+        m,
+        members=["dints_0"],
+        out_dir=tmp_path / "o2",
+        array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 3, 3),
+    )
     assert s["members"] == ["dints_0"]
     with pytest.raises(Exception, match="not a trained bundle"):
         run_export(load_config(wd.root), wd, m, members=["nope_0"])
@@ -359,10 +398,19 @@ def _one_row_manifest(path: Path, crop_name: str, cls: str) -> Path:
     return path
 
 
-@pytest.mark.parametrize("crop_name,cls", [
-    ("crop901/../../..", "ecs"), ("../901", "ecs"), ("901\n", "ecs"), ("901", "a/b"), ("901", ".."),
-    ("901", "ecs/../../x"), ("crop 901", "ecs"), ("/etc", "ecs"),
-])
+@pytest.mark.parametrize(
+    "crop_name,cls",
+    [
+        ("crop901/../../..", "ecs"),
+        ("../901", "ecs"),
+        ("901\n", "ecs"),
+        ("901", "a/b"),
+        ("901", ".."),
+        ("901", "ecs/../../x"),
+        ("crop 901", "ecs"),
+        ("/etc", "ecs"),
+    ],
+)
 def test_path_traversal_refused(tmp_path: Path, crop_name: str, cls: str) -> None:
     with pytest.raises(Exception, match="refused") as exc:
         read_manifest(_one_row_manifest(tmp_path / "m.csv", crop_name, cls))
@@ -375,9 +423,23 @@ def test_path_traversal_cli_exit_2_writes_nothing(tmp_path: Path) -> None:
     wd.mkdir()
     victim = tmp_path / "victim.txt"
     victim.write_text("keep")
-    res = subprocess.run([sys.executable, "-m", "stages.ensemble.export", "--work-dir", str(wd), "--manifest", str(m),
-                          "--data-root", str(tmp_path)], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stages.ensemble.export",
+            "--work-dir",
+            str(wd),
+            "--manifest",
+            str(m),
+            "--data-root",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert res.returncode == 2, res.stderr
     lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "refused crop_name 'crop901/../../..'" in lines[0], res.stderr
@@ -425,8 +487,12 @@ def test_training_voxel_not_a_multiple_of_em_s0_fails_the_crop(tmp_path: Path) -
     m = tmp_path / "m.csv"
     write_manifest(m, sel, lambda _: ["ecs"])
     wd = make_wd(tmp_path, ["ecs"], [8.0, 8.0, 8.0], tree)  # isotropic 8 nm: 8 / 3.48 is not whole
-    s = run_export(load_config(wd.root), wd, m,
-                   array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 2, 2))
+    s = run_export(
+        load_config(wd.root),
+        wd,
+        m,
+        array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 2, 2),
+    )
     assert list(s["failed"]) == ["crop557/ecs"] and "not a whole multiple of EM s0" in s["failed"]["crop557/ecs"]
     assert s["n_written"] == 1
 
@@ -445,7 +511,11 @@ def test_em_level_path_escaping_its_group_is_refused(tmp_path: Path) -> None:
     m = tmp_path / "m.csv"
     write_manifest(m, sel, lambda _: ["ecs"])
     wd = make_wd(tmp_path, ["ecs"], [8.0], tree)
-    s = run_export(load_config(wd.root), wd, m,
-                   array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 2, 2))
+    s = run_export(
+        load_config(wd.root),
+        wd,
+        m,
+        array_predictor_factory=lambda mm, w, c: onehot_predictor(lambda z, y, x: (z // 50) % 2, 2),
+    )
     reason = s["failed"]["crop558/ecs"]
     assert s["n_written"] == 0 and "'../elsewhere/s0' is not an array of this group" in reason, reason

@@ -22,23 +22,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _facts(**kw: object) -> CudaFacts:
-    base = {"torch_cuda": "13.0", "driver_cuda": 13000, "driver_version": "580.65.06", "visible": 2,
-            "visible_env": "0,1"}
+    base = {
+        "torch_cuda": "13.0",
+        "driver_cuda": 13000,
+        "driver_version": "580.65.06",
+        "visible": 2,
+        "visible_env": "0,1",
+    }
     return CudaFacts(**{**base, **kw})  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(("gpus", "facts", "expect"), [
-    (1, _facts(), None),
-    (2, _facts(), None),
-    (0, _facts(torch_cuda=None, driver_cuda=None, visible=0), None),  # --gpus 0: CPU on purpose
-    (1, _facts(torch_cuda=None, driver_cuda=None, visible=0), "this torch build has no CUDA"),
-    (1, _facts(driver_cuda=None, driver_version=None, visible=0), "no NVIDIA driver (libcuda.so.1 not found)"),
-    (1, _facts(driver_cuda=12040, driver_version="550.54.15", visible=0),
-     "driver 550.54.15 supports CUDA up to 12.4 but this torch is built for CUDA 13.0 (driver >= 580)"),
-    (1, _facts(torch_cuda="12.6", driver_cuda=12040, driver_version="550.54.15"), None),  # cu126 flavour
-    (2, _facts(visible=1, visible_env="3"), "only 1 CUDA device(s) visible (CUDA_VISIBLE_DEVICES='3')"),
-    (1, _facts(visible=0, visible_env=""), "only 0 CUDA device(s) visible (CUDA_VISIBLE_DEVICES='')"),
-])
+@pytest.mark.parametrize(
+    ("gpus", "facts", "expect"),
+    [
+        (1, _facts(), None),
+        (2, _facts(), None),
+        (0, _facts(torch_cuda=None, driver_cuda=None, visible=0), None),  # --gpus 0: CPU on purpose
+        (1, _facts(torch_cuda=None, driver_cuda=None, visible=0), "this torch build has no CUDA"),
+        (1, _facts(driver_cuda=None, driver_version=None, visible=0), "no NVIDIA driver (libcuda.so.1 not found)"),
+        (
+            1,
+            _facts(driver_cuda=12040, driver_version="550.54.15", visible=0),
+            "driver 550.54.15 supports CUDA up to 12.4 but this torch is built for CUDA 13.0 (driver >= 580)",
+        ),
+        (1, _facts(torch_cuda="12.6", driver_cuda=12040, driver_version="550.54.15"), None),  # cu126 flavour
+        (2, _facts(visible=1, visible_env="3"), "only 1 CUDA device(s) visible (CUDA_VISIBLE_DEVICES='3')"),
+        (1, _facts(visible=0, visible_env=""), "only 0 CUDA device(s) visible (CUDA_VISIBLE_DEVICES='')"),
+    ],
+)
 def test_diagnose(gpus: int, facts: CudaFacts, expect: str | None) -> None:
     """Each missing piece is named, in order, with the fix and the CPU alternative."""
     got = diagnose(gpus, facts)
@@ -60,8 +71,14 @@ def test_default_gpus_only_warns(caplog: pytest.LogCaptureFixture) -> None:
 def _train(wd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if k != "CELLMAP_A3DS_ALLOW_CPU"}
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.run([sys.executable, "-m", "stages.train", "--work-dir", str(wd), "--algo", "segresnet", *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.train", "--work-dir", str(wd), "--algo", "segresnet", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_train_gpus_1_without_cuda_exits_2_one_line(tmp_path: Path) -> None:
@@ -88,9 +105,28 @@ def test_gpu_check_cpu_reduced_mode(tmp_path: Path) -> None:
     runs = {"fp32": ["--precision", "fp32"], "bf16": ["--algos", "segresnet", "--precision", "bf16"]}
     for name, extra in runs.items():
         out = tmp_path / f"{name}.json"
-        res = subprocess.run([sys.executable, "-m", "bench.gpu", "--cpu", "--steps", "1", "--warmup", "0",
-                              "--scratch", str(tmp_path / "scratch"), "--out", str(out), *extra],
-                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.gpu",
+                "--cpu",
+                "--steps",
+                "1",
+                "--warmup",
+                "0",
+                "--scratch",
+                str(tmp_path / "scratch"),
+                "--out",
+                str(out),
+                *extra,
+            ],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert res.returncode == 0, res.stderr[-3000:]
         r = json.loads(out.read_text())
         algos = ["segresnet", "swinunetr", "dints"] if name == "fp32" else ["segresnet"]
@@ -112,6 +148,12 @@ def test_gpu_check_without_gpu_says_why() -> None:
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a usable GPU")
-    res = subprocess.run([sys.executable, "-m", "bench.gpu"], cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.gpu"],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "--cpu" in res.stderr and "torch build has no CUDA" in res.stderr

@@ -44,18 +44,21 @@ def _load_error(tmp_path: Path, text: str | bytes) -> str:
     return msg
 
 
-@pytest.mark.parametrize("text,needles", [
-    ("train: {num_epochs: two}\n", ["'train.num_epochs' must be int", "'two'"]),
-    ("train: {learning_rate: fast}\n", ["'train.learning_rate' must be float"]),
-    ("analyze: {hist_bin: 3}\n", ["unknown key 'analyze.hist_bin'", "hist_bins", "workers"]),
-    ("analyze: {workers: many}\n", ["'analyze.workers' must be int"]),
-    ("analyze: {hist_range: [5, 1]}\n", ["lo < hi"]),
-    ("ensemble: {n_bets: 2}\n", ["unknown key 'ensemble.n_bets'", "n_best"]),
-    ("ensemble: {mode: median}\n", ["'ensemble.mode' must be one of mean, vote"]),
-    ("bundlegen: {nmae: x}\n", ["unknown key 'bundlegen.nmae'", "swinunetr_pretrained"]),
-    ("convert: {compress_level: 12}\n", ["'convert.compress_level' must be in 0..9"]),
-    ("convert: {report_png: 1}\n", ["'convert.report_png' must be bool"]),
-])
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        ("train: {num_epochs: two}\n", ["'train.num_epochs' must be int", "'two'"]),
+        ("train: {learning_rate: fast}\n", ["'train.learning_rate' must be float"]),
+        ("analyze: {hist_bin: 3}\n", ["unknown key 'analyze.hist_bin'", "hist_bins", "workers"]),
+        ("analyze: {workers: many}\n", ["'analyze.workers' must be int"]),
+        ("analyze: {hist_range: [5, 1]}\n", ["lo < hi"]),
+        ("ensemble: {n_bets: 2}\n", ["unknown key 'ensemble.n_bets'", "n_best"]),
+        ("ensemble: {mode: median}\n", ["'ensemble.mode' must be one of mean, vote"]),
+        ("bundlegen: {nmae: x}\n", ["unknown key 'bundlegen.nmae'", "swinunetr_pretrained"]),
+        ("convert: {compress_level: 12}\n", ["'convert.compress_level' must be in 0..9"]),
+        ("convert: {report_png: 1}\n", ["'convert.report_png' must be bool"]),
+    ],
+)
 def test_every_section_value_is_checked_in_one_line(tmp_path: Path, text: str, needles: list[str]) -> None:
     msg = _load_error(tmp_path, text)
     for n in needles:
@@ -80,8 +83,14 @@ def test_cli_alias_bomb_and_bad_type_exit_2_one_line(tmp_path: Path) -> None:
         cfg = tmp_path / "c.yaml"
         cfg.write_text(text)
         wd = tmp_path / f"w{len(text)}"
-        res = subprocess.run([sys.executable, "-m", "stages.convert", "--work-dir", str(wd), "--config", str(cfg)],
-                             cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+        res = subprocess.run(
+            [sys.executable, "-m", "stages.convert", "--work-dir", str(wd), "--config", str(cfg)],
+            cwd=ROOT,
+            env=ENV,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert res.returncode == 2, res.stderr
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
         assert len(lines) == 1 and needle in lines[0], res.stderr
@@ -90,23 +99,34 @@ def test_cli_alias_bomb_and_bad_type_exit_2_one_line(tmp_path: Path) -> None:
 
 def test_failing_convert_leaves_no_pipeline_yaml(tmp_path: Path) -> None:
     wd = tmp_path / "new"
-    res = subprocess.run([sys.executable, "-m", "stages.convert", "--work-dir", str(wd),
-                          "--data-root", str(tmp_path / "no-such-data")],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "stages.convert", "--work-dir", str(wd), "--data-root", str(tmp_path / "no-such-data")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2, res.stderr
     assert not (wd / "pipeline.yaml").exists()
     # a work dir that already had one keeps it untouched
     wd.mkdir(exist_ok=True)
     (wd / "pipeline.yaml").write_text("resolution_nm: 8\n")
-    subprocess.run([sys.executable, "-m", "stages.convert", "--work-dir", str(wd),
-                    "--data-root", str(tmp_path / "no-such-data")], cwd=ROOT, env=ENV, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "stages.convert", "--work-dir", str(wd), "--data-root", str(tmp_path / "no-such-data")],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        timeout=120,
+    )
     assert (wd / "pipeline.yaml").read_text() == "resolution_nm: 8\n"
 
 
 def test_sections_keep_given_keys_and_digests(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
-    f.write_text("train: {num_epochs: 2, my_new_trainer_key: [1, 2]}\nanalyze: {hist_bins: 64}\n"
-                 "convert: {compress_level: 3}\n")
+    f.write_text(
+        "train: {num_epochs: 2, my_new_trainer_key: [1, 2]}\nanalyze: {hist_bins: 64}\nconvert: {compress_level: 3}\n"
+    )
     cfg = load_config(tmp_path / "w", f)
     assert cfg.analyze.hist_bins == 64 and cfg.analyze.top_unknown == AnalyzeOptions().top_unknown == 10
     assert cfg.convert.compress_level == 3 and cfg.convert.given() == {"compress_level": 3}

@@ -55,23 +55,26 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path: Path) -> None:
     assert not p.exists()
 
 
-def test_unrefreshed_lock_of_another_host_is_stale_a_refreshed_one_is_held(tmp_path: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unrefreshed_lock_of_another_host_is_stale_a_refreshed_one_is_held(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No scheduler is asked: a holder on another node is gone when its lock file's mtime
     stopped moving for ``stale_after_s``; while it refreshes, it holds the lock."""
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)
     p = lock_path(tmp_path, "train.dints_0")
     p.parent.mkdir(parents=True)
-    p.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": "77", "token": "x",
-                             "stale_after_s": 300}))
+    p.write_text(
+        json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": "77", "token": "x", "stale_after_s": 300})
+    )
     old = time.time() - 301
     os.utime(p, (old, old))
     with hold_locks(tmp_path, ["train.dints_0"]):
         assert json.loads(p.read_text())["pid"] == os.getpid()
     assert not p.exists()
     # just refreshed (mtime now) on another host: a live holder, whatever its job says
-    p.write_text(json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": "78", "token": "y",
-                             "stale_after_s": 300}))
+    p.write_text(
+        json.dumps({"host": "node-elsewhere", "pid": 1, "slurm_job_id": "78", "token": "y", "stale_after_s": 300})
+    )
     with pytest.raises(LockHeld, match="SLURM job 78"):
         with hold_locks(tmp_path, ["train.dints_0"]):
             pass
@@ -110,16 +113,25 @@ def test_lock_names() -> None:
 
 
 def _stage(stage: str, wd: Path, *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", f"stages.{stage}", "--work-dir", str(wd), *args], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    return subprocess.Popen(
+        [sys.executable, "-m", f"stages.{stage}", "--work-dir", str(wd), *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
 
 
-@pytest.mark.parametrize("stage,args", [
-    ("analyze", []),
-    ("train", ["--algo", "dints", "--fold", "0"]),
-    ("bundlegen", []),
-    ("ensemble", []),
-])
+@pytest.mark.parametrize(
+    "stage,args",
+    [
+        ("analyze", []),
+        ("train", ["--algo", "dints", "--fold", "0"]),
+        ("bundlegen", []),
+        ("ensemble", []),
+    ],
+)
 def test_a_second_run_of_a_stage_exits_2_and_touches_nothing(tmp_path: Path, stage: str, args: list[str]) -> None:
     """While one run holds the stage (here: this test process, alive on this host), a second
     run of the same stage (two analyzes, two trains of one bundle) refuses at once."""

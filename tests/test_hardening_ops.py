@@ -31,24 +31,30 @@ def _fake_python(tmp_path: Path) -> Path:
     """A stand-in interpreter that records its argv and cwd (one JSON line per call)."""
     rec = tmp_path / "calls.jsonl"
     exe = tmp_path / "fakepy"
-    exe.write_text("#!/bin/sh\n"
-                   f"{sys.executable} -c 'import json,os,sys; "
-                   f"open(sys.argv[1],\"a\").write(json.dumps({{\"argv\": sys.argv[2:], \"cwd\": os.getcwd()}})+chr(10))' "
-                   f"{rec} \"$@\"\n")
+    exe.write_text(
+        "#!/bin/sh\n"
+        f"{sys.executable} -c 'import json,os,sys; "
+        f'open(sys.argv[1],"a").write(json.dumps({{"argv": sys.argv[2:], "cwd": os.getcwd()}})+chr(10))\' '
+        f'{rec} "$@"\n'
+    )
     exe.chmod(0o755)
     return exe
 
 
 def _profile(tmp_path: Path, runner: str = "native", **extra: str) -> Path:
     p = tmp_path / f"{runner}.yaml"
-    lines = [f"cluster: t\nrunner: {runner}\npython: {_fake_python(tmp_path)}\nimage_dir: {tmp_path / 'img'}\n"
-             "defaults: {partition: batch, cpus: 1, time: '00:10:00'}\n"]
+    lines = [
+        f"cluster: t\nrunner: {runner}\npython: {_fake_python(tmp_path)}\nimage_dir: {tmp_path / 'img'}\n"
+        "defaults: {partition: batch, cpus: 1, time: '00:10:00'}\n"
+    ]
     lines += [f"{k}: {v}\n" for k, v in extra.items()]
     p.write_text("".join(lines))
     return p
 
 
-@pytest.mark.parametrize("name", ["a@@CMD@@b", "$(touch${IFS}PWNED)", "q@@SETUP@@$HOME;touch${IFS}PWNED", "`touch${IFS}PWNED`"])
+@pytest.mark.parametrize(
+    "name", ["a@@CMD@@b", "$(touch${IFS}PWNED)", "q@@SETUP@@$HOME;touch${IFS}PWNED", "`touch${IFS}PWNED`"]
+)
 def test_work_dir_names_cannot_change_the_script(tmp_path: Path, name: str) -> None:
     """Today ``@@CMD@@`` in the work-dir path is replaced again, inside the quoted ``cd``."""
     wd = WorkDir.at(tmp_path / name).ensure()
@@ -57,8 +63,9 @@ def test_work_dir_names_cannot_change_the_script(tmp_path: Path, name: str) -> N
     job = plan_jobs(wd, cfg, prof)[0]
     script = tmp_path / "job.sbatch"
     script.write_text(render_script(job, wd, cfg, 0))
-    res = subprocess.run(["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60,
-                         env={"PATH": "/usr/bin:/bin"})
+    res = subprocess.run(
+        ["bash", str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"}
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     calls = [json.loads(x) for x in (tmp_path / "calls.jsonl").read_text().splitlines()]
     assert len(calls) == 1, calls
@@ -105,12 +112,27 @@ def test_status_without_profile_and_one_implementation(tmp_path: Path) -> None:
     m = wd.marker("convert")
     m.start()
     m.done()
-    res = subprocess.run([sys.executable, "-m", "slurm.submit", "--work-dir", str(wd.root), "--status"],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--work-dir", str(wd.root), "--status"],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 0, res.stderr
-    assert res.stdout == render_status(wd.root) + "\n" or res.stdout.splitlines()[1:] == render_status(wd.root).splitlines()[1:]
-    res = subprocess.run([sys.executable, "-m", "slurm.submit", "--work-dir", str(wd.root)],
-                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert (
+        res.stdout == render_status(wd.root) + "\n"
+        or res.stdout.splitlines()[1:] == render_status(wd.root).splitlines()[1:]
+    )
+    res = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--work-dir", str(wd.root)],
+        cwd=ROOT,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "--profile is required" in res.stderr
     # one rule for array tasks: alive while any task is, else the worst end
     assert pick_state(["COMPLETED", "RUNNING", "PENDING"]) == "RUNNING"
@@ -122,9 +144,8 @@ def _fake_sacct(bin_dir: Path) -> None:
     bin_dir.mkdir(exist_ok=True)
     (bin_dir / "scontrol").write_text("#!/bin/sh\necho 'slurm_load_jobs error: Invalid job id specified' >&2\nexit 1\n")
     (bin_dir / "sacct").write_text(
-        "#!/bin/sh\n"
-        "echo '55|OUT_OF_MEMORY|0:125||00:00:07'\n"
-        "echo '55.batch|OUT_OF_MEMORY|0:125|2045000K|00:00:07'\n")
+        "#!/bin/sh\necho '55|OUT_OF_MEMORY|0:125||00:00:07'\necho '55.batch|OUT_OF_MEMORY|0:125|2045000K|00:00:07'\n"
+    )
     for f in ("scontrol", "sacct"):
         (bin_dir / f).chmod(0o755)
 
@@ -140,8 +161,9 @@ def test_status_asks_sacct_when_the_job_left_the_queue(tmp_path: Path, monkeypat
     data["host"] = "gpu-node-3"
     p.write_text(json.dumps(data))
     wd.slurm_dir.mkdir()
-    (wd.slurm_dir / "jobs.json").write_text(json.dumps([{"name": "train.segresnet_0", "job_id": "55",
-                                                         "stage": "train", "cluster": "t", "submitted": "x"}]))
+    (wd.slurm_dir / "jobs.json").write_text(
+        json.dumps([{"name": "train.segresnet_0", "job_id": "55", "stage": "train", "cluster": "t", "submitted": "x"}])
+    )
     _fake_sacct(tmp_path / "bin")
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}/usr/bin:/bin")
     info = job_state("55")

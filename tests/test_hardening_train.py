@@ -87,12 +87,24 @@ def test_running_fold_status_torn_resume_and_signal_after_end(analysed: Path, tm
     time and ETA; TensorBoard events are written. Then its newest checkpoint is torn and the
     rerun resumes from the previous good one (one line, no traceback); a SIGTERM right after
     the final marker still exits 0."""
-    train = {**TINY_TRAIN, "num_epochs": 3, "num_steps_per_epoch": 1, "batch_size": 1, "val_every": 2,
-             "keep_latest": True}
+    train = {
+        **TINY_TRAIN,
+        "num_epochs": 3,
+        "num_steps_per_epoch": 1,
+        "batch_size": 1,
+        "val_every": 2,
+        "keep_latest": True,
+    }
     wd = make_work(analysed, tmp_path / "w", ["segresnet"], train)
     model = wd / "segresnet_0" / "model"
-    proc = subprocess.Popen(train_cmd(wd, "segresnet", "--fold", "0"), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(wd, "segresnet", "--fold", "0"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for(lambda: (model / "metrics.jsonl").is_file() and (model / "metrics.jsonl").read_text().strip(), proc)
     rows = {r.name: r for r in collect_status(wd, query_slurm=False)}
     row = rows["train.segresnet_0"]
@@ -113,8 +125,9 @@ def test_running_fold_status_torn_resume_and_signal_after_end(analysed: Path, tm
     (wd / "markers" / "train.segresnet_0.json").unlink()
     data = (model / "checkpoint_latest.pt").read_bytes()
     (model / "checkpoint_latest.pt").write_bytes(data[: len(data) // 3])
-    res = subprocess.run(train_cmd(wd, "segresnet", "--fold", "0"), cwd=ROOT, env=_env(), capture_output=True,
-                         text=True, timeout=300)
+    res = subprocess.run(
+        train_cmd(wd, "segresnet", "--fold", "0"), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert res.stderr.count("previous good checkpoint") == 1 and "resuming at epoch 2" in res.stderr
@@ -124,8 +137,14 @@ def test_running_fold_status_torn_resume_and_signal_after_end(analysed: Path, tm
     (model / "model_final.pt").unlink()
     (wd / "markers" / "train.segresnet_0.json").unlink()
     marker = wd / "markers" / "train.segresnet_0.json"
-    proc = subprocess.Popen(train_cmd(wd, "segresnet", "--fold", "0"), cwd=ROOT, env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(wd, "segresnet", "--fold", "0"),
+        cwd=ROOT,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for(lambda: (model / "progress.yaml").is_file(), proc)
     proc.send_signal(signal.SIGTERM)
     out = proc.communicate(timeout=120)[0]
@@ -144,16 +163,28 @@ def test_copied_work_dir_is_refused_then_rebased(analysed: Path, tmp_path: Path)
     copy = tmp_path / "copy"
     shutil.copytree(orig, copy)
     for stage, args in (("train", ["--algo", "segresnet", "--fold", "0"]), ("ensemble", [])):
-        res = subprocess.run([sys.executable, "-m", f"stages.{stage}", "--work-dir", str(copy), *args], cwd=ROOT,
-                             env=_env(), capture_output=True, text=True, timeout=300)
+        res = subprocess.run(
+            [sys.executable, "-m", f"stages.{stage}", "--work-dir", str(copy), *args],
+            cwd=ROOT,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         errs = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
         assert res.returncode == 2 and len(errs) == 1, res.stderr[-2000:]
         assert f"generated for work dir {orig}" in errs[0] and "a copied work dir" in errs[0]
         assert f"python -m stages.bundlegen --work-dir {copy} --rebase" in errs[0]
     assert not (orig / "segresnet_0" / "model").exists()  # nothing trained into the original
 
-    res = subprocess.run([sys.executable, "-m", "stages.bundlegen", "--work-dir", str(copy), "--rebase"], cwd=ROOT,
-                         env=_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [sys.executable, "-m", "stages.bundlegen", "--work-dir", str(copy), "--rebase"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     hp = yaml.safe_load((copy / "segresnet_0" / "configs" / "hyper_parameters.yaml").read_text())
     assert hp["bundle_root"] == str(copy / "segresnet_0") and hp["data_list_file_path"].startswith(str(copy) + "/")

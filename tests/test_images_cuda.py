@@ -31,14 +31,25 @@ pytestmark = [pytest.mark.slow, pytest.mark.podman]
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = os.environ.get("IMAGE_PREFIX", "cellmap-a3ds")
-VERSION = os.environ.get("VERSION") or yaml.safe_load(
-    "\n".join(ln for ln in (ROOT / "pyproject.toml").read_text().splitlines() if ln.startswith("version = "))
-    .replace(" = ", ": "))["version"]
+VERSION = (
+    os.environ.get("VERSION")
+    or yaml.safe_load(
+        "\n".join(
+            ln for ln in (ROOT / "pyproject.toml").read_text().splitlines() if ln.startswith("version = ")
+        ).replace(" = ", ": ")
+    )["version"]
+)
 TRAIN, ENSEMBLE = f"{PREFIX}/train:{VERSION}", f"{PREFIX}/ensemble:{VERSION}"
 CONF = ROOT / "containers" / "podman" / "containers.conf"
 TEMPLATES = "/opt/monai-algo-templates/21ed8e5"
-TRAIN_CFG = {"num_epochs": 1, "num_steps_per_epoch": 3, "batch_size": 2, "num_workers": 0,
-             "roi_size": [32, 32, 16], "network": {"init_filters": 8, "blocks_down": [1, 2, 2, 4]}}
+TRAIN_CFG = {
+    "num_epochs": 1,
+    "num_steps_per_epoch": 3,
+    "batch_size": 2,
+    "num_workers": 0,
+    "roi_size": [32, 32, 16],
+    "network": {"init_filters": 8, "blocks_down": [1, 2, 2, 4]},
+}
 
 
 def _env() -> dict[str, str]:
@@ -52,8 +63,9 @@ def _run(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess[st
     return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
-def _podman(image: str, args: list[str], binds: tuple[Path, ...] = (), entrypoint: str | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def _podman(
+    image: str, args: list[str], binds: tuple[Path, ...] = (), entrypoint: str | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
     cmd = ["podman", "run", "--rm", "--network", "none", "--read-only"]
     for b in binds:
         cmd += ["-v", f"{b}:{b}"]
@@ -68,13 +80,17 @@ def images() -> tuple[str, str]:
         pytest.skip("podman not installed (.ci/run apt-installs it)")
     missing = [i for i in (TRAIN, ENSEMBLE) if _run(["podman", "image", "exists", i]).returncode != 0]
     if missing:
-        pytest.skip(f"{', '.join(missing)} not built here: run `make images IMAGES=\"train ensemble\"` "
-                    "(downloads ~2.8 GB of CUDA wheels, see docs/containers.md), then `make test-images-cuda`")
+        pytest.skip(
+            f'{", ".join(missing)} not built here: run `make images IMAGES="train ensemble"` '
+            "(downloads ~2.8 GB of CUDA wheels, see docs/containers.md), then `make test-images-cuda`"
+        )
     for image in (TRAIN, ENSEMBLE):
         why = _stale(image)
         if why:
-            pytest.skip(f"{image} {why}: it cannot be compared with this tree's native run; rebuild it "
-                        "from a clean checkout with `make images IMAGES=\"train ensemble\"`, then `make test-images-cuda`")
+            pytest.skip(
+                f"{image} {why}: it cannot be compared with this tree's native run; rebuild it "
+                'from a clean checkout with `make images IMAGES="train ensemble"`, then `make test-images-cuda`'
+            )
     return TRAIN, ENSEMBLE
 
 
@@ -85,15 +101,19 @@ def _stale(image: str) -> str | None:
     proves nothing: the image's ``org.opencontainers.image.revision`` must be a clean commit
     whose copied packages equal the working tree's.
     """
-    res = _run(["podman", "image", "inspect", image, "--format",
-                '{{index .Labels "org.opencontainers.image.revision"}}'])
+    res = _run(
+        ["podman", "image", "inspect", image, "--format", '{{index .Labels "org.opencontainers.image.revision"}}']
+    )
     rev = res.stdout.strip()
     if res.returncode != 0 or not rev or rev == "<no value>":
         return "carries no source revision label"
     if rev.endswith("-dirty"):
         return f"was built from uncommitted changes ({rev})"
-    diff = subprocess.run(["git", "-C", str(ROOT), "diff", "--quiet", rev, "--", "common", "stages", "bench"],
-                          capture_output=True, text=True)
+    diff = subprocess.run(
+        ["git", "-C", str(ROOT), "diff", "--quiet", rev, "--", "common", "stages", "bench"],
+        capture_output=True,
+        text=True,
+    )
     if diff.returncode == 1:
         return f"was built from {rev}, and common/, stages/ or bench/ changed since"
     if diff.returncode != 0:
@@ -107,16 +127,19 @@ def test_train_image_contents(images: tuple[str, str]) -> None:
     res = _podman(train, ["--help"])
     native = _run([sys.executable, "-m", "stages.train", "--help"])
     assert res.returncode == 0 and res.stdout == native.stdout, res.stderr
-    probe = ("import importlib.util as u, os, torch; print(torch.__version__, torch.version.cuda, os.getuid(), "
-             "[m for m in ('triton', 'mlflow', 'tensorboard') if u.find_spec(m)])")
+    probe = (
+        "import importlib.util as u, os, torch; print(torch.__version__, torch.version.cuda, os.getuid(), "
+        "[m for m in ('triton', 'mlflow', 'tensorboard') if u.find_spec(m)])"
+    )
     got = {img: _podman(img, ["-c", probe], entrypoint="python") for img in images}
     assert got[train].returncode == 0, got[train].stderr
     # PyPI's plain torch==2.13.0 (the lock's pin) reports itself as the CUDA 13.0 build
     assert got[train].stdout.split(None, 3)[:3] == ["2.13.0+cu130", "13.0", "10001"]
     assert got[train].stdout.split(None, 3)[3].strip() == "['mlflow', 'tensorboard']"
     assert got[ensemble].stdout.split(None, 3)[3].strip() == "[]", "no training-only packages in ensemble"
-    algos = _podman(train, ["-c", f"ls {TEMPLATES}/*/scripts/algo.py; echo $CELLMAP_A3DS_OFFICIAL_TEMPLATES"],
-                    entrypoint="sh")
+    algos = _podman(
+        train, ["-c", f"ls {TEMPLATES}/*/scripts/algo.py; echo $CELLMAP_A3DS_OFFICIAL_TEMPLATES"], entrypoint="sh"
+    )
     assert algos.returncode == 0, algos.stderr
     lines = algos.stdout.split()
     assert lines[-1] == TEMPLATES
@@ -142,9 +165,19 @@ def _work_dir(base: Path, dest: Path) -> Path:
     from stages.bundlegen.bundlegen import run_bundlegen
 
     shutil.copytree(base, dest)
-    (dest / "pipeline.yaml").write_text(yaml.safe_dump(
-        {"classes": ["ecs", "pm", "mito_mem"], "unknown_label": 255, "resolution_nm": 8, "algos": ["segresnet"],
-         "num_folds": 1, "templates": "builtin", "train": TRAIN_CFG}))
+    (dest / "pipeline.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "classes": ["ecs", "pm", "mito_mem"],
+                "unknown_label": 255,
+                "resolution_nm": 8,
+                "algos": ["segresnet"],
+                "num_folds": 1,
+                "templates": "builtin",
+                "train": TRAIN_CFG,
+            }
+        )
+    )
     run_bundlegen(WorkDir.at(dest), load_config(dest))
     for p in [dest, *dest.rglob("*")]:  # the image's user (10001) writes here, as any cluster user would
         p.chmod(0o777 if p.is_dir() else 0o666)
@@ -162,10 +195,12 @@ def trained(images: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -
     tmp.chmod(0o755)
     base = tmp / "base"
     # classes missing from some cases and an unknown slab, like real crops
-    dl = make_blobs_dataset(base, n_cases=4, shape=(40, 36, 22), n_classes=3, n_val=1, seed=3,
-                            missing={1: (2,), 3: (1, 3)})
-    DataAnalyzer(str(dl), str(base / "nifti_data"), output_path=str(base / "datastats.yaml"), device="cpu",
-                 worker=0).get_all_case_stats()
+    dl = make_blobs_dataset(
+        base, n_cases=4, shape=(40, 36, 22), n_classes=3, n_val=1, seed=3, missing={1: (2,), 3: (1, 3)}
+    )
+    DataAnalyzer(
+        str(dl), str(base / "nifti_data"), output_path=str(base / "datastats.yaml"), device="cpu", worker=0
+    ).get_all_case_stats()
     out = {}
     for name in ("container", "native"):
         wd = _work_dir(base, tmp / f"work_{name}")
@@ -192,8 +227,10 @@ def test_cpu_epoch_in_image_equals_native(trained: dict[str, Path]) -> None:
     assert c.keys() == n.keys() and len(c) > 10
     diff = {k: float((c[k].float() - n[k].float()).abs().max()) for k in c if not torch.equal(c[k], n[k])}
     assert not diff, f"{len(diff)} of {len(c)} tensors differ; max |diff| {max(diff.values()):.3g}"
-    rows = [json.loads(ln) for ln in (trained["container"] / "segresnet_0" / "model" / "metrics.jsonl")
-            .read_text().splitlines()]
+    rows = [
+        json.loads(ln)
+        for ln in (trained["container"] / "segresnet_0" / "model" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["epoch"] for r in rows] == [0] and rows[0]["steps"] == TRAIN_CFG["num_steps_per_epoch"]
 
 
@@ -209,8 +246,10 @@ def test_ensemble_image_ensembles_the_bundle(images: tuple[str, str], trained: d
         assert res.returncode == 0, f"{name}: {res.stderr[-3000:]}"
         report = json.loads((wd / "reports" / "ensemble.json").read_text())
         assert report["members"] == ["segresnet_0"]
-        preds[name] = {p.name: np.asarray(nib.load(str(p)).dataobj)
-                       for p in sorted((wd / "ensemble_output").glob("*_ensemble.nii.gz"))}
+        preds[name] = {
+            p.name: np.asarray(nib.load(str(p)).dataobj)
+            for p in sorted((wd / "ensemble_output").glob("*_ensemble.nii.gz"))
+        }
         assert preds[name], f"{name}: no ensemble_output/*_ensemble.nii.gz"
     assert preds["container"].keys() == preds["native"].keys()
     for k in preds["native"]:

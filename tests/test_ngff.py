@@ -29,9 +29,13 @@ from common.ngff import (
 
 def _pyr(s0: tuple[float, ...], t0: tuple[float, ...], shape0: tuple[int, ...], k: int) -> Level:
     """Level k of a pyramid following the rule s0 2^k, t0 + (2^k - 1) s0 / 2."""
-    f = 2 ** k
-    return Level(f"s{k}", tuple(s * f for s in s0), tuple(t + (f - 1) * s / 2 for t, s in zip(t0, s0)),
-                 tuple(max(1, n // f) for n in shape0))
+    f = 2**k
+    return Level(
+        f"s{k}",
+        tuple(s * f for s in s0),
+        tuple(t + (f - 1) * s / 2 for t, s in zip(t0, s0)),
+        tuple(max(1, n // f) for n in shape0),
+    )
 
 
 def _cut(c: tuple[slice, ...]) -> list[tuple[int, int]]:
@@ -100,8 +104,16 @@ def _group(tmp: Path, attrs: dict | None, shape: tuple[int, ...] = (4, 6, 8)) ->
     (g / ".zgroup").write_text('{"zarr_format": 2}')
     if attrs is not None:
         (g / ".zattrs").write_text(json.dumps(attrs))
-    zarr.open_array(str(g / "s0"), mode="w", shape=shape, chunks=(2, 3, 4), dtype="u1",
-                    compressor=Zstd(6), fill_value=0, dimension_separator="/")
+    zarr.open_array(
+        str(g / "s0"),
+        mode="w",
+        shape=shape,
+        chunks=(2, 3, 4),
+        dtype="u1",
+        compressor=Zstd(6),
+        fill_value=0,
+        dimension_separator="/",
+    )
     return g
 
 
@@ -118,8 +130,22 @@ def test_read_multiscales_roundtrip_and_shape(tmp_path: Path) -> None:
         ({"cellmap": {}}, "no multiscales"),
         ({"multiscales": [{"version": "0.5", "datasets": []}]}, "version 0.5"),
         ({"multiscales": [{"version": "0.4", "axes": ["x", "y", "z"], "datasets": [{"path": "s0"}]}]}, "axes"),
-        ({"multiscales": [{"version": "0.4", "datasets": [{"path": "s0", "coordinateTransformations": [
-            {"type": "translation", "translation": [0, 0, 0]}]}]}]}, "scale"),
+        (
+            {
+                "multiscales": [
+                    {
+                        "version": "0.4",
+                        "datasets": [
+                            {
+                                "path": "s0",
+                                "coordinateTransformations": [{"type": "translation", "translation": [0, 0, 0]}],
+                            }
+                        ],
+                    }
+                ]
+            },
+            "scale",
+        ),
     ],
 )
 def test_read_multiscales_errors_are_one_line(tmp_path: Path, attrs: dict | None, message: str) -> None:
@@ -132,22 +158,34 @@ def test_read_multiscales_errors_are_one_line(tmp_path: Path, attrs: dict | None
 def test_multiscale_wide_transform_is_composed(tmp_path: Path) -> None:
     attrs = multiscales_attrs([Level("s0", (1.0, 2.0, 2.0), (0.5, 1.0, 1.0), (4, 6, 8))])
     attrs["multiscales"][0]["coordinateTransformations"] = [
-        {"type": "scale", "scale": [2.0, 2.0, 2.0]}, {"type": "translation", "translation": [10.0, 0.0, 0.0]}]
+        {"type": "scale", "scale": [2.0, 2.0, 2.0]},
+        {"type": "translation", "translation": [10.0, 0.0, 0.0]},
+    ]
     lv = read_multiscales(_group(tmp_path, attrs))[0]
     assert lv.scale == (2.0, 4.0, 4.0) and lv.translation == (11.0, 2.0, 2.0)
 
 
 # ---- never-fetched EM -------------------------------------------------------------------
 def test_read_em_block_detects_absent_chunks_and_all_fill(tmp_path: Path) -> None:
-    arr = zarr.open_array(str(tmp_path / "em"), mode="w", shape=(8, 8, 8), chunks=(4, 4, 4), dtype="u1",
-                          compressor=Zstd(6), fill_value=0, dimension_separator="/")
+    arr = zarr.open_array(
+        str(tmp_path / "em"),
+        mode="w",
+        shape=(8, 8, 8),
+        chunks=(4, 4, 4),
+        dtype="u1",
+        compressor=Zstd(6),
+        fill_value=0,
+        dimension_separator="/",
+    )
     data = (np.arange(8 * 8 * 8) % 200 + 1).astype(np.uint8).reshape(8, 8, 8)
     arr[:4] = data[:4]
     arr[4:, :4, :4] = 0  # written, but all fill value
     np.testing.assert_array_equal(read_em_block(arr, (slice(1, 3), slice(2, 7), slice(0, 8))), data[1:3, 2:7, :])
     with pytest.raises(NeverFetchedError, match="chunks absent"):
         read_em_block(arr, (slice(3, 6), slice(0, 8), slice(0, 8)))
-    (tmp_path / "em/1/0/0").write_bytes(zarr.open_array(str(tmp_path / "em"))._compressor.encode(np.zeros(64, np.uint8)))
+    (tmp_path / "em/1/0/0").write_bytes(
+        zarr.open_array(str(tmp_path / "em"))._compressor.encode(np.zeros(64, np.uint8))
+    )
     with pytest.raises(NeverFetchedError, match="fill value"):
         read_em_block(arr, (slice(4, 8), slice(0, 4), slice(0, 4)))
 

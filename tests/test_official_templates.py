@@ -25,14 +25,30 @@ from common.config import OFFICIAL_TEMPLATES_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("segresnet", "swinunetr", "dints")
-CLASSES = ["ecs", "pm", "mito_mem", "mito_lum", "mito_ribo", "golgi_mem", "golgi_lum", "ves_mem", "ves_lum",
-           "endo_mem", "endo_lum", "er_mem", "er_lum", "nuc"]
+CLASSES = [
+    "ecs",
+    "pm",
+    "mito_mem",
+    "mito_lum",
+    "mito_ribo",
+    "golgi_mem",
+    "golgi_lum",
+    "ves_mem",
+    "ves_lum",
+    "endo_mem",
+    "endo_lum",
+    "er_mem",
+    "er_lum",
+    "nuc",
+]
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not os.environ.get(OFFICIAL_TEMPLATES_ENV),
-                       reason=f"set {OFFICIAL_TEMPLATES_ENV} to a local copy of research-contributions@21ed8e5 "
-                              "auto3dseg/algorithm_templates to test the official templates"),
+    pytest.mark.skipif(
+        not os.environ.get(OFFICIAL_TEMPLATES_ENV),
+        reason=f"set {OFFICIAL_TEMPLATES_ENV} to a local copy of research-contributions@21ed8e5 "
+        "auto3dseg/algorithm_templates to test the official templates",
+    ),
 ]
 
 
@@ -55,8 +71,10 @@ def _hp(bundle: Path, name: str = "hyper_parameters.yaml") -> dict:
 
 def _output_classes(bundle: Path, algo: str) -> list[int]:
     if algo == "dints":
-        return [_hp(bundle)["training"]["output_classes"],
-                _hp(bundle, "hyper_parameters_search.yaml")["searching"]["output_classes"]]
+        return [
+            _hp(bundle)["training"]["output_classes"],
+            _hp(bundle, "hyper_parameters_search.yaml")["searching"]["output_classes"],
+        ]
     return [_hp(bundle)["output_classes"]]
 
 
@@ -83,7 +101,8 @@ def subset_wd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_blobs_dataset(wd, n_cases=4, shape=(32, 32, 32), n_classes=6, n_val=2, n_test=1, seed=1, unknown_label=None)
     (wd / "pipeline.yaml").write_text(
         f"classes: [{', '.join(CLASSES)}]\nunknown_label: 0\ntemplates: official\n"
-        "train: {num_epochs: 1, auto_scale_allowed: false, roi_size: [32, 32, 32], num_workers: 0, cache_rate: 0}\n")
+        "train: {num_epochs: 1, auto_scale_allowed: false, roi_size: [32, 32, 32], num_workers: 0, cache_rate: 0}\n"
+    )
     _run(["-m", "stages.analyze", "--work-dir", str(wd)])
     return wd
 
@@ -112,8 +131,11 @@ def test_all_three_pin_output_classes_on_a_subset_of_classes(subset_wd: Path, tm
     shutil.copytree(wd / "nifti_data", other / "nifti_data")
     for f in ("datastats.yaml", "datastats_by_case.yaml"):
         shutil.copy(wd / f, other / f)
-    text = (wd / "pipeline.yaml").read_text().replace("templates: official",
-                                                        f"templates: {os.environ[OFFICIAL_TEMPLATES_ENV]}")
+    text = (
+        (wd / "pipeline.yaml")
+        .read_text()
+        .replace("templates: official", f"templates: {os.environ[OFFICIAL_TEMPLATES_ENV]}")
+    )
     (other / "pipeline.yaml").write_text(text + "algos: [dints]\n")
     _run(["-m", "stages.bundlegen", "--work-dir", str(other)])
     assert _output_classes(other / "dints_0", "dints") == [15, 15]

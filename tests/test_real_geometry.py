@@ -40,7 +40,7 @@ TABLE = load_real_crops()
 EM = load_em_s0()
 TRAIN = [c for c in TABLE if c.split == "train"]
 ELIG8 = [c for c in TRAIN if eligible(c)]
-BIG = (10 ** 7,) * 3  # EM shapes are not in the table; bounds are checked on the written trees
+BIG = (10**7,) * 3  # EM shapes are not in the table; bounds are checked on the written trees
 
 
 def _em_s0(ds: str) -> Level:
@@ -75,7 +75,12 @@ def test_plan_at_8nm_converts_every_eligible_crop() -> None:
     # hela-2 crop 1 (cellmap-data.md §2): EM s0 598:698, 225:725, 6466:6966, pooled 2x, labels 4x
     p1 = plans["1"]
     assert [(s.start, s.stop) for s in p1.em_cut] == [(598, 698), (225, 725), (6466, 6966)]
-    assert (p1.em_factor, p1.label_factor, p1.out.shape, p1.dropped) == ((2, 2, 2), (4, 4, 4), (50, 250, 250), (0, 0, 0))
+    assert (p1.em_factor, p1.label_factor, p1.out.shape, p1.dropped) == (
+        (2, 2, 2),
+        (4, 4, 4),
+        (50, 250, 250),
+        (0, 0, 0),
+    )
     np.testing.assert_allclose(p1.out.scale, (10.48, 8, 8))
     # voxel 0 centre = the box's first edge + half an output voxel
     np.testing.assert_allclose(p1.out.translation, [3132.21 - 1.31 + 5.24, 899 - 1 + 4, 25863 - 1 + 4])
@@ -93,12 +98,25 @@ def test_plan_at_4nm_where_em_s0_allows() -> None:
     elig4 = [c for c in TRAIN if eligible(c, max_nm=4.0)]
     plans = {c.crop: _plan(c, (None, 4.0, 4.0)) for c in elig4}
     allows = {ds for ds, (e, _) in EM.items() if e[1] <= 4.0}
-    assert allows == {"jrc_cos7-1a", "jrc_cos7-1b", "jrc_ctl-id8-1", "jrc_fly-mb-1a", "jrc_fly-vnc-1", "jrc_hela-2",
-                      "jrc_hela-3", "jrc_jurkat-1", "jrc_macrophage-2", "jrc_mus-kidney-glomerulus-2",
-                      "jrc_mus-nacc-1", "jrc_sum159-1"}
+    assert allows == {
+        "jrc_cos7-1a",
+        "jrc_cos7-1b",
+        "jrc_ctl-id8-1",
+        "jrc_fly-mb-1a",
+        "jrc_fly-vnc-1",
+        "jrc_hela-2",
+        "jrc_hela-3",
+        "jrc_jurkat-1",
+        "jrc_macrophage-2",
+        "jrc_mus-kidney-glomerulus-2",
+        "jrc_mus-nacc-1",
+        "jrc_sum159-1",
+    }
     ok = [c for c in elig4 if c.dataset in allows]
     assert len(elig4) == 236 and len(ok) == 134
-    assert all(not isinstance(plans[c.crop], CropProblem) for c in ok), [plans[c.crop] for c in ok if isinstance(plans[c.crop], CropProblem)]
+    assert all(not isinstance(plans[c.crop], CropProblem) for c in ok), [
+        plans[c.crop] for c in ok if isinstance(plans[c.crop], CropProblem)
+    ]
     for c in elig4:
         if c.dataset not in allows:
             p = plans[c.crop]
@@ -161,8 +179,10 @@ def test_a_given_datasplit_csv_with_overlap_warns(tmp_path: Path, caplog: pytest
     rows = []
     for c in crops:
         side = "validate" if c.crop == "291" else "train"
-        rows.append(f'"{side}","/d/{c.dataset}/{c.dataset}.zarr","recon-1/em/fibsem-uint8",'
-                    f'"/d/{c.dataset}/{c.dataset}.zarr","recon-1/labels/groundtruth/crop{c.crop}/[ecs]"')
+        rows.append(
+            f'"{side}","/d/{c.dataset}/{c.dataset}.zarr","recon-1/em/fibsem-uint8",'
+            f'"/d/{c.dataset}/{c.dataset}.zarr","recon-1/labels/groundtruth/crop{c.crop}/[ecs]"'
+        )
     (tmp_path / "ds.csv").write_text("\n".join(rows) + "\n")
     cfg = load_config(tmp_path, None, {"split": {"datasplit_csv": str(tmp_path / "ds.csv")}}, dump=False)
     with caplog.at_level(logging.WARNING, logger="cellmap.convert"):
@@ -190,11 +210,32 @@ def _codes_expected(info: RealGeomInfo, crop: str) -> np.ndarray:
     """``all`` ids -> training codes for the 14 default classes, written out by hand."""
     a = info.labels[crop]
     annotated = info.classes[crop]
-    code = {0: 0 if len(annotated) == len(DEFAULT_CLASSES) else 255, 35: 0, 50: 255, 28: DEFAULT_CLASSES.index("nuc") + 1}
+    code = {
+        0: 0 if len(annotated) == len(DEFAULT_CLASSES) else 255,
+        35: 0,
+        50: 255,
+        28: DEFAULT_CLASSES.index("nuc") + 1,
+    }
     for i, name in enumerate(DEFAULT_CLASSES):
-        code.setdefault({"ecs": 1, "pm": 2, "mito_mem": 3, "mito_lum": 4, "mito_ribo": 5, "golgi_mem": 6, "golgi_lum": 7,
-                         "ves_mem": 8, "ves_lum": 9, "endo_mem": 10, "endo_lum": 11, "er_mem": 16, "er_lum": 17,
-                         "nuc": 37}[name], i + 1)
+        code.setdefault(
+            {
+                "ecs": 1,
+                "pm": 2,
+                "mito_mem": 3,
+                "mito_lum": 4,
+                "mito_ribo": 5,
+                "golgi_mem": 6,
+                "golgi_lum": 7,
+                "ves_mem": 8,
+                "ves_lum": 9,
+                "endo_mem": 10,
+                "endo_lum": 11,
+                "er_mem": 16,
+                "er_lum": 17,
+                "nuc": 37,
+            }[name],
+            i + 1,
+        )
     return np.vectorize(lambda v: code[int(v)], otypes=[np.uint8])(a)
 
 
@@ -203,7 +244,9 @@ def _majority_expected(codes: np.ndarray, r: tuple[int, ...], out: tuple[int, ..
     for idx in np.ndindex(out):
         blk = codes[tuple(slice(i * k, (i + 1) * k) for i, k in zip(idx, r))].ravel().tolist()
         known = [v for v in blk if v != 255]
-        res[idx] = 255 if 2 * (len(blk) - len(known)) > len(blk) else min(set(known), key=lambda v: (-known.count(v), v))
+        res[idx] = (
+            255 if 2 * (len(blk) - len(known)) > len(blk) else min(set(known), key=lambda v: (-known.count(v), v))
+        )
     return res
 
 

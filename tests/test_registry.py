@@ -33,9 +33,26 @@ CLASSES = ["ecs", "pm", "mito_mem"]
 
 def _repo_state() -> str:
     """Tracked changes and untracked files in the code folders (what 'no edit' means)."""
-    out = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--", "common", "training",
-                          "stages", "slurm", "tools", "containers", "mk", "Makefile"],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [
+            "git",
+            "status",
+            "--porcelain",
+            "--untracked-files=all",
+            "--",
+            "common",
+            "training",
+            "stages",
+            "slurm",
+            "tools",
+            "containers",
+            "mk",
+            "Makefile",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout if out.returncode == 0 else "not a git checkout"
 
 
@@ -48,8 +65,9 @@ def _tiny_template(dest: Path) -> Path:
     code = algo_py.read_text().replace("segresnet", NAME).replace("Segresnet", NAME.capitalize())
     assert f"class {NAME.capitalize()}Algo" in code
     algo_py.write_text(code)
-    (tpl / "configs" / "hyper_parameters.yaml").write_text(yaml.safe_dump(
-        {"algo": NAME, "learning_rate": 0.01, "network": {"channels": 4}}))
+    (tpl / "configs" / "hyper_parameters.yaml").write_text(
+        yaml.safe_dump({"algo": NAME, "learning_rate": 0.01, "network": {"channels": 4}})
+    )
     return dest
 
 
@@ -71,9 +89,18 @@ def test_fourth_algorithm_needs_only_registry_entry_factory_and_template(tmp_pat
             assert NAME in ALGOS and algorithms.names()[-1] == NAME
             make_blobs_dataset(wd, n_cases=4, shape=(32, 32, 16), n_classes=3, n_val=1, seed=1)
             train = {"num_epochs": 1, "batch_size": 2, "num_workers": 0, "val_every": 1}
-            (wd / "pipeline.yaml").write_text(yaml.safe_dump(
-                {"classes": CLASSES, "unknown_label": 255, "algos": ["segresnet", NAME], "num_folds": 1,
-                 "templates": "builtin", "train": train}))
+            (wd / "pipeline.yaml").write_text(
+                yaml.safe_dump(
+                    {
+                        "classes": CLASSES,
+                        "unknown_label": 255,
+                        "algos": ["segresnet", NAME],
+                        "num_folds": 1,
+                        "templates": "builtin",
+                        "train": train,
+                    }
+                )
+            )
             run_analyze_entry(wd)
             assert run_bundlegen_entry(wd, target_gpu_mem_gb=16) == 0
 
@@ -184,8 +211,13 @@ def test_submit_demo_and_scripts_list_the_registry_and_pipeline(tmp_path: Path) 
         assert NAME in trains[-1]
     assert [j.stage for j in jobs if j.stage != "train"] == [s for s in pipeline.chain_names() if s != "train"]
     assert {job_kind(j) for j in jobs} == set(pipeline.images())
-    assert pipeline.expected_markers(["segresnet"], 1) == ["convert", "analyze", "bundlegen", "train.segresnet_0",
-                                                           "ensemble"]
+    assert pipeline.expected_markers(["segresnet"], 1) == [
+        "convert",
+        "analyze",
+        "bundlegen",
+        "train.segresnet_0",
+        "ensemble",
+    ]
 
     net = demo.demo_config(tmp_path)["train"]["network"]
     assert net == algorithms.demo_network() and set(demo.DEMO_ALGOS) <= set(algorithms.names())
@@ -200,9 +232,19 @@ def test_submit_demo_and_scripts_list_the_registry_and_pipeline(tmp_path: Path) 
 
 
 # files that must derive the algorithm list / stage list rather than restate it
-DERIVED = ["common/pipeline.py", "common/config.py", "training/networks.py", "stages/bundlegen/bundlegen.py",
-           "slurm/submit.py", "slurm/profiles.py", "tools/demo.py", "containers/build.sh", "containers/save.sh",
-           "containers/sif.sh", "Makefile"]
+DERIVED = [
+    "common/pipeline.py",
+    "common/config.py",
+    "training/networks.py",
+    "stages/bundlegen/bundlegen.py",
+    "slurm/submit.py",
+    "slurm/profiles.py",
+    "tools/demo.py",
+    "containers/build.sh",
+    "containers/save.sh",
+    "containers/sif.sh",
+    "Makefile",
+]
 
 
 def test_no_restatement_creeps_back() -> None:
@@ -229,9 +271,12 @@ def test_plugin_module_reaches_a_stage_process(tmp_path: Path) -> None:
     process: the train command then accepts it (how a plugin reaches SLURM jobs)."""
     (tmp_path / "my_plugin.py").write_text(
         "from common.algorithms import register\nfrom tests.tiny_algo import tiny_spec\n"
-        f"register(tiny_spec({str(tmp_path)!r}))\n")
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]),
-               **{algorithms.PLUGINS_ENV: "my_plugin"})
-    out = subprocess.run([sys.executable, "-m", "stages.train", "--help"], cwd=ROOT, env=env, capture_output=True,
-                         text=True, check=True).stdout
+        f"register(tiny_spec({str(tmp_path)!r}))\n"
+    )
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]), **{algorithms.PLUGINS_ENV: "my_plugin"}
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "stages.train", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert f"[{'|'.join((*algorithms.names(), NAME))}]" in out.replace("\n", "").replace(" ", "")

@@ -138,8 +138,9 @@ def test_convert_from_http_equals_convert_from_disk(tree: RealGeomInfo, listing_
     assert any(r["status"] == "skipped" for r in rr)  # the 8 nm crop, same reason as locally
     # rerun: every record reused from its digest, no chunk fetched again
     _, again = _convert(tmp_path, "http", listing_url)
-    assert [r["inputs_digest"] for r in again if r["status"] == "converted"] == \
-        [r["inputs_digest"] for r in rr if r["status"] == "converted"]
+    assert [r["inputs_digest"] for r in again if r["status"] == "converted"] == [
+        r["inputs_digest"] for r in rr if r["status"] == "converted"
+    ]
 
 
 def test_plain_http_needs_a_manifest_and_then_equals_disk(tree: RealGeomInfo, plain_url: str, tmp_path: Path) -> None:
@@ -152,17 +153,26 @@ def test_plain_http_needs_a_manifest_and_then_equals_disk(tree: RealGeomInfo, pl
     # --plan over plain HTTP (manifest, chunk presence by ranged reads) plans what the disk plans
     from stages.convert.convert import plan_convert
 
-    plans = [plan_convert(load_config(tmp_path / "local", None, {"data_root": root, "resolution_nm": 4,
-                                                                   "convert": {"crop_manifest": str(manifest)}},
-                                      dump=False)) for root in (str(tree.root), plain_url)]
+    plans = [
+        plan_convert(
+            load_config(
+                tmp_path / "local",
+                None,
+                {"data_root": root, "resolution_nm": 4, "convert": {"crop_manifest": str(manifest)}},
+                dump=False,
+            )
+        )
+        for root in (str(tree.root), plain_url)
+    ]
     assert plans[0] == plans[1] and {r["status"] for r in plans[0]} == {"convert", "skipped"}
 
 
 def test_cache_then_offline_convert_equals_remote_convert(tree: RealGeomInfo, plain_url: str, tmp_path: Path) -> None:
     manifest = _manifest(tree, tmp_path / "m.csv")
     wd = WorkDir.at(tmp_path / "remote").ensure()
-    cfg = load_config(wd.root, None, {"data_root": plain_url, "resolution_nm": 4,
-                                      "convert": {"crop_manifest": str(manifest)}})
+    cfg = load_config(
+        wd.root, None, {"data_root": plain_url, "resolution_nm": 4, "convert": {"crop_manifest": str(manifest)}}
+    )
     opts = convert_options(cfg)
     refs = find_crops(open_data_root(cfg, opts), cfg, opts)
     st = Settings(cfg.resolution_zyx, tuple(cfg.classes), cfg.unknown_label, 1, "")
@@ -171,10 +181,14 @@ def test_cache_then_offline_convert_equals_remote_convert(tree: RealGeomInfo, pl
     assert first.crops == 3 and first.files > 0 and first.reused == 0
     again = cache_tree(cfg, cache, refs, st, progress=False)  # resumable: nothing fetched twice
     assert again.files == 0 and again.reused >= first.files
+
     # exactly what convert reads: fewer EM chunks than the source holds, all of them under some cut
     def em_chunks(top: Path) -> set[Path]:
-        return {p.relative_to(top) for p in top.rglob("*")
-                if p.is_file() and "/fibsem-uint8/s0/" in str(p) and not p.name.startswith(".")}
+        return {
+            p.relative_to(top)
+            for p in top.rglob("*")
+            if p.is_file() and "/fibsem-uint8/s0/" in str(p) and not p.name.startswith(".")
+        }
 
     src_em, got_em = em_chunks(tree.root), em_chunks(cache)
     assert got_em and got_em < src_em, (len(got_em), len(src_em))
@@ -221,15 +235,21 @@ def test_cli_cache_to_then_offline_convert(tree: RealGeomInfo, plain_url: str, t
     wd = tmp_path / "work"
     wd.mkdir()
     (wd / "pipeline.yaml").write_text(f"data_root: {plain_url}\nresolution_nm: 4\n")
-    run = CliRunner().invoke(main, ["--work-dir", str(wd), "--crop-manifest", str(manifest), "--cache-to", str(tmp_path / "c")])
+    run = CliRunner().invoke(
+        main, ["--work-dir", str(wd), "--crop-manifest", str(manifest), "--cache-to", str(tmp_path / "c")]
+    )
     assert run.exit_code == 0, run.output
     assert "cache: 3 crops" in run.output and f"--data-root {tmp_path / 'c'}" in run.output
     run = CliRunner().invoke(main, ["--work-dir", str(wd), "--data-root", str(tmp_path / "c"), "--workers", "1"])
     assert run.exit_code == 0, run.output
     assert "convert: 3 converted (3 now), 2 skipped, 0 failed" in run.output
     local, rl = _convert(tmp_path, "local", str(tree.root))
-    _assert_same_outputs(local, rl, WorkDir.at(wd), [json.loads(p.read_text()) for p in
-                                                   sorted((wd / "markers" / "convert").glob("*.json"))])
+    _assert_same_outputs(
+        local,
+        rl,
+        WorkDir.at(wd),
+        [json.loads(p.read_text()) for p in sorted((wd / "markers" / "convert").glob("*.json"))],
+    )
 
 
 def test_manifest_formats_and_bad_rows(tree: RealGeomInfo, tmp_path: Path) -> None:

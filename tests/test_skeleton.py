@@ -45,14 +45,18 @@ def _raise(exc: BaseException) -> None:
     raise exc
 
 
-@pytest.mark.parametrize("exc,rc,line", [
-    (TrainerStopped("checkpointed at epoch 3"), 75, "train: stopped for requeue: checkpointed at epoch 3"),
-    (RequeueRequested("SIGTERM"), 75, "train: stopped for requeue: SIGTERM"),
-    (TrainerBadConfig("roi_size must be a list"), 2, "error: train: roi_size must be a list"),
-    (StageFailed("fold diverged"), 1, "error: train: fold diverged"),
-])
-def test_any_exception_with_an_int_exit_code_maps_to_it(exc: BaseException, rc: int, line: str,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    "exc,rc,line",
+    [
+        (TrainerStopped("checkpointed at epoch 3"), 75, "train: stopped for requeue: checkpointed at epoch 3"),
+        (RequeueRequested("SIGTERM"), 75, "train: stopped for requeue: SIGTERM"),
+        (TrainerBadConfig("roi_size must be a list"), 2, "error: train: roi_size must be a list"),
+        (StageFailed("fold diverged"), 1, "error: train: fold diverged"),
+    ],
+)
+def test_any_exception_with_an_int_exit_code_maps_to_it(
+    exc: BaseException, rc: int, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert _run_stage("train", _raise, (exc,), {}, None, False, False) == rc
     assert capsys.readouterr().err.strip() == line
 
@@ -125,8 +129,15 @@ def test_one_shard_name_for_markers_locks_and_logs() -> None:
 
 
 # ---- the Bundle object -----------------------------------------------------------------------
-def _bundle(wd: WorkDir, name: str, *, algo_object: bool = True, kind: str | None = None,
-            trained: bool = False, ckpt: Path | None = None) -> Path:
+def _bundle(
+    wd: WorkDir,
+    name: str,
+    *,
+    algo_object: bool = True,
+    kind: str | None = None,
+    trained: bool = False,
+    ckpt: Path | None = None,
+) -> Path:
     d = wd.root / name
     (d / "configs").mkdir(parents=True)
     hp = {"bundle_root": str(d), "ckpt_path": str(ckpt or d / "model"), "num_epochs": 2}
@@ -219,7 +230,7 @@ def test_ensemble_and_predict_write_nifti_through_the_one_writer() -> None:
 def _imports(path: Path, top_level_only: bool = False) -> set[str]:
     tree = ast.parse(path.read_text())
     out: set[str] = set()
-    for node in (tree.body if top_level_only else ast.walk(tree)):
+    for node in tree.body if top_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             out.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
@@ -242,20 +253,31 @@ def test_common_is_scheduler_free_and_torch_free() -> None:
 def _string_constants(path: Path) -> list[str]:
     """String literals of a module, docstrings excluded."""
     tree = ast.parse(path.read_text())
-    docs = {id(n.body[0].value) for n in ast.walk(tree)
-            if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
-            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    return [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)
-            and id(n) not in docs]
+    docs = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
+    return [
+        n.value
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+    ]
 
 
-@pytest.mark.parametrize("literal,home", [
-    ("cellmap_bundle.json", "common/workdir.py"),
-    ("hyper_parameters.yaml", "common/workdir.py"),
-    ("progress.yaml", "common/workdir.py"),
-    ("algo_object.json", "common/workdir.py"),
-    ("recon-1/em/fibsem-uint8", "common/ngff.py"),
-])
+@pytest.mark.parametrize(
+    "literal,home",
+    [
+        ("cellmap_bundle.json", "common/workdir.py"),
+        ("hyper_parameters.yaml", "common/workdir.py"),
+        ("progress.yaml", "common/workdir.py"),
+        ("algo_object.json", "common/workdir.py"),
+        ("recon-1/em/fibsem-uint8", "common/ngff.py"),
+    ],
+)
 def test_names_are_spelled_once(literal: str, home: str) -> None:
     files = [f for pkg in ("common", "stages", "slurm", "tools") for f in sorted((ROOT / pkg).rglob("*.py"))]
     where = [str(f.relative_to(ROOT)) for f in files if literal in _string_constants(f)]
@@ -287,18 +309,27 @@ def test_every_option_of_every_command_has_help() -> None:
 
 
 def test_console_script_version_help_and_lazy_imports() -> None:
-    code = ("import sys; from stages.cli import main\n"
-            "try:\n    main(['convert', '--help'], prog_name='cellmap-a3ds')\n"
-            "except SystemExit as e:\n    rc = e.code\n"
-            "print('RC', rc, 'TORCH', 'torch' in sys.modules, 'MONAI', 'monai' in sys.modules)")
+    code = (
+        "import sys; from stages.cli import main\n"
+        "try:\n    main(['convert', '--help'], prog_name='cellmap-a3ds')\n"
+        "except SystemExit as e:\n    rc = e.code\n"
+        "print('RC', rc, 'TORCH', 'torch' in sys.modules, 'MONAI', 'monai' in sys.modules)"
+    )
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120)
     assert "--data-root" in res.stdout and "RC 0 TORCH False MONAI False" in res.stdout, res.stdout + res.stderr
-    res = subprocess.run([sys.executable, "-m", "stages.cli", "--version"], capture_output=True, text=True, cwd=ROOT,
-                         env=ENV, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "--version"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=ENV,
+        timeout=120,
+    )
     assert res.returncode == 0 and res.stdout.startswith("cellmap-a3ds, version ")
     assert res.stdout.split()[-1] != "unknown"
-    res = subprocess.run([sys.executable, "-m", "stages.cli", "--help"], capture_output=True, text=True, cwd=ROOT,
-                         env=ENV, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-m", "stages.cli", "--help"], capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=120
+    )
     assert all(c in res.stdout for c in ("convert", "analyze", "bundlegen", "train", "ensemble", "status"))
 
 
@@ -307,8 +338,14 @@ def test_console_script_runs_a_stage_with_its_exit_code(tmp_path: Path) -> None:
     outs = []
     for argv in (["-m", "stages.cli", "analyze"], ["-m", "stages.analyze"]):
         wd = tmp_path / argv[-1]
-        res = subprocess.run([sys.executable, *argv, "--work-dir", str(wd)], capture_output=True, text=True,
-                             cwd=ROOT, env=ENV, timeout=300)
+        res = subprocess.run(
+            [sys.executable, *argv, "--work-dir", str(wd)],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            env=ENV,
+            timeout=300,
+        )
         errs = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
         assert res.returncode == 2 and len(errs) == 1, res.stderr
         outs.append(errs[0].replace(str(wd), "W"))

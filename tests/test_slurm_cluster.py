@@ -74,7 +74,7 @@ def _stand_ins(tmp: Path, fake: bool) -> tuple[Path, Path]:
     """A stand-in ``apptainer`` and ``python`` (both dispatch to the stage module)."""
     bindir = tmp / "bin"
     bindir.mkdir(parents=True, exist_ok=True)
-    target = "-m tests.slurm_fakestage \"$stage\"" if fake else "-m \"stages.$stage\""
+    target = '-m tests.slurm_fakestage "$stage"' if fake else '-m "stages.$stage"'
     common = f"""export PYTHONPATH={ROOT}${{PYTHONPATH:+:$PYTHONPATH}}
 exec {sys.executable} {target} "${{rest[@]}}"
 """
@@ -143,8 +143,13 @@ def _assert_dependency_order(wd: WorkDir, states: dict[str, dict[str, str]]) -> 
 
 
 def _status(wd: WorkDir) -> dict:
-    out = subprocess.run([sys.executable, "-m", "slurm.status", "--work-dir", str(wd.root), "--json"],
-                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "slurm.status", "--work-dir", str(wd.root), "--json"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
 
@@ -186,8 +191,15 @@ def test_full_chain_two_clusters_with_requeue(slurm_cluster: dict[str, str], tmp
         "convert: {max_failed_fraction: 1.0}\n"  # the fixture's 7 malformed crops are deliberate
     )
     ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), convert_shards=2, echo=lambda s: None, preflight=False)
-    assert list(ids) == ["convert.shards", "convert", "analyze", "bundlegen", "wait.bundlegen",
-                         "train.segresnet_0", "ensemble"]
+    assert list(ids) == [
+        "convert.shards",
+        "convert",
+        "analyze",
+        "bundlegen",
+        "wait.bundlegen",
+        "train.segresnet_0",
+        "ensemble",
+    ]
     # signal the train job once its first epoch is logged (the second one takes >10 s here)
     train_log = wd.logs_dir / "slurm" / f"train.segresnet_0-{ids['train.segresnet_0']}.out"
     t0 = time.monotonic()
@@ -206,9 +218,14 @@ def test_full_chain_two_clusters_with_requeue(slurm_cluster: dict[str, str], tmp
     assert sorted(p.name for p in wd.ensemble_dir.glob("*.nii.gz")), "no ensemble output"
     # the GPU side ran through the apptainer command line the profile names
     calls = (tmp_path / "apptainer_calls.log").read_text().splitlines()
-    assert sum(f"run --cleanenv --no-home -B {wd.root}:{wd.root} -B {data}:{data}:ro --env OMP_NUM_THREADS=1 "
-               f"--nv /images/a3ds/train.sif --work-dir {wd.root} --algo segresnet --fold 0 --gpus 0" in c
-               for c in calls) == 2, calls
+    assert (
+        sum(
+            f"run --cleanenv --no-home -B {wd.root}:{wd.root} -B {data}:{data}:ro --env OMP_NUM_THREADS=1 "
+            f"--nv /images/a3ds/train.sif --work-dir {wd.root} --algo segresnet --fold 0 --gpus 0" in c
+            for c in calls
+        )
+        == 2
+    ), calls
     assert any("/images/a3ds/ensemble.sif" in c and "--nv" not in c for c in calls)
     rows = _status_rows(wd)
     for name in ("convert", "analyze", "bundlegen", "train.segresnet_0", "ensemble"):
@@ -222,21 +239,32 @@ def test_failure_cancels_dependants_then_resubmit_skips_done(slurm_cluster: dict
     wd = _blobs(tmp_path, "{}")
     (wd.root / "pipeline.yaml").write_text("classes: [ecs, mito_mem]\nalgos: [segresnet, dints]\n")
     (wd.root / "fail_bundlegen").write_text("")
-    ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False)
+    ids = submit_chain(
+        wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False
+    )
     states = _wait_all(wd, timeout=120)
     got = {n: s["state"] for n, s in states.items()}
-    assert got == {"analyze": "COMPLETED", "bundlegen": "FAILED", "wait.bundlegen": "FAILED",
-                   "train.segresnet_0": "CANCELLED", "train.dints_0": "CANCELLED", "ensemble": "CANCELLED"}, _logs(wd)
+    assert got == {
+        "analyze": "COMPLETED",
+        "bundlegen": "FAILED",
+        "wait.bundlegen": "FAILED",
+        "train.segresnet_0": "CANCELLED",
+        "train.dints_0": "CANCELLED",
+        "ensemble": "CANCELLED",
+    }, _logs(wd)
     rows = _status_rows(wd)
     assert rows["bundlegen"]["state"] == "failed" and "injected failure" in (rows["bundlegen"].get("reason") or "")
     assert rows["train.dints_0"]["job_state"] == "CANCELLED"
-    table = subprocess.run([sys.executable, "-m", "slurm.status", "--work-dir", str(wd.root)],
-                           capture_output=True, text=True, cwd=ROOT).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "slurm.status", "--work-dir", str(wd.root)], capture_output=True, text=True, cwd=ROOT
+    ).stdout
     assert "bundlegen" in table and "failed" in table
 
     # fix it and resubmit: analyze is done and is not submitted again
     (wd.root / "fail_bundlegen").unlink()
-    ids2 = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False)
+    ids2 = submit_chain(
+        wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False
+    )
     assert list(ids2) == ["bundlegen", "wait.bundlegen", "train.segresnet_0", "train.dints_0", "ensemble"]
     states = _wait_all(wd, timeout=120)
     assert all(s["state"] == "COMPLETED" for s in states.values()), states
@@ -244,7 +272,12 @@ def test_failure_cancels_dependants_then_resubmit_skips_done(slurm_cluster: dict
     assert runs.count("analyze start") == 1
     assert read_jobs(wd)[0]["job_id"] == ids["analyze"]  # kept; the others replaced by name
     assert {j["name"]: j["job_id"] for j in read_jobs(wd)}["ensemble"] == ids2["ensemble"]
-    assert submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False) == {}
+    assert (
+        submit_chain(
+            wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", echo=lambda s: None, preflight=False
+        )
+        == {}
+    )
 
 
 def _read(p: Path) -> str:
@@ -263,7 +296,9 @@ def test_wait_job_ignores_stale_failures_requeues_and_follows_the_marker(
     old.start()
     old.fail("an earlier run")
     os.utime(old.path, (time.time() - 3600, time.time() - 3600))
-    ids = submit_chain(wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", side="gpu", echo=lambda s: None, preflight=False)
+    ids = submit_chain(
+        wd.root, str(gpu), cpu_profile=str(cpu), from_stage="analyze", side="gpu", echo=lambda s: None, preflight=False
+    )
     assert list(ids) == ["wait.bundlegen", "train.segresnet_0", "ensemble"]
     wait_id = ids["wait.bundlegen"]
     t0 = time.monotonic()
@@ -309,7 +344,12 @@ def test_memory_kill_shows_in_status(slurm_cluster: dict[str, str], tmp_path: Pa
     assert row["state"] == "running" and row["possibly_killed"]
     assert "killed by SLURM" in row["note"] and "memory limit" in row["note"], row["note"]
     assert rows["ensemble"]["job_state"] == "CANCELLED"
-    table = subprocess.run([sys.executable, "-m", "slurm.submit", "--work-dir", str(wd.root), "--status"],
-                           capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--work-dir", str(wd.root), "--status"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
     print(table)
     assert "OUT_OF_MEMORY" in table and "running?" in table

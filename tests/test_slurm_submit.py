@@ -85,9 +85,17 @@ def test_dry_run_follows_the_profiles(wd: Path) -> None:
     out = _dry(wd, profile="longleaf", cpu_profile="sycamore")
     blocks = dict(re.findall(r"# ==== (\S+) \(\S+\): \S+\n(.*?)# ---- submit", out, re.S))
     gpu, cpu = load_profile("longleaf"), load_profile("sycamore")
-    assert list(blocks) == ["convert", "analyze", "bundlegen", "wait.bundlegen",
-                            "train.segresnet_0", "train.segresnet_1", "train.dints_0", "train.dints_1",
-                            "ensemble"]
+    assert list(blocks) == [
+        "convert",
+        "analyze",
+        "bundlegen",
+        "wait.bundlegen",
+        "train.segresnet_0",
+        "train.segresnet_1",
+        "train.dints_0",
+        "train.dints_1",
+        "ensemble",
+    ]
     for name, script in blocks.items():
         stage = name.split(".")[0]
         prof = cpu if stage in ("convert", "analyze", "bundlegen") else gpu
@@ -150,12 +158,20 @@ def test_scripts_are_shellcheck_clean(wd: Path, tmp_path: Path) -> None:
 
 def test_cli_dry_run_and_bad_input(wd: Path) -> None:
     py = sys.executable
-    ok = subprocess.run([py, "-m", "slurm.submit", "--work-dir", str(wd), "--profile", "sycamore", "--dry-run"],
-                        capture_output=True, text=True, cwd=ROOT)
+    ok = subprocess.run(
+        [py, "-m", "slurm.submit", "--work-dir", str(wd), "--profile", "sycamore", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "sbatch --parsable" in ok.stdout and "#SBATCH --partition=batch" in ok.stdout
-    bad = subprocess.run([py, "-m", "slurm.submit", "--work-dir", str(wd), "--profile", "nosuch", "--dry-run"],
-                         capture_output=True, text=True, cwd=ROOT)
+    bad = subprocess.run(
+        [py, "-m", "slurm.submit", "--work-dir", str(wd), "--profile", "nosuch", "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip().startswith("error: slurm: ") and "nosuch.yaml: no such profile" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1

@@ -55,12 +55,27 @@ def status_wd(tmp_path: Path) -> Path:
     m.done()
     wd.slurm_dir.mkdir(parents=True, exist_ok=True)
     jobs = [
-        {"name": "train.swinunetr_0", "job_id": "101", "stage": "train", "cluster": "local",
-         "submitted": "2026-01-01T00:00:00+00:00"},
-        {"name": "train.swinunetr_0", "job_id": "202", "stage": "train", "cluster": "local",
-         "submitted": "2026-01-02T00:00:00+00:00"},
-        {"name": "ensemble", "job_id": "303", "stage": "ensemble", "cluster": "local",
-         "submitted": "2026-01-02T00:00:00+00:00"},
+        {
+            "name": "train.swinunetr_0",
+            "job_id": "101",
+            "stage": "train",
+            "cluster": "local",
+            "submitted": "2026-01-01T00:00:00+00:00",
+        },
+        {
+            "name": "train.swinunetr_0",
+            "job_id": "202",
+            "stage": "train",
+            "cluster": "local",
+            "submitted": "2026-01-02T00:00:00+00:00",
+        },
+        {
+            "name": "ensemble",
+            "job_id": "303",
+            "stage": "ensemble",
+            "cluster": "local",
+            "submitted": "2026-01-02T00:00:00+00:00",
+        },
     ]
     (wd.slurm_dir / "jobs.json").write_text(json.dumps(jobs))
     return wd.root
@@ -87,8 +102,16 @@ def test_status_states_without_slurm(status_wd: Path, tmp_path: Path, monkeypatc
     monkeypatch.setenv("PATH", str(empty))  # neither squeue nor scontrol: nothing breaks
     rows = {r.name: r for r in collect_status(status_wd)}
     order = [r.name for r in collect_status(status_wd)]
-    assert order == ["convert", "convert.shard-0-of-2", "analyze", "bundlegen", "train.segresnet_0",
-                     "train.dints_0", "train.swinunetr_0", "ensemble"]
+    assert order == [
+        "convert",
+        "convert.shard-0-of-2",
+        "analyze",
+        "bundlegen",
+        "train.segresnet_0",
+        "train.dints_0",
+        "train.swinunetr_0",
+        "ensemble",
+    ]
     assert rows["convert"].state == "done" and rows["convert"].duration_s is not None
     assert rows["analyze"].state == "failed"
     assert rows["analyze"].reason == "datastats: 2 of 6 cases dropped"
@@ -118,8 +141,15 @@ def test_status_live_slurm_states(status_wd: Path, tmp_path: Path, monkeypatch: 
         data["host"] = "compute-node-7"
         p.write_text(json.dumps(data))
     jobs = json.loads((wd.slurm_dir / "jobs.json").read_text())
-    jobs.append({"name": "train.dints_0", "job_id": "404", "stage": "train", "cluster": "local",
-                 "submitted": "2026-01-03T00:00:00+00:00"})
+    jobs.append(
+        {
+            "name": "train.dints_0",
+            "job_id": "404",
+            "stage": "train",
+            "cluster": "local",
+            "submitted": "2026-01-03T00:00:00+00:00",
+        }
+    )
     (wd.slurm_dir / "jobs.json").write_text(json.dumps(jobs))
     rows = {r.name: r for r in collect_status(status_wd)}
     assert rows["train.swinunetr_0"].job_state == "RUNNING" and not rows["train.swinunetr_0"].possibly_killed
@@ -131,7 +161,11 @@ def test_status_live_slurm_states(status_wd: Path, tmp_path: Path, monkeypatch: 
     # the JSON form through the real CLI
     res = subprocess.run(
         [sys.executable, "-m", "slurm.status", "--work-dir", str(status_wd), "--json"],
-        capture_output=True, text=True, cwd=ROOT, env={**os.environ}, check=True,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ},
+        check=True,
     )
     data = json.loads(res.stdout)
     by_name = {r["name"]: r for r in data["rows"]}
@@ -141,11 +175,20 @@ def test_status_live_slurm_states(status_wd: Path, tmp_path: Path, monkeypatch: 
 
 
 def test_status_cli_table_and_missing_dir(status_wd: Path, tmp_path: Path) -> None:
-    res = subprocess.run([sys.executable, "-m", "slurm.status", "--work-dir", str(status_wd)],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "slurm.status", "--work-dir", str(status_wd)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert res.stdout.splitlines()[1].split()[:2] == ["name", "state"]
-    res = subprocess.run([sys.executable, "-m", "slurm.status", "--work-dir", str(tmp_path / "nope")],
-                         capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(
+        [sys.executable, "-m", "slurm.status", "--work-dir", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert res.returncode == 2 and "work dir not found" in res.stderr
 
 
@@ -170,17 +213,28 @@ def test_the_three_status_commands_print_one_table(status_wd: Path, tmp_path: Pa
     env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}/usr/bin:/bin"}
     outs = []
     for argv in (["-m", "slurm.status"], ["-m", "slurm.submit", "--status"], ["-m", "stages.cli", "status"]):
-        res = subprocess.run([sys.executable, *argv, "--work-dir", str(status_wd)], capture_output=True, text=True,
-                             cwd=ROOT, env=env)
+        res = subprocess.run(
+            [sys.executable, *argv, "--work-dir", str(status_wd)], capture_output=True, text=True, cwd=ROOT, env=env
+        )
         assert res.returncode == 0, (argv, res.stderr)
         # a running row's "took" grows between the three calls: compare everything else
-        outs.append([" ".join(re.sub(r"(?<=\s)[0-9]+[smhd]([0-9]+[smh])?(?=\s)", "T", ln).split())
-                     for ln in res.stdout.splitlines() if ln.split()[:1] and not ln.startswith("pipeline status")])
+        outs.append(
+            [
+                " ".join(re.sub(r"(?<=\s)[0-9]+[smhd]([0-9]+[smh])?(?=\s)", "T", ln).split())
+                for ln in res.stdout.splitlines()
+                if ln.split()[:1] and not ln.startswith("pipeline status")
+            ]
+        )
     assert outs[0] == outs[1] == outs[2]
     rows = {ln.split()[0]: ln for ln in outs[0]}
     assert "202 RUNNING" in rows["train.swinunetr_0"] and "303 PENDING" in rows["ensemble"]
-    res = subprocess.run([sys.executable, "-m", "slurm.submit", "--status", "--work-dir", str(tmp_path / "nope")],
-                         capture_output=True, text=True, cwd=ROOT, env=env)
+    res = subprocess.run(
+        [sys.executable, "-m", "slurm.submit", "--status", "--work-dir", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+    )
     assert res.returncode == 2 and "work dir not found" in res.stderr
 
 

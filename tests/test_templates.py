@@ -40,11 +40,21 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     wd = tmp_path_factory.mktemp("tpl") / "work"
     dl = make_blobs_dataset(wd, n_cases=4, shape=(40, 40, 24), n_classes=3, n_val=2, seed=1, missing={0: (3,)})
-    DataAnalyzer(str(dl), str(wd / "nifti_data"), output_path=str(wd / "datastats.yaml"), device="cpu",
-                 worker=0).get_all_case_stats()
-    inp = {"name": "cellmap", "task": "segmentation", "modality": "ct", "dataroot": str(wd / "nifti_data"),
-           "datalist": str(dl), "class_names": CLASSES, "output_classes": 4, "unknown_label": 255,
-           "target_gpu_mem_gb": 48.0, "sigmoid": False}
+    DataAnalyzer(
+        str(dl), str(wd / "nifti_data"), output_path=str(wd / "datastats.yaml"), device="cpu", worker=0
+    ).get_all_case_stats()
+    inp = {
+        "name": "cellmap",
+        "task": "segmentation",
+        "modality": "ct",
+        "dataroot": str(wd / "nifti_data"),
+        "datalist": str(dl),
+        "class_names": CLASSES,
+        "output_classes": 4,
+        "unknown_label": 255,
+        "target_gpu_mem_gb": 48.0,
+        "sigmoid": False,
+    }
     (wd / "input.yaml").write_text(yaml.safe_dump(inp))
     return wd
 
@@ -55,8 +65,12 @@ def test_bundlegen_on_builtin_templates(analysed: Path) -> None:
 
     wd = analysed
     _forget_template_modules()
-    gen = BundleGen(algo_path=str(wd), templates_path_or_url=str(TEMPLATES),
-                    data_stats_filename=str(wd / "datastats.yaml"), data_src_cfg_name=str(wd / "input.yaml"))
+    gen = BundleGen(
+        algo_path=str(wd),
+        templates_path_or_url=str(TEMPLATES),
+        data_stats_filename=str(wd / "datastats.yaml"),
+        data_src_cfg_name=str(wd / "input.yaml"),
+    )
     gen.generate(str(wd), num_fold=2)
     ids = sorted(h["identifier"] for h in gen.get_history())
     assert ids == sorted(f"{a}_{f}" for a in ALGOS for f in (0, 1))
@@ -76,7 +90,9 @@ def test_bundlegen_on_builtin_templates(analysed: Path) -> None:
             assert hp["network"] and hp["learning_rate"] > 0 and hp["loss"] == "dicece"
             assert hp["roi_size"] == fit_roi(hp, hp["roi_size"])  # a size the network accepts
             assert "$@" not in (bundle / "configs" / "hyper_parameters.yaml").read_text()  # fully resolved
-            algo_obj, _ = algo_from_json(str(bundle / "algo_object.json"), template_path=str(wd / "algorithm_templates"))
+            algo_obj, _ = algo_from_json(
+                str(bundle / "algo_object.json"), template_path=str(wd / "algorithm_templates")
+            )
             assert type(algo_obj).__name__ == f"{algo.capitalize()}Algo"
     # the template's own defaults were not overwritten by the filled copies
     assert "bundle_root" not in (TEMPLATES / "segresnet" / "configs" / "hyper_parameters.yaml").read_text()
@@ -119,11 +135,14 @@ def test_epoch_heuristics_are_the_official_ones() -> None:
     assert autoconfig.auto_num_epochs("dints", 1251, 2, [96, 96, 96], [240, 240, 155]) == 4 * 200
 
 
-@pytest.mark.parametrize("algo,net,roi", [
-    ("segresnet", {"init_filters": 8, "blocks_down": [1, 2, 2, 4]}, [30, 33, 16]),
-    ("swinunetr", {"feature_size": 12}, [32, 32, 16]),
-    ("dints", {"num_blocks": 2, "num_depths": 3, "channel_mul": 0.25}, [20, 32, 16]),
-])
+@pytest.mark.parametrize(
+    "algo,net,roi",
+    [
+        ("segresnet", {"init_filters": 8, "blocks_down": [1, 2, 2, 4]}, [30, 33, 16]),
+        ("swinunetr", {"feature_size": 12}, [32, 32, 16]),
+        ("dints", {"num_blocks": 2, "num_depths": 3, "channel_mul": 0.25}, [20, 32, 16]),
+    ],
+)
 def test_networks_accept_fitted_roi(algo: str, net: dict, roi: list[int]) -> None:
     cfg = {"algo": algo, "output_classes": 4, "network": net}
     fitted = fit_roi(cfg, roi)
@@ -179,8 +198,20 @@ def test_dice_per_class_values() -> None:
 def test_cli_overrides_keep_types() -> None:
     from training.trainer import parse_cli_overrides
 
-    cfg, ov = parse_cli_overrides(["run", "--config_file", "a.yaml", "--roi_size", "[32,32,16]",
-                                   "--num_epochs=2", "--training#learning_rate", "1e-3", "--amp", "false"])
+    cfg, ov = parse_cli_overrides(
+        [
+            "run",
+            "--config_file",
+            "a.yaml",
+            "--roi_size",
+            "[32,32,16]",
+            "--num_epochs=2",
+            "--training#learning_rate",
+            "1e-3",
+            "--amp",
+            "false",
+        ]
+    )
     assert cfg == "a.yaml"
     assert ov == {"roi_size": [32, 32, 16], "num_epochs": 2, "learning_rate": 1e-3, "amp": False}
     # what MONAI's BundleAlgo.train builds (split on spaces, quotes kept)
@@ -220,8 +251,11 @@ def test_deep_supervision_heads_train_and_only_the_main_head_infers() -> None:
     label shrunk by nearest neighbour so unknown stays unknown) and predicts with the main one."""
     from training.losses import deep_supervision_loss
 
-    cfg = {"algo": "segresnet", "output_classes": 4,
-           "network": {"init_filters": 4, "blocks_down": [1, 1, 1, 1], "dsdepth": 3}}
+    cfg = {
+        "algo": "segresnet",
+        "output_classes": 4,
+        "network": {"init_filters": 4, "blocks_down": [1, 1, 1, 1], "dsdepth": 3},
+    }
     model = build_network(cfg)
     x = torch.randn(2, 1, 16, 16, 24)
     outs = model(x)
@@ -260,14 +294,23 @@ def test_class_balanced_crops_skip_unknown_and_padding(tmp_path: Path) -> None:
     save_nifti(tmp_path / "i.nii.gz", img, aff)
     save_nifti(tmp_path / "l.nii.gz", lab, aff)
     roi = [16, 16, 32]
-    d = KnownClassIndicesd(3)({"label": torch.from_numpy(np.pad(lab, [(0, 0), (0, 0), (4, 5)], constant_values=255))[None]})
+    d = KnownClassIndicesd(3)(
+        {"label": torch.from_numpy(np.pad(lab, [(0, 0), (0, 0), (4, 5)], constant_values=255))[None]}
+    )
     flat = np.pad(lab, [(0, 0), (0, 0), (4, 5)], constant_values=255).reshape(-1)
     for c, idx in enumerate(d[INDICES_KEY]):
         assert idx.size == int((flat == c).sum()) and np.all(flat[idx] == c)  # never unknown / padding
 
     def rare_share(mode: str) -> float:
-        cfg = {"intensity_bounds": [0, 300], "unknown_label": 255, "roi_size": roi, "output_classes": 3,
-               "crop_mode": mode, "augment": "none", "num_crops_per_image": 60}
+        cfg = {
+            "intensity_bounds": [0, 300],
+            "unknown_label": 255,
+            "roi_size": roi,
+            "output_classes": 3,
+            "crop_mode": mode,
+            "augment": "none",
+            "num_crops_per_image": 60,
+        }
         xf = build_transforms(cfg, train=True)
         xf.set_random_state(seed=1)
         crops = xf({"image": str(tmp_path / "i.nii.gz"), "label": str(tmp_path / "l.nii.gz")})

@@ -24,8 +24,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = ["ecs", "pm", "mito_mem"]
 # one network section for all three algorithms (each factory reads its own keys)
-TINY_NET = {"init_filters": 8, "blocks_down": [1, 2, 2, 4], "feature_size": 12,
-            "num_blocks": 2, "num_depths": 3, "channel_mul": 0.25}
+TINY_NET = {
+    "init_filters": 8,
+    "blocks_down": [1, 2, 2, 4],
+    "feature_size": 12,
+    "num_blocks": 2,
+    "num_depths": 3,
+    "channel_mul": 0.25,
+}
 TINY_TRAIN = {"num_epochs": 2, "roi_size": [32, 32, 16], "batch_size": 2, "num_workers": 0, "network": TINY_NET}
 
 
@@ -38,8 +44,9 @@ def analysed(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     base = tmp_path_factory.mktemp("train_base")
     dl = make_blobs_dataset(base, n_cases=6, shape=(40, 40, 24), n_classes=3, n_val=2, seed=0)
-    DataAnalyzer(str(dl), str(base / "nifti_data"), output_path=str(base / "datastats.yaml"), device="cpu",
-                 worker=0).get_all_case_stats()
+    DataAnalyzer(
+        str(dl), str(base / "nifti_data"), output_path=str(base / "datastats.yaml"), device="cpu", worker=0
+    ).get_all_case_stats()
     return base
 
 
@@ -52,8 +59,15 @@ def make_work(analysed: Path, dest: Path, algos: list[str], train: dict[str, Any
     shutil.copytree(analysed / "nifti_data", dest / "nifti_data")
     for f in ("datastats.yaml", "datastats_by_case.yaml"):
         shutil.copy(analysed / f, dest / f)
-    cfg = {"classes": CLASSES, "unknown_label": 255, "resolution_nm": 8, "algos": algos, "num_folds": 1,
-           "templates": "builtin", "train": train}
+    cfg = {
+        "classes": CLASSES,
+        "unknown_label": 255,
+        "resolution_nm": 8,
+        "algos": algos,
+        "num_folds": 1,
+        "templates": "builtin",
+        "train": train,
+    }
     (dest / "pipeline.yaml").write_text(yaml.safe_dump(cfg))
     run_bundlegen(WorkDir.at(dest), load_config(dest))
     return dest
@@ -71,8 +85,9 @@ def train_cmd(wd: Path, algo: str, *extra: str) -> list[str]:
 
 
 def run_train(wd: Path, algo: str, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(train_cmd(wd, algo, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        train_cmd(wd, algo, *extra), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
 
 
 def marker(wd: Path, name: str) -> dict[str, Any]:
@@ -87,15 +102,20 @@ def test_three_algorithms_train_concurrently(analysed: Path, tmp_path: Path) -> 
 
     algos = ["segresnet", "swinunetr", "dints"]
     wd = make_work(analysed, tmp_path / "work", algos, TINY_TRAIN)
-    procs = {a: subprocess.Popen(train_cmd(wd, a), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True) for a in algos}
+    procs = {
+        a: subprocess.Popen(
+            train_cmd(wd, a), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        for a in algos
+    }
     outs = {a: p.communicate(timeout=400)[0] for a, p in procs.items()}
     for a, p in procs.items():
         assert p.returncode == 0, f"{a}:\n{outs[a][-3000:]}"
     for a in algos:
         model = wd / f"{a}_0" / "model"
         assert {"model_best.pt", "model_final.pt", "metrics.jsonl", "progress.png", "progress.yaml"} <= {
-            p.name for p in model.iterdir()}
+            p.name for p in model.iterdir()
+        }
         assert not (model / "checkpoint_latest.pt").exists()  # pruned after a clean finish
         assert not [p for p in model.iterdir() if p.name.startswith(".tmp-")]
         rows = [json.loads(line) for line in (model / "metrics.jsonl").read_text().splitlines()]
@@ -149,8 +169,9 @@ def test_sigusr1_requeue_resumes_exactly(analysed: Path, tmp_path: Path) -> None
     assert done.returncode == 0, done.stderr[-3000:]
 
     metrics = intr / "segresnet_0" / "model" / "metrics.jsonl"
-    proc = subprocess.Popen(train_cmd(intr, "segresnet"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(intr, "segresnet"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     t0 = time.monotonic()
     while not (metrics.is_file() and metrics.read_text().strip()):  # first epoch written
         assert proc.poll() is None, proc.communicate()[0][-3000:]
@@ -225,8 +246,10 @@ def test_segresnet_learns_blobs(analysed: Path, tmp_path: Path) -> None:
     assert best >= 0.9, f"best mean foreground Dice {best:.3f} after {time.monotonic() - t0:.0f} s"
 
 
-@pytest.mark.skipif(not os.environ.get("CELLMAP_A3DS_OFFICIAL_TEMPLATES"),
-                    reason="CELLMAP_A3DS_OFFICIAL_TEMPLATES does not point at a local copy of the official templates")
+@pytest.mark.skipif(
+    not os.environ.get("CELLMAP_A3DS_OFFICIAL_TEMPLATES"),
+    reason="CELLMAP_A3DS_OFFICIAL_TEMPLATES does not point at a local copy of the official templates",
+)
 @pytest.mark.slow
 def test_official_segresnet_trains(tmp_path: Path) -> None:
     """An official-template bundle runs its own scripts/train.py, streamed to the log."""
@@ -239,11 +262,23 @@ def test_official_segresnet_trains(tmp_path: Path) -> None:
 
     wd = tmp_path / "work"  # the official templates cannot ignore an unknown label: none here
     dl = make_blobs_dataset(wd, n_cases=4, shape=(40, 40, 24), n_classes=3, n_val=2, seed=0, unknown_label=None)
-    DataAnalyzer(str(dl), str(wd / "nifti_data"), output_path=str(wd / "datastats.yaml"), device="cpu",
-                 worker=0).get_all_case_stats()
-    cfg = {"classes": CLASSES, "unknown_label": 0, "algos": ["segresnet"], "templates": "official",
-           "train": {"num_epochs": 1, "roi_size": [32, 32, 32], "auto_scale_allowed": False, "num_workers": 0,
-                     "cache_rate": 0, "init_filters": 8}}
+    DataAnalyzer(
+        str(dl), str(wd / "nifti_data"), output_path=str(wd / "datastats.yaml"), device="cpu", worker=0
+    ).get_all_case_stats()
+    cfg = {
+        "classes": CLASSES,
+        "unknown_label": 0,
+        "algos": ["segresnet"],
+        "templates": "official",
+        "train": {
+            "num_epochs": 1,
+            "roi_size": [32, 32, 32],
+            "auto_scale_allowed": False,
+            "num_workers": 0,
+            "cache_rate": 0,
+            "init_filters": 8,
+        },
+    }
     (wd / "pipeline.yaml").write_text(yaml.safe_dump(cfg))
     run_bundlegen(WorkDir.at(wd), load_config(wd))
     res = run_train(wd, "segresnet", timeout=600)
@@ -262,8 +297,9 @@ def test_mlflow_tracks_to_local_sqlite_and_resumes_the_run(analysed: Path, tmp_p
     hp = yaml.safe_load((wd / "segresnet_0" / "configs" / "hyper_parameters.yaml").read_text())
     assert hp["mlflow"] is False and hp["mlflow_tracking_uri"] is None  # off unless asked
     # first job: stopped by SIGUSR1 once epoch 0 is logged
-    proc = subprocess.Popen(train_cmd(wd, "segresnet"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        train_cmd(wd, "segresnet"), cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = wd / "segresnet_0" / "model" / "metrics.jsonl"
     deadline = time.monotonic() + 240
     while not metrics.is_file() and proc.poll() is None and time.monotonic() < deadline:
@@ -283,6 +319,8 @@ def test_mlflow_tracks_to_local_sqlite_and_resumes_the_run(analysed: Path, tmp_p
     history = client.get_metric_history(run_id, "train_loss")
     assert sorted(m.step for m in history) == [0, 1, 2]  # one run across the requeue
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    assert [round(m.value, 6) for m in sorted(history, key=lambda m: m.step)] == [round(r["train_loss"], 6) for r in rows]
+    assert [round(m.value, 6) for m in sorted(history, key=lambda m: m.step)] == [
+        round(r["train_loss"], 6) for r in rows
+    ]
     best = client.get_metric_history(run_id, "best_avg_dice_score")[-1].value
     assert best == pytest.approx(marker(wd, "train.segresnet_0")["details"]["best_metric"], abs=1e-6)

@@ -58,8 +58,15 @@ def sizes(target_nm: float, classes: tuple[str, ...] = tuple(DEFAULT_CLASSES)) -
         ranges = [range(sl.start // k, -(-sl.stop // k)) for sl, k in zip(red.em_cut, EM_CHUNK)]
         chunks.setdefault(c.dataset, set()).update(product(*ranges))
     n_chunks = sum(len(v) for v in chunks.values())
-    return {"target_nm": target_nm, "crops": crops, "not_converted": skipped, "datasets": len(chunks),
-            "em_chunks": n_chunks, "em_raw_bytes": n_chunks * math.prod(EM_CHUNK), "label_raw_bytes": label_vox}
+    return {
+        "target_nm": target_nm,
+        "crops": crops,
+        "not_converted": skipped,
+        "datasets": len(chunks),
+        "em_chunks": n_chunks,
+        "em_raw_bytes": n_chunks * math.prod(EM_CHUNK),
+        "label_raw_bytes": label_vox,
+    }
 
 
 def _gib(b: float) -> str:
@@ -67,7 +74,15 @@ def _gib(b: float) -> str:
 
 
 def table(rows: list[dict[str, Any]], em_ratio: float, label_ratio: float, mbps: list[float]) -> str:
-    head = ["target", "crops", "datasets", "EM s0 chunks", "EM raw", "labels raw", f"download (EM /{em_ratio:g}, labels /{label_ratio:g})"]
+    head = [
+        "target",
+        "crops",
+        "datasets",
+        "EM s0 chunks",
+        "EM raw",
+        "labels raw",
+        f"download (EM /{em_ratio:g}, labels /{label_ratio:g})",
+    ]
     head += [f"time @ {m:g} MB/s" for m in mbps]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -77,8 +92,22 @@ def table(rows: list[dict[str, Any]], em_ratio: float, label_ratio: float, mbps:
         for m in mbps:
             s = dl / (m * 1e6)
             times.append(f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min")
-        out.append("| " + " | ".join([f"{r['target_nm']:g} nm", str(r["crops"]), str(r["datasets"]), f"{r['em_chunks']:,}",
-                                      _gib(r["em_raw_bytes"]), _gib(r["label_raw_bytes"]), _gib(dl), *times]) + " |")
+        out.append(
+            "| "
+            + " | ".join(
+                [
+                    f"{r['target_nm']:g} nm",
+                    str(r["crops"]),
+                    str(r["datasets"]),
+                    f"{r['em_chunks']:,}",
+                    _gib(r["em_raw_bytes"]),
+                    _gib(r["label_raw_bytes"]),
+                    _gib(dl),
+                    *times,
+                ]
+            )
+            + " |"
+        )
     return "\n".join(out)
 
 
@@ -92,11 +121,15 @@ def main() -> None:
     a = ap.parse_args()
     rows = [sizes(t) for t in a.targets]
     print(table(rows, a.em_ratio, a.label_ratio, a.mbps))
-    print(f"\nassumptions: EM uint8 chunks {list(EM_CHUNK)} (1 MiB raw), Zstd ratio {a.em_ratio:g}:1; `all` labels uint8 "
-          f"at label s0, ratio {a.label_ratio:g}:1; chunks shared by crops of one dataset counted once; "
-          f"train crops with >= 1 default class; times = size / bandwidth")
+    print(
+        f"\nassumptions: EM uint8 chunks {list(EM_CHUNK)} (1 MiB raw), Zstd ratio {a.em_ratio:g}:1; `all` labels uint8 "
+        f"at label s0, ratio {a.label_ratio:g}:1; chunks shared by crops of one dataset counted once; "
+        f"train crops with >= 1 default class; times = size / bandwidth"
+    )
     if a.json:
-        a.json.write_text(json.dumps({"em_ratio": a.em_ratio, "label_ratio": a.label_ratio, "rows": rows}, indent=2) + "\n")
+        a.json.write_text(
+            json.dumps({"em_ratio": a.em_ratio, "label_ratio": a.label_ratio, "rows": rows}, indent=2) + "\n"
+        )
 
 
 if __name__ == "__main__":

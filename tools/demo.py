@@ -102,11 +102,14 @@ def main(work_dir: Path, data_root: Path, fresh: bool) -> None:
     if not data_root.exists():
         click.echo(f"generating a synthetic CellMap-like dataset in {data_root}")
         # the crops' EM is painted from their labels so the demo model can learn them
-        make_synthetic_cellmap(data_root, small=False, n_extra_crops=DEMO_CROPS, extra_crop_shape=DEMO_CROP_SHAPE,
-                               em_from_labels=True)
+        make_synthetic_cellmap(
+            data_root, small=False, n_extra_crops=DEMO_CROPS, extra_crop_shape=DEMO_CROP_SHAPE, em_from_labels=True
+        )
     cfg = work_dir / "pipeline.yaml"
     if not cfg.exists():
-        cfg.write_text("# make demo: small and fast on 2 CPU cores\n" + yaml.safe_dump(demo_config(data_root), sort_keys=False))
+        cfg.write_text(
+            "# make demo: small and fast on 2 CPU cores\n" + yaml.safe_dump(demo_config(data_root), sort_keys=False)
+        )
     log = work_dir / "logs" / "demo.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     py = sys.executable
@@ -132,16 +135,21 @@ def main(work_dir: Path, data_root: Path, fresh: bool) -> None:
         scores = rep.get("scores", {})
         click.echo(f"  scored on: {rep.get('scored_on_note', rep.get('scored_on', '?'))}")
         for name, sc in scores.items():
-            per = ", ".join(f"{k} {v['dice']:.3f}" for k, v in sc.get("per_class", {}).items() if v.get("dice") is not None)
+            per = ", ".join(
+                f"{k} {v['dice']:.3f}" for k, v in sc.get("per_class", {}).items() if v.get("dice") is not None
+            )
             click.echo(f"  {name}: pooled mean Dice {sc.get('mean_dice', float('nan')):.3f} ({per})")
         lb = rep.get("leaderboard") or {}
         if lb:
+
             def f(v: float | None) -> str:
                 return "-" if v is None else f"{v:.3f}"
 
-            click.echo(f"  challenge-style score of the ensemble: overall {f(lb.get('overall'))} "
-                       f"(mean semantic IoU {f(lb.get('mean_semantic_iou'))}, "
-                       f"mean instance combined {f(lb.get('mean_instance_combined'))})")
+            click.echo(
+                f"  challenge-style score of the ensemble: overall {f(lb.get('overall'))} "
+                f"(mean semantic IoU {f(lb.get('mean_semantic_iou'))}, "
+                f"mean instance combined {f(lb.get('mean_instance_combined'))})"
+            )
     click.echo(f"  reports: {work_dir / 'reports'}  predictions: {work_dir / 'ensemble_output'}")
 
 

@@ -72,9 +72,18 @@ def _vec(text: str) -> tuple[float, ...]:
 def load_real_crops(path: Path = REAL_CROPS) -> list[RealCrop]:
     """Every row of the geometry table (train and test)."""
     with open(path, newline="", encoding="utf-8") as fh:
-        return [RealCrop(r["crop"], r["split"], r["dataset"], _vec(r["voxel_size"]), _vec(r["translation"]),  # type: ignore[arg-type]
-                         tuple(int(v) for v in _vec(r["shape"])), tuple(r["classes"].split()))  # type: ignore[arg-type]
-                for r in csv.DictReader(fh)]
+        return [
+            RealCrop(
+                r["crop"],
+                r["split"],
+                r["dataset"],
+                _vec(r["voxel_size"]),
+                _vec(r["translation"]),  # type: ignore[arg-type]
+                tuple(int(v) for v in _vec(r["shape"])),
+                tuple(r["classes"].split()),
+            )  # type: ignore[arg-type]
+            for r in csv.DictReader(fh)
+        ]
 
 
 def load_em_s0(path: Path = EM_S0) -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
@@ -117,8 +126,9 @@ def em_start(c: RealCrop, em: tuple[tuple[float, ...], tuple[float, ...]]) -> tu
     return tuple(out)  # type: ignore[return-value]
 
 
-def shrunk_shape(c: RealCrop, em_scale: tuple[float, ...], rng: np.random.Generator,
-                 lo: int = 8, hi: int = 24) -> tuple[int, int, int]:
+def shrunk_shape(
+    c: RealCrop, em_scale: tuple[float, ...], rng: np.random.Generator, lo: int = 8, hi: int = 24
+) -> tuple[int, int, int]:
     """8..24 label voxels per axis (never more than the real shape), a whole number of EM s0 voxels."""
     out = []
     for n_real, l, e in zip(c.shape, c.voxel_size, em_scale):
@@ -142,8 +152,9 @@ def _ids_for(c: RealCrop) -> list[int]:
     return sorted(set(ids))
 
 
-def label_ids(shape: tuple[int, ...], ids: list[int], rng: np.random.Generator, cell: int = 3,
-              noise_fraction: float = 0.15) -> np.ndarray:
+def label_ids(
+    shape: tuple[int, ...], ids: list[int], rng: np.random.Generator, cell: int = 3, noise_fraction: float = 0.15
+) -> np.ndarray:
     """An ``all`` id map: ``cell``-voxel cubes of random ids (3: edges straddle pooling blocks), some 0,
     and ``noise_fraction`` single voxels of another id."""
     coarse = tuple(-(-s // cell) for s in shape)
@@ -173,16 +184,29 @@ def _annotation(name: str, instance: bool) -> dict[str, Any]:
         kind, enc = "instance_segmentation", {"absent": 0, "unknown": 255}
     else:
         kind, enc = "semantic_segmentation", {"absent": 0, "present": 1, "unknown": 255}
-    return {"cellmap": {"annotation": {"class_name": name, "annotation_type": {"type": kind, "encoding": enc},
-                                       "complement_counts": {"absent": 0, "unknown": 0}}}}
+    return {
+        "cellmap": {
+            "annotation": {
+                "class_name": name,
+                "annotation_type": {"type": kind, "encoding": enc},
+                "complement_counts": {"absent": 0, "unknown": 0},
+            }
+        }
+    }
 
 
 def _pyramid_levels(scale0: tuple[float, ...], t0: tuple[float, ...], shapes: list[tuple[int, ...]]) -> list[Level]:
     out = []
     for k, shape in enumerate(shapes):
-        f = 2 ** k
-        out.append(Level(f"s{k}", tuple(s * f for s in scale0),  # type: ignore[arg-type]
-                         tuple(t + (f - 1) * s / 2 for t, s in zip(t0, scale0)), tuple(shape)))  # type: ignore[arg-type]
+        f = 2**k
+        out.append(
+            Level(
+                f"s{k}",
+                tuple(s * f for s in scale0),  # type: ignore[arg-type]
+                tuple(t + (f - 1) * s / 2 for t, s in zip(t0, scale0)),
+                tuple(shape),
+            )
+        )  # type: ignore[arg-type]
     return out
 
 
@@ -193,8 +217,16 @@ def _label_array(group: Path, name: str, s0: np.ndarray, level: Level, instance:
     g = group / name
     _group(g, {**_annotation(name, instance), **multiscales_attrs(levels, name)})
     for lv, a in zip(levels, pyr):
-        arr = zarr.open_array(str(g / lv.path), mode="w", shape=a.shape, chunks=a.shape, dtype=a.dtype,
-                              compressor=Zstd(level=1), fill_value=0, dimension_separator="/")
+        arr = zarr.open_array(
+            str(g / lv.path),
+            mode="w",
+            shape=a.shape,
+            chunks=a.shape,
+            dtype=a.dtype,
+            compressor=Zstd(level=1),
+            fill_value=0,
+            dimension_separator="/",
+        )
         arr[...] = a
         arr.attrs.update(_annotation(name, instance))
 
@@ -218,8 +250,15 @@ class RealGeomInfo:
     classes: dict[str, list[str]] = field(default_factory=dict)
 
 
-def make_realgeom_tree(root: str | Path, crops: list[str] | None = None, seed: int = 0,
-                       lo: int = 8, hi: int = 24, cell: int = 3, noise_fraction: float = 0.15) -> RealGeomInfo:
+def make_realgeom_tree(
+    root: str | Path,
+    crops: list[str] | None = None,
+    seed: int = 0,
+    lo: int = 8,
+    hi: int = 24,
+    cell: int = 3,
+    noise_fraction: float = 0.15,
+) -> RealGeomInfo:
     """Write the tree for ``crops`` (default: every crop eligible at 8 nm) under ``root`` (replaced).
 
     Args:
@@ -241,8 +280,9 @@ def make_realgeom_tree(root: str | Path, crops: list[str] | None = None, seed: i
     by_ds: dict[str, list[RealCrop]] = {}
     for c in chosen:
         em = ems[c.dataset]
-        small = RealCrop(c.crop, c.split, c.dataset, c.voxel_size, c.translation,
-                         shrunk_shape(c, em[0], rng, lo, hi), c.classes)
+        small = RealCrop(
+            c.crop, c.split, c.dataset, c.voxel_size, c.translation, shrunk_shape(c, em[0], rng, lo, hi), c.classes
+        )
         info.crops[c.crop] = small
         info.em[c.dataset] = em
         by_ds.setdefault(c.dataset, []).append(small)
@@ -251,8 +291,15 @@ def make_realgeom_tree(root: str | Path, crops: list[str] | None = None, seed: i
     return info
 
 
-def _write_dataset(root: Path, ds: str, crops: list[RealCrop], info: RealGeomInfo, rng: np.random.Generator,
-                   cell: int = 3, noise_fraction: float = 0.15) -> None:
+def _write_dataset(
+    root: Path,
+    ds: str,
+    crops: list[RealCrop],
+    info: RealGeomInfo,
+    rng: np.random.Generator,
+    cell: int = 3,
+    noise_fraction: float = 0.15,
+) -> None:
     zroot = root / ds / f"{ds}.zarr"
     e, te = info.em[ds]
     boxes = []
@@ -268,8 +315,19 @@ def _write_dataset(root: Path, ds: str, crops: list[RealCrop], info: RealGeomInf
     _group(zroot / "recon-1/em")
     em = zroot / EM_GROUP
     _group(em, multiscales_attrs(levels, "fibsem-uint8"))
-    arrs = [zarr.open_array(str(em / lv.path), mode="w", shape=lv.shape, chunks=EM_CHUNKS, dtype=np.uint8,
-                            compressor=Zstd(level=1), fill_value=0, dimension_separator="/") for lv in levels]
+    arrs = [
+        zarr.open_array(
+            str(em / lv.path),
+            mode="w",
+            shape=lv.shape,
+            chunks=EM_CHUNKS,
+            dtype=np.uint8,
+            compressor=Zstd(level=1),
+            fill_value=0,
+            dimension_separator="/",
+        )
+        for lv in levels
+    ]
     done: set[tuple[int, int, int]] = set()
     for start, n_em in boxes:  # only the chunks under a crop (sparse, like a fetch)
         ranges = [range(s // ch, -(-(s + n) // ch)) for s, n, ch in zip(start, n_em, EM_CHUNKS)]

@@ -87,8 +87,7 @@ def make_blobs_dataset(
     training, testing = [], []
     for i in range(n_cases + n_test):
         case = f"synth_crop{i + 1}"
-        image, label = make_case(shape, n_classes, rng, unknown_label=unknown_label,
-                                 missing_classes=missing.get(i, ()))
+        image, label = make_case(shape, n_classes, rng, unknown_label=unknown_label, missing_classes=missing.get(i, ()))
         aff = spacing_affine(spacing_xyz, (0.0, 0.0, 0.0))
         save_nifti(out / f"{case}_image.nii.gz", image, aff)
         save_nifti(out / f"{case}_label.nii.gz", label, aff)

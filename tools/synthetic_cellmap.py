@@ -135,8 +135,14 @@ def _group(path: Path, attrs: dict[str, Any] | None = None) -> None:
 
 def _array(path: Path, data: np.ndarray, chunks: tuple[int, ...], attrs: dict[str, Any] | None = None) -> None:
     arr = zarr.open_array(
-        str(path), mode="w", shape=data.shape, chunks=chunks, dtype=data.dtype,
-        compressor=Zstd(level=6), fill_value=0, dimension_separator="/",
+        str(path),
+        mode="w",
+        shape=data.shape,
+        chunks=chunks,
+        dtype=data.dtype,
+        compressor=Zstd(level=6),
+        fill_value=0,
+        dimension_separator="/",
     )
     arr[...] = data
     if attrs is not None:
@@ -149,11 +155,15 @@ def _annotation(name: str, instance: bool) -> dict[str, Any]:
     else:
         kind, enc = "semantic_segmentation", {"absent": 0, "present": 1, "unknown": 255}
         counts = {"absent": 0, "unknown": 0}
-    return {"cellmap": {"annotation": {
-        "class_name": name,
-        "annotation_type": {"type": kind, "encoding": enc},
-        "complement_counts": counts,
-    }}}
+    return {
+        "cellmap": {
+            "annotation": {
+                "class_name": name,
+                "annotation_type": {"type": kind, "encoding": enc},
+                "complement_counts": counts,
+            }
+        }
+    }
 
 
 def _pyramid(s0: np.ndarray, n_levels: int) -> list[np.ndarray]:
@@ -168,19 +178,29 @@ def _levels(scale0: tuple[float, ...], t0: tuple[float, ...], arrays: list[np.nd
     """Levels following the pyramid rule ``s0 2^k``, ``t0 + (2^k - 1) s0 / 2``."""
     out = []
     for k, a in enumerate(arrays):
-        f = 2 ** k
-        out.append(Level(
-            f"s{k}", tuple(s * f for s in scale0),  # type: ignore[arg-type]
-            tuple(t + (f - 1) * s / 2 for t, s in zip(t0, scale0)),  # type: ignore[arg-type]
-            a.shape,  # type: ignore[arg-type]
-        ))
+        f = 2**k
+        out.append(
+            Level(
+                f"s{k}",
+                tuple(s * f for s in scale0),  # type: ignore[arg-type]
+                tuple(t + (f - 1) * s / 2 for t, s in zip(t0, scale0)),  # type: ignore[arg-type]
+                a.shape,  # type: ignore[arg-type]
+            )
+        )
     return out
 
 
 def _label_group(
-    crop_dir: Path, name: str, arrays: list[np.ndarray], levels: list[Level], *,
-    instance: bool = False, multiscales: bool = True, zattrs: bool = True,
-    level_zattrs: bool = True, chunks: tuple[int, int, int] = (32, 32, 32),
+    crop_dir: Path,
+    name: str,
+    arrays: list[np.ndarray],
+    levels: list[Level],
+    *,
+    instance: bool = False,
+    multiscales: bool = True,
+    zattrs: bool = True,
+    level_zattrs: bool = True,
+    chunks: tuple[int, int, int] = (32, 32, 32),
 ) -> None:
     g = crop_dir / name
     attrs: dict[str, Any] = dict(_annotation(name, instance))
@@ -188,14 +208,24 @@ def _label_group(
         attrs.update(multiscales_attrs(levels, name))
     _group(g, attrs if zattrs else None)
     for k, a in enumerate(arrays):
-        _array(g / f"s{k}", a, tuple(min(c, s) for c, s in zip(chunks, a.shape)),
-               _annotation(name, instance) if level_zattrs else None)
+        _array(
+            g / f"s{k}",
+            a,
+            tuple(min(c, s) for c, s in zip(chunks, a.shape)),
+            _annotation(name, instance) if level_zattrs else None,
+        )
 
 
 def _crop(
-    gt: Path, crop: str, scale0: tuple[float, ...], t0: tuple[float, ...],
-    arrays: dict[str, np.ndarray], n_levels: int = 1, instance: tuple[str, ...] = (),
-    chunks: tuple[int, int, int] = (32, 32, 32), **defects: Any,
+    gt: Path,
+    crop: str,
+    scale0: tuple[float, ...],
+    t0: tuple[float, ...],
+    arrays: dict[str, np.ndarray],
+    n_levels: int = 1,
+    instance: tuple[str, ...] = (),
+    chunks: tuple[int, int, int] = (32, 32, 32),
+    **defects: Any,
 ) -> dict[str, list[np.ndarray]]:
     """Write ``crop<crop>`` with one group per array; ``defects``: name -> kwargs."""
     crop_dir = gt / f"crop{crop}"
@@ -227,16 +257,21 @@ def _blobs(shape: tuple[int, ...], rng: np.random.Generator, ids: list[int], n: 
     return out
 
 
-def _em_pyramid(zroot: Path, shape0: tuple[int, int, int], chunks: tuple[int, int, int],
-                levels: int = 3, slab: int = 16) -> None:
+def _em_pyramid(
+    zroot: Path, shape0: tuple[int, int, int], chunks: tuple[int, int, int], levels: int = 3, slab: int = 16
+) -> None:
     """Write the EM group (values from :func:`em_value`), ``slab`` z-planes at a time."""
     em = zroot / EM_GROUP
     lv = []
     shape = shape0
     for k in range(levels):
-        (s, t) = EM_LEVELS[k] if k < len(EM_LEVELS) else (
-            tuple(v * 2 ** k for v in EM_LEVELS[0][0]),
-            tuple((2 ** k - 1) * v / 2 for v in EM_LEVELS[0][0]),
+        (s, t) = (
+            EM_LEVELS[k]
+            if k < len(EM_LEVELS)
+            else (
+                tuple(v * 2**k for v in EM_LEVELS[0][0]),
+                tuple((2**k - 1) * v / 2 for v in EM_LEVELS[0][0]),
+            )
         )
         lv.append(Level(f"s{k}", s, t, shape))  # type: ignore[arg-type]
         shape = tuple(max(1, (n + 1) // 2) for n in shape)  # type: ignore[assignment]
@@ -245,9 +280,14 @@ def _em_pyramid(zroot: Path, shape0: tuple[int, int, int], chunks: tuple[int, in
     _group(em, multiscales_attrs(lv, "fibsem-uint8"))
     for k, level in enumerate(lv):
         arr = zarr.open_array(
-            str(em / level.path), mode="w", shape=level.shape,
+            str(em / level.path),
+            mode="w",
+            shape=level.shape,
             chunks=tuple(min(c, n) for c, n in zip(chunks, level.shape)),
-            dtype=np.uint8, compressor=Zstd(level=6), fill_value=0, dimension_separator="/",
+            dtype=np.uint8,
+            compressor=Zstd(level=6),
+            fill_value=0,
+            dimension_separator="/",
         )
         step = max(slab, arr.chunks[0])
         for z0 in range(0, level.shape[0], step):
@@ -255,7 +295,9 @@ def _em_pyramid(zroot: Path, shape0: tuple[int, int, int], chunks: tuple[int, in
             arr[z0:z1] = em_block(k, (slice(z0, z1), slice(0, level.shape[1]), slice(0, level.shape[2])))
 
 
-def _at(scale: tuple[float, ...], start: tuple[int, ...], em_t: tuple[float, ...] = (0.0, 0.0, 0.0)) -> tuple[float, ...]:
+def _at(
+    scale: tuple[float, ...], start: tuple[int, ...], em_t: tuple[float, ...] = (0.0, 0.0, 0.0)
+) -> tuple[float, ...]:
     """Translation of a box at the EM voxel size starting at EM index ``start``."""
     return tuple(t + i * s for t, i, s in zip(em_t, start, scale))
 
@@ -295,14 +337,20 @@ def make_synthetic_cellmap(
         shutil.rmtree(root)
     root.mkdir(parents=True)
     rng = np.random.default_rng(seed)
-    info = SyntheticInfo(root=root, datasets=[], crops={}, coarse_crop3=CropExpect(DATASET, "3", "converted"),
-                         manifest=root / "test_crop_manifest.csv")
+    info = SyntheticInfo(
+        root=root,
+        datasets=[],
+        crops={},
+        coarse_crop3=CropExpect(DATASET, "3", "converted"),
+        manifest=root / "test_crop_manifest.csv",
+    )
     if small:
         _make_small(root, rng, info)
     n_big = n_extra_crops if n_extra_crops is not None else (16 if large else 0)
     if n_big:
-        _make_big(root, rng, info, n_big, tuple(extra_crop_shape or (size, size, size)), em_pad,
-                  em_from_labels, em_noise)
+        _make_big(
+            root, rng, info, n_big, tuple(extra_crop_shape or (size, size, size)), em_pad, em_from_labels, em_noise
+        )
     return info
 
 
@@ -330,20 +378,47 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
     mito = np.zeros(a.shape, np.uint16)
     mito[np.isin(a, (3, 4))] = 300
     mito[a == 50] = 255  # an ordinary instance id
-    info.labels["1"] = _crop(gt, "1", (3.0, 2.0, 2.0), (58.5, 31.0, 47.0), {
-        "all": a, "ecs": (a == 1).astype(np.uint8), "mito_mem": (a == 3).astype(np.uint8),
-        "mito_lum": (a == 4).astype(np.uint8), "mito_ribo": np.zeros_like(a), "mito": mito,
-    }, n_levels=2, instance=("mito",))
-    expect("1", "converted", label_level="s1", em_level="s0", em_cut=((10, 14), (8, 14), (12, 17)),
-           scale=(6.0, 4.0, 4.0), translation=(60.0, 32.0, 48.0))
+    info.labels["1"] = _crop(
+        gt,
+        "1",
+        (3.0, 2.0, 2.0),
+        (58.5, 31.0, 47.0),
+        {
+            "all": a,
+            "ecs": (a == 1).astype(np.uint8),
+            "mito_mem": (a == 3).astype(np.uint8),
+            "mito_lum": (a == 4).astype(np.uint8),
+            "mito_ribo": np.zeros_like(a),
+            "mito": mito,
+        },
+        n_levels=2,
+        instance=("mito",),
+    )
+    expect(
+        "1",
+        "converted",
+        label_level="s1",
+        em_level="s0",
+        em_cut=((10, 14), (8, 14), (12, 17)),
+        scale=(6.0, 4.0, 4.0),
+        translation=(60.0, 32.0, 48.0),
+    )
 
     # crop2: EM-s0 voxel, non-zero translation, ecs + pm (no er_mem)
     a = _blobs((6, 10, 8), rng, [1, 2])
     a[0, 0, 0], a[-1, -1, -1] = 1, 2
-    info.labels["2"] = _crop(gt, "2", e0, (120.0, 120.0, 16.0), {
-        "all": a, "ecs": (a == 1).astype(np.uint8), "pm": (a == 2).astype(np.uint8)})
-    expect("2", "converted", label_level="s0", em_level="s0", em_cut=((20, 26), (30, 40), (4, 12)),
-           scale=e0, translation=(120.0, 120.0, 16.0))
+    info.labels["2"] = _crop(
+        gt, "2", e0, (120.0, 120.0, 16.0), {"all": a, "ecs": (a == 1).astype(np.uint8), "pm": (a == 2).astype(np.uint8)}
+    )
+    expect(
+        "2",
+        "converted",
+        label_level="s0",
+        em_level="s0",
+        em_cut=((20, 26), (30, 40), (4, 12)),
+        scale=e0,
+        translation=(120.0, 120.0, 16.0),
+    )
 
     # crop3: coarse (EM-s2 voxel), nuc only
     a = np.zeros((4, 6, 4), np.uint8)
@@ -353,8 +428,16 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
     s2, t2 = EM_LEVELS[2]
     info.labels["3"] = _crop(gt, "3", s2, (33.0, 38.0, 38.0), {"all": a, "nuc": nuc}, instance=("nuc",))
     expect("3", "skipped", "coarser than target resolution")
-    info.coarse_crop3 = CropExpect(DATASET, "3", "converted", label_level="s0", em_level="s2",
-                                   em_cut=((1, 5), (2, 8), (2, 6)), scale=s2, translation=(33.0, 38.0, 38.0))
+    info.coarse_crop3 = CropExpect(
+        DATASET,
+        "3",
+        "converted",
+        label_level="s0",
+        em_level="s2",
+        em_cut=((1, 5), (2, 8), (2, 6)),
+        scale=s2,
+        translation=(33.0, 38.0, 38.0),
+    )
 
     small = np.zeros((4, 4, 4), np.uint8)
     small[:2] = 1
@@ -380,11 +463,24 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
     er = np.zeros(shape6, np.uint8)
     er[4:6, 8:10, 0:2] = 1
     zeros = np.zeros(shape6, np.uint8)
-    info.labels["6"] = _crop(gt, "6", e0, _at(e0, (24, 40, 20)), {
-        "ecs": ecs, "pm": pm, "mito_mem": zeros, "mito_lum": zeros, "mito_ribo": zeros,
-        "er_mem": er, "nuc": nuc6}, instance=("nuc",), pm={"level_zattrs": False})
-    expect("6", "converted", label_level="s0", em_level="s0", em_cut=((24, 30), (40, 50), (20, 28)),
-           scale=e0, translation=_at(e0, (24, 40, 20)))
+    info.labels["6"] = _crop(
+        gt,
+        "6",
+        e0,
+        _at(e0, (24, 40, 20)),
+        {"ecs": ecs, "pm": pm, "mito_mem": zeros, "mito_lum": zeros, "mito_ribo": zeros, "er_mem": er, "nuc": nuc6},
+        instance=("nuc",),
+        pm={"level_zattrs": False},
+    )
+    expect(
+        "6",
+        "converted",
+        label_level="s0",
+        em_level="s0",
+        em_cut=((24, 30), (40, 50), (20, 28)),
+        scale=e0,
+        translation=_at(e0, (24, 40, 20)),
+    )
     # crop7: ecs group without .zattrs
     _crop(gt, "7", e0, _at(e0, (2, 10, 2)), two, ecs={"zattrs": False})
     expect("7", "failed", "missing .zattrs")
@@ -393,16 +489,14 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
     expect("8", "failed", "off-grid")
     # crop9: shape mismatch between classes
     bad = [Level("s0", e0, _at(e0, (2, 20, 2)), (4, 4, 5))]  # type: ignore[arg-type]
-    _crop(gt, "9", e0, _at(e0, (2, 20, 2)), {"all": small, "ecs": np.zeros((4, 4, 5), np.uint8)},
-          ecs={"levels": bad})
+    _crop(gt, "9", e0, _at(e0, (2, 20, 2)), {"all": small, "ecs": np.zeros((4, 4, 5), np.uint8)}, ecs={"levels": bad})
     expect("9", "failed", "shape mismatch between classes")
     # crop10: a corrupt label chunk
     _crop(gt, "10", e0, _at(e0, (2, 30, 2)), two)
     (gt / "crop10/all/s0/0/0/0").write_bytes(b"this is not a zstd frame")
     expect("10", "failed", "unreadable chunk")
     # crop11: cut leaves the EM volume (z 36:44 of 40)
-    _crop(gt, "11", e0, _at(e0, (36, 2, 2)), {"all": np.ones((8, 4, 4), np.uint8),
-                                               "ecs": np.ones((8, 4, 4), np.uint8)})
+    _crop(gt, "11", e0, _at(e0, (36, 2, 2)), {"all": np.ones((8, 4, 4), np.uint8), "ecs": np.ones((8, 4, 4), np.uint8)})
     expect("11", "failed", "out of bounds")
 
     # the challenge-format test manifest: two on-grid boxes, EM s0 and EM s1
@@ -417,8 +511,16 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
         rows.append(f"{crop},{DATASET},{cls},{vec(box.scale)},{vec(box.translation)},{vec(box.shape)}")
         k = int(em_path[1:])
         start = [round((tb - te) / s) for tb, te, s in zip(box.translation, EM_LEVELS[k][1], box.scale)]
-        info.test_boxes.append({"crop": crop, "dataset": DATASET, "class_label": cls, "box": box,
-                                "em_level": em_path, "em_cut": tuple((i, i + n) for i, n in zip(start, box.shape))})
+        info.test_boxes.append(
+            {
+                "crop": crop,
+                "dataset": DATASET,
+                "class_label": cls,
+                "box": box,
+                "em_level": em_path,
+                "em_cut": tuple((i, i + n) for i, n in zip(start, box.shape)),
+            }
+        )
     info.manifest.write_text("\n".join(rows) + "\n")
 
 
@@ -428,8 +530,9 @@ def _make_small(root: Path, rng: np.random.Generator, info: SyntheticInfo) -> No
 _EM_GREY = {0: 120, 1: 245, 2: 15, 3: 50, 4: 180, 5: 85, 37: 212, 50: 150}
 
 
-def _paint_em_from_labels(zroot: Path, crops: list[tuple[tuple[int, ...], np.ndarray]],
-                          rng: np.random.Generator, noise: float = 10.0) -> None:
+def _paint_em_from_labels(
+    zroot: Path, crops: list[tuple[tuple[int, ...], np.ndarray]], rng: np.random.Generator, noise: float = 10.0
+) -> None:
     """Overwrite EM s0 under each crop with grey levels of its labels, then rebuild s1 from s0."""
     em = zroot / EM_GROUP
     s0 = zarr.open_array(str(em / "s0"), mode="r+")
@@ -448,8 +551,16 @@ def _paint_em_from_labels(zroot: Path, crops: list[tuple[tuple[int, ...], np.nda
     s1[...] = padded.reshape(z, 2, y, 2, x, 2).mean(axis=(1, 3, 5)).round().astype(np.uint8)
 
 
-def _make_big(root: Path, rng: np.random.Generator, info: SyntheticInfo, n: int, shape: tuple[int, ...],
-              em_pad: int | None = None, em_from_labels: bool = False, em_noise: float = 10.0) -> None:
+def _make_big(
+    root: Path,
+    rng: np.random.Generator,
+    info: SyntheticInfo,
+    n: int,
+    shape: tuple[int, ...],
+    em_pad: int | None = None,
+    em_from_labels: bool = False,
+    em_noise: float = 10.0,
+) -> None:
     """``n`` crops of ``shape`` (z, y, x) at the EM-s0 voxel, on a grid inside a larger EM volume.
 
     Every crop annotates ecs, pm, mito_mem, mito_lum, mito_ribo and nuc (so 0 is a true
@@ -478,13 +589,32 @@ def _make_big(root: Path, rng: np.random.Generator, info: SyntheticInfo, n: int,
         a = _blobs(shape, rng, [1, 2, 37, 3, 4, 5, 50], n=2)
         painted.append((start, a))
         nuc = np.where(a == 37, 1000 + i, 0).astype(np.uint16)
-        _crop(gt, crop, e0, _at(e0, start), {
-            "all": a, "ecs": (a == 1).astype(np.uint8), "pm": (a == 2).astype(np.uint8),
-            "mito_mem": (a == 3).astype(np.uint8), "mito_lum": (a == 4).astype(np.uint8),
-            "mito_ribo": (a == 5).astype(np.uint8), "nuc": nuc,
-        }, instance=("nuc",), chunks=(64, 64, 64))
+        _crop(
+            gt,
+            crop,
+            e0,
+            _at(e0, start),
+            {
+                "all": a,
+                "ecs": (a == 1).astype(np.uint8),
+                "pm": (a == 2).astype(np.uint8),
+                "mito_mem": (a == 3).astype(np.uint8),
+                "mito_lum": (a == 4).astype(np.uint8),
+                "mito_ribo": (a == 5).astype(np.uint8),
+                "nuc": nuc,
+            },
+            instance=("nuc",),
+            chunks=(64, 64, 64),
+        )
         info.crops[crop] = CropExpect(
-            BIG_DATASET, crop, "converted", label_level="s0", em_level="s0",
-            em_cut=tuple((s, s + n_) for s, n_ in zip(start, shape)), scale=e0, translation=_at(e0, start))
+            BIG_DATASET,
+            crop,
+            "converted",
+            label_level="s0",
+            em_level="s0",
+            em_cut=tuple((s, s + n_) for s, n_ in zip(start, shape)),
+            scale=e0,
+            translation=_at(e0, start),
+        )
     if em_from_labels:
         _paint_em_from_labels(zroot, painted, rng, em_noise)

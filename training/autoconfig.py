@@ -166,8 +166,9 @@ def auto_roi_batch(algo: str, median_shape: list[int], gpu_mem_gb: float) -> tup
     return roi, batch
 
 
-def auto_num_epochs(algo: str, n_cases: int, batch_size: int, roi: list[int] | None = None,
-                    mean_shape: list[float] | None = None) -> int:
+def auto_num_epochs(
+    algo: str, n_cases: int, batch_size: int, roi: list[int] | None = None, mean_shape: list[float] | None = None
+) -> int:
     """The official templates' epoch heuristics, converted to this trainer's epoch.
 
     The algorithm's registry entry names the heuristic (``epochs_rule``).

@@ -59,11 +59,22 @@ def augmentations(cfg: dict[str, Any], roi: list[int]) -> list[Any]:
     if mode == "flips":
         return flips
     if mode == "light":
-        return [*flips, T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
-                T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5)]
+        return [
+            *flips,
+            T.RandScaleIntensityd(keys="image", factors=0.1, prob=0.5),
+            T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
+        ]
     return [
-        T.RandAffined(keys=keys, prob=0.2, rotate_range=[0.26] * 3, scale_range=[0.2] * 3, mode=["bilinear", "nearest"],
-                      spatial_size=roi, cache_grid=True, padding_mode="border"),
+        T.RandAffined(
+            keys=keys,
+            prob=0.2,
+            rotate_range=[0.26] * 3,
+            scale_range=[0.2] * 3,
+            mode=["bilinear", "nearest"],
+            spatial_size=roi,
+            cache_grid=True,
+            padding_mode="border",
+        ),
         T.RandGaussianSmoothd(keys="image", prob=0.2, sigma_x=(0.5, 1.0), sigma_y=(0.5, 1.0), sigma_z=(0.5, 1.0)),
         T.RandScaleIntensityd(keys="image", factors=0.3, prob=0.5),
         T.RandShiftIntensityd(keys="image", offsets=0.1, prob=0.5),
@@ -106,8 +117,14 @@ def build_transforms(cfg: dict[str, Any], train: bool) -> Any:
         xs += [
             KnownClassIndicesd(n_cls),  # deterministic: cached with the volume when cache_rate > 0
             T.RandCropByLabelClassesd(
-                keys=keys, label_key="label", spatial_size=roi, num_classes=n_cls, indices_key=INDICES_KEY,
-                ratios=None if ratios is None else [float(r) for r in ratios], num_samples=n_crops, warn=False,
+                keys=keys,
+                label_key="label",
+                spatial_size=roi,
+                num_classes=n_cls,
+                indices_key=INDICES_KEY,
+                ratios=None if ratios is None else [float(r) for r in ratios],
+                num_samples=n_crops,
+                warn=False,
             ),
         ]
     elif mode == "posneg":  # the former recipe, kept as the benchmark baseline
@@ -116,8 +133,13 @@ def build_transforms(cfg: dict[str, Any], train: bool) -> Any:
             T.CopyItemsd(keys="label", names="fg"),
             T.Lambdad(keys="fg", func=lambda x: (x > 0) & (x != unknown) if unknown else x > 0),
             T.RandCropByPosNegLabeld(
-                keys=keys, label_key="fg", spatial_size=roi, pos=ratio, neg=1.0 - ratio,
-                num_samples=n_crops, allow_smaller=False,
+                keys=keys,
+                label_key="fg",
+                spatial_size=roi,
+                pos=ratio,
+                neg=1.0 - ratio,
+                num_samples=n_crops,
+                allow_smaller=False,
             ),
             T.DeleteItemsd(keys="fg"),
         ]
@@ -148,8 +170,13 @@ def train_dataset(cfg: dict[str, Any], items: list[dict[str, str]]) -> Any:
     """Training dataset; ``cache_rate`` of the cases keep their loaded, normalised volumes in RAM."""
     from monai.data import CacheDataset
 
-    return CacheDataset(items, build_transforms(cfg, train=True), cache_rate=float(cfg.get("cache_rate", 0.0)),
-                        num_workers=0, progress=False)
+    return CacheDataset(
+        items,
+        build_transforms(cfg, train=True),
+        cache_rate=float(cfg.get("cache_rate", 0.0)),
+        num_workers=0,
+        progress=False,
+    )
 
 
 def train_loader(cfg: dict[str, Any], ds: Any, pass_id: int) -> Any:
@@ -163,7 +190,11 @@ def train_loader(cfg: dict[str, Any], ds: Any, pass_id: int) -> Any:
     seed = int(cfg.get("seed", 0)) + pass_id
     gen = torch.Generator().manual_seed(seed)
     return DataLoader(
-        ds, batch_size=int(cfg["batch_size"]), shuffle=True, generator=gen,
-        num_workers=int(cfg.get("num_workers", 0)), drop_last=False,
+        ds,
+        batch_size=int(cfg["batch_size"]),
+        shuffle=True,
+        generator=gen,
+        num_workers=int(cfg.get("num_workers", 0)),
+        drop_last=False,
         pin_memory=torch.cuda.is_available(),
     )

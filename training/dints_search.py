@@ -68,13 +68,22 @@ def search_dints(
     warmup = int(math.floor(float(cfg.get("search_warmup_fraction", 0.5)) * n_epochs))
     seed = int(cfg.get("seed", 0))
     torch.manual_seed(seed)
-    space = TopologySearch(channel_mul=float(net["search_channel_mul"]), num_blocks=int(net["num_blocks"]),
-                           num_depths=int(net["num_depths"]), use_downsample=True, device=str(dev))
+    space = TopologySearch(
+        channel_mul=float(net["search_channel_mul"]),
+        num_blocks=int(net["num_blocks"]),
+        num_depths=int(net["num_depths"]),
+        use_downsample=True,
+        device=str(dev),
+    )
     model = DiNTS(dints_space=space, in_channels=1, num_classes=int(cfg["output_classes"]), use_downsample=True).to(dev)
     weights = [p for n, p in model.named_parameters() if "log_alpha" not in n]
     opt_w = torch.optim.SGD(weights, lr=float(cfg.get("search_learning_rate", 0.025)), momentum=0.9, weight_decay=4e-5)
-    opt_a = torch.optim.Adam([space.log_alpha_a], lr=float(cfg.get("search_learning_rate_arch", 1e-3)), betas=(0.5, 0.999))
-    opt_c = torch.optim.Adam([space.log_alpha_c], lr=float(cfg.get("search_learning_rate_arch", 1e-3)), betas=(0.5, 0.999))
+    opt_a = torch.optim.Adam(
+        [space.log_alpha_a], lr=float(cfg.get("search_learning_rate_arch", 1e-3)), betas=(0.5, 0.999)
+    )
+    opt_c = torch.optim.Adam(
+        [space.log_alpha_c], lr=float(cfg.get("search_learning_rate_arch", 1e-3)), betas=(0.5, 0.999)
+    )
     sched = torch.optim.lr_scheduler.StepLR(opt_w, step_size=max(1, int((n_epochs - warmup) * 0.4)), gamma=0.5)
     ram_factor = float(cfg.get("search_ram_cost_factor", 0.8))
     items_w, items_a = _halves(train_items, seed)
@@ -135,16 +144,39 @@ def search_dints(
                 raise RequeueRequested(f"signal during the DiNTS search (epoch {epoch}); the search reruns")
         if epoch >= warmup:
             sched.step()
-        row = {"epoch": epoch, "weight_loss": round(loss_w / max(1, steps), 5),
-               "arch_loss": round(loss_a / max(1, steps), 5) if epoch >= warmup else None}
+        row = {
+            "epoch": epoch,
+            "weight_loss": round(loss_w / max(1, steps), 5),
+            "arch_loss": round(loss_a / max(1, steps), 5) if epoch >= warmup else None,
+        }
         history.append(row)
-        log.info("dints search epoch %d/%d weight loss %.4f arch loss %s", epoch + 1, n_epochs, row["weight_loss"],
-                 row["arch_loss"])
+        log.info(
+            "dints search epoch %d/%d weight loss %.4f arch loss %s",
+            epoch + 1,
+            n_epochs,
+            row["weight_loss"],
+            row["arch_loss"],
+        )
     node_a, code_a, code_c, code_a_max = space.decode()
-    code = {"code_a": np.asarray(code_a).astype(int).tolist(), "code_c": np.asarray(code_c).astype(int).tolist(),
-            "node_a": np.asarray(node_a).astype(int).tolist(), "code_a_max": np.asarray(code_a_max).astype(int).tolist()}
+    code = {
+        "code_a": np.asarray(code_a).astype(int).tolist(),
+        "code_c": np.asarray(code_c).astype(int).tolist(),
+        "node_a": np.asarray(node_a).astype(int).tolist(),
+        "code_a_max": np.asarray(code_a_max).astype(int).tolist(),
+    }
     n_paths = int(np.asarray(code_a).sum())
-    log.info("dints search: %d epochs (%d warm-up) in %.0f s; %d of %d paths active", n_epochs, warmup,
-             time.perf_counter() - t_all, n_paths, np.asarray(code_a).size)
-    return {"arch_code": code, "search_epochs": n_epochs, "warmup_epochs": warmup,
-            "search_channel_mul": float(net["search_channel_mul"]), "history": history}
+    log.info(
+        "dints search: %d epochs (%d warm-up) in %.0f s; %d of %d paths active",
+        n_epochs,
+        warmup,
+        time.perf_counter() - t_all,
+        n_paths,
+        np.asarray(code_a).size,
+    )
+    return {
+        "arch_code": code,
+        "search_epochs": n_epochs,
+        "warmup_epochs": warmup,
+        "search_channel_mul": float(net["search_channel_mul"]),
+        "history": history,
+    }

@@ -36,8 +36,9 @@ def find_hyper_parameters(config_file: str | os.PathLike[str] | Sequence[str] | 
     raise FileNotFoundError(f"no {HYPER_PARAMETERS} in {items}")
 
 
-def read_hyper_parameters(config_file: str | os.PathLike[str] | Sequence[str],
-                          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+def read_hyper_parameters(
+    config_file: str | os.PathLike[str] | Sequence[str], overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """The bundle's hyper-parameters with ``overrides`` (e.g. ``pipeline.yaml``'s ``train:``)
     applied; a mapping override (``network``) is merged key by key."""
     cfg = read_yaml(find_hyper_parameters(config_file)) or {}

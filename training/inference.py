@@ -47,7 +47,9 @@ class BundlePredictor:
         override: ``sw_batch_size``, ``sw_overlap``, ``amp`` for inference.
     """
 
-    def __init__(self, config_file: Any, device: str | torch.device | None = None, checkpoint: str = CKPT_BEST, **override: Any) -> None:
+    def __init__(
+        self, config_file: Any, device: str | torch.device | None = None, checkpoint: str = CKPT_BEST, **override: Any
+    ) -> None:
         model_dir = bundle_model_dir(config_file)
         path = model_dir / checkpoint
         if not path.is_file():
@@ -56,7 +58,10 @@ class BundlePredictor:
             raise FileNotFoundError(f"{model_dir}: no trained model ({CKPT_BEST} / {CKPT_FINAL}); train it first")
         ck = load_checkpoint(path)
         # the trained config (train: overrides included) decides network, roi and normalisation
-        self.cfg = {**ck["config"], **{k: v for k, v in override.items() if k in ("sw_batch_size", "sw_overlap", "amp")}}
+        self.cfg = {
+            **ck["config"],
+            **{k: v for k, v in override.items() if k in ("sw_batch_size", "sw_overlap", "amp")},
+        }
         self.device = torch.device(device) if device is not None else pick_device(None)
         self.model = build_network(self.cfg)
         self.model.load_state_dict(ck["state_dict"])
@@ -73,17 +78,23 @@ class BundlePredictor:
             image_file = image_file["image"]
         if self._xf is None:
             lo, hi = (float(v) for v in self.cfg["intensity_bounds"])
-            self._xf = T.Compose([
-                T.LoadImage(ensure_channel_first=True, image_only=True),
-                T.EnsureType(dtype=torch.float32),
-                T.ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
-            ])
+            self._xf = T.Compose(
+                [
+                    T.LoadImage(ensure_channel_first=True, image_only=True),
+                    T.EnsureType(dtype=torch.float32),
+                    T.ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True),
+                ]
+            )
         img = self._xf(str(image_file))
         amp = bool(self.cfg.get("amp", True)) and self.device.type == "cuda"
         with torch.autocast(self.device.type, enabled=amp):
             logits = sliding_window_inference(
-                img[None].to(self.device), [int(r) for r in self.cfg["roi_size"]], int(self.cfg.get("sw_batch_size", 1)),
-                self.model, overlap=float(self.cfg.get("sw_overlap", 0.25)), mode="gaussian",
+                img[None].to(self.device),
+                [int(r) for r in self.cfg["roi_size"]],
+                int(self.cfg.get("sw_batch_size", 1)),
+                self.model,
+                overlap=float(self.cfg.get("sw_overlap", 0.25)),
+                mode="gaussian",
             )
         prob = torch.softmax(logits.float(), dim=1)[0].cpu()
         from monai.data import MetaTensor
@@ -92,7 +103,9 @@ class BundlePredictor:
         return MetaTensor(plain, meta=dict(getattr(img, "meta", {})))  # the image's affine and file name
 
 
-def predict_probabilities(bundle_dir: str | os.PathLike[str], image_path: str | os.PathLike[str], device: str | None = None) -> np.ndarray:
+def predict_probabilities(
+    bundle_dir: str | os.PathLike[str], image_path: str | os.PathLike[str], device: str | None = None
+) -> np.ndarray:
     """Softmax probabilities ``[C, X, Y, Z]`` (float32 numpy) of one image by one trained bundle.
 
     Loads the model each call: for many cases create one :class:`BundlePredictor`.

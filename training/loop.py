@@ -81,15 +81,27 @@ class Optimisation:
         return float(loss.detach()), int(img.shape[0])
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(), "scaler": self.scaler.state_dict()}
+        return {
+            "model": unwrap(self.model).state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "scaler": self.scaler.state_dict(),
+        }
 
 
 class Hooks:
     """Validation, checkpoints and reporting of the loop (rank 0 writes, every rank validates)."""
 
-    def __init__(self, cfg: dict[str, Any], model_dir: Path, run: Optimisation, val_items: list[dict[str, str]],
-                 class_names: list[str], tracker: Any, events: EventLog) -> None:
+    def __init__(
+        self,
+        cfg: dict[str, Any],
+        model_dir: Path,
+        run: Optimisation,
+        val_items: list[dict[str, str]],
+        class_names: list[str],
+        tracker: Any,
+        events: EventLog,
+    ) -> None:
         self.cfg, self.model_dir, self.run, self.val_items = cfg, model_dir, run, val_items
         self.class_names, self.tracker, self.events = class_names, tracker, events
         self.plain_cfg = plain(cfg)
@@ -102,17 +114,34 @@ class Hooks:
     def checkpoint(self, st: LoopState, epoch: int, step: int) -> None:
         """``checkpoint_latest.pt``: everything needed to continue at ``epoch``/``step``."""
         if self.rank == 0:
-            save_checkpoint(self.model_dir / CKPT_LATEST, {
-                **self.run.state_dict(), "epoch": epoch, "step": step, "loss_sum": st.loss_sum, "n_steps": st.n_steps,
-                "best_metric": st.best, "best_epoch": st.best_epoch, "stale": st.stale, "rng": rng_state(),
-                "config": self.plain_cfg,
-            })
+            save_checkpoint(
+                self.model_dir / CKPT_LATEST,
+                {
+                    **self.run.state_dict(),
+                    "epoch": epoch,
+                    "step": step,
+                    "loss_sum": st.loss_sum,
+                    "n_steps": st.n_steps,
+                    "best_metric": st.best,
+                    "best_epoch": st.best_epoch,
+                    "stale": st.stale,
+                    "rng": rng_state(),
+                    "config": self.plain_cfg,
+                },
+            )
 
     def save_model(self, name: str, epoch: int, best: float) -> None:
         """``model_best.pt`` / ``model_final.pt``: weights, config, epoch, best metric."""
         if self.rank == 0:
-            save_checkpoint(self.model_dir / name, {"state_dict": unwrap(self.run.model).state_dict(),
-                                                    "config": self.plain_cfg, "epoch": epoch, "best_metric": best})
+            save_checkpoint(
+                self.model_dir / name,
+                {
+                    "state_dict": unwrap(self.run.model).state_dict(),
+                    "config": self.plain_cfg,
+                    "epoch": epoch,
+                    "best_metric": best,
+                },
+            )
 
     def epoch_done(self, rows: list[dict[str, Any]], num_epochs: int) -> None:
         """metrics.jsonl, MLflow, progress.png, TensorBoard and the epoch log line."""
@@ -124,9 +153,19 @@ class Hooks:
         plot_progress(rows, self.model_dir / PROGRESS_PNG, self.class_names)
         self.events.log_epoch(row)
         epoch = int(row["epoch"])
-        log.info("%s", format_epoch_line(self.cfg["algo"], epoch + 1, num_epochs, row["train_loss"], row.get("mean_dice"),
-                                         row["lr"], row["epoch_time_s"],
-                                         eta_seconds([r["epoch_time_s"] for r in rows], epoch + 1, num_epochs)))
+        log.info(
+            "%s",
+            format_epoch_line(
+                self.cfg["algo"],
+                epoch + 1,
+                num_epochs,
+                row["train_loss"],
+                row.get("mean_dice"),
+                row["lr"],
+                row["epoch_time_s"],
+                eta_seconds([r["epoch_time_s"] for r in rows], epoch + 1, num_epochs),
+            ),
+        )
 
 
 def _progress(it: Iterable[Any], desc: str, enabled: bool) -> Iterable[Any]:
@@ -139,8 +178,16 @@ def _progress(it: Iterable[Any], desc: str, enabled: bool) -> Iterable[Any]:
     return tqdm(it, desc=desc, leave=False)
 
 
-def train_epoch(cfg: dict[str, Any], st: LoopState, epoch: int, skip: int, train_ds: Any, run: Optimisation,
-                hooks: Hooks, stop: StopFlag) -> int:
+def train_epoch(
+    cfg: dict[str, Any],
+    st: LoopState,
+    epoch: int,
+    skip: int,
+    train_ds: Any,
+    run: Optimisation,
+    hooks: Hooks,
+    stop: StopFlag,
+) -> int:
     """Train one epoch (the first ``skip`` batches are replayed, not trained); returns the samples trained.
 
     Raises:
@@ -149,8 +196,9 @@ def train_epoch(cfg: dict[str, Any], st: LoopState, epoch: int, skip: int, train
     n_samples = 0
     if skip == 0:
         st.loss_sum, st.n_steps = 0.0, 0
-    batches = _progress(epoch_batches(cfg, train_ds, epoch), f"{cfg['algo']} epoch {epoch}",
-                        hooks.rank == 0 and sys.stderr.isatty())
+    batches = _progress(
+        epoch_batches(cfg, train_ds, epoch), f"{cfg['algo']} epoch {epoch}", hooks.rank == 0 and sys.stderr.isatty()
+    )
     for step, batch in enumerate(batches):
         if step < skip:
             if step == skip - 1 and st.resume_rng is not None:
@@ -162,25 +210,40 @@ def train_epoch(cfg: dict[str, Any], st: LoopState, epoch: int, skip: int, train
         n_samples += n
         if stop_requested(stop, run.device):
             hooks.checkpoint(st, epoch, step + 1)
-            raise RequeueRequested(f"signal {stop.signum or 'from another rank'}: checkpoint at epoch {epoch} step {step + 1}")
+            raise RequeueRequested(
+                f"signal {stop.signum or 'from another rank'}: checkpoint at epoch {epoch} step {step + 1}"
+            )
     return n_samples
 
 
-def end_epoch(cfg: dict[str, Any], st: LoopState, epoch: int, n_samples: int, t0: float, train_time: float,
-              run: Optimisation, hooks: Hooks) -> None:
+def end_epoch(
+    cfg: dict[str, Any],
+    st: LoopState,
+    epoch: int,
+    n_samples: int,
+    t0: float,
+    train_time: float,
+    run: Optimisation,
+    hooks: Hooks,
+) -> None:
     """Scheduler step, validation (every ``val_every``), best model, metrics row, checkpoint."""
     num_epochs = int(cfg["num_epochs"])
     lr = float(run.opt.param_groups[0]["lr"])
     run.sched.step()
     row: dict[str, Any] = {
-        "epoch": epoch, "train_loss": st.loss_sum / max(1, st.n_steps), "lr": lr, "steps": st.n_steps,
+        "epoch": epoch,
+        "train_loss": st.loss_sum / max(1, st.n_steps),
+        "lr": lr,
+        "steps": st.n_steps,
         "samples_per_s": round(n_samples * hooks.world / train_time, 4) if n_samples else None,
     }
     if (epoch + 1) % max(1, int(cfg.get("val_every", 1))) == 0 or epoch + 1 == num_epochs:
         dice = hooks.validate()
         mean = float(np.nanmean(dice)) if np.isfinite(dice).any() else 0.0
-        row.update(dice={n: (None if np.isnan(v) else round(float(v), 5)) for n, v in zip(hooks.class_names, dice)},
-                   mean_dice=round(mean, 5))
+        row.update(
+            dice={n: (None if np.isnan(v) else round(float(v), 5)) for n, v in zip(hooks.class_names, dice)},
+            mean_dice=round(mean, 5),
+        )
         if mean > st.best:
             st.best, st.best_epoch, st.stale = mean, epoch, 0
             hooks.save_model(CKPT_BEST, epoch, st.best)
@@ -193,7 +256,9 @@ def end_epoch(cfg: dict[str, Any], st: LoopState, epoch: int, n_samples: int, t0
     hooks.epoch_done(st.rows, num_epochs)
 
 
-def run_epochs(cfg: dict[str, Any], st: LoopState, train_ds: Any, run: Optimisation, hooks: Hooks, stop: StopFlag) -> bool:
+def run_epochs(
+    cfg: dict[str, Any], st: LoopState, train_ds: Any, run: Optimisation, hooks: Hooks, stop: StopFlag
+) -> bool:
     """Train from ``st.epoch``/``st.step`` to ``num_epochs``; returns whether early stopping ended it.
 
     Raises:

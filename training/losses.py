@@ -30,7 +30,9 @@ LOSSES = ("dicece", "focal", "dicefocal")
 DEFAULT_WEIGHT_MAX = 20.0
 
 
-def share_weights(shares: Sequence[float] | None, num_classes: int, max_weight: float = DEFAULT_WEIGHT_MAX) -> list[float] | None:
+def share_weights(
+    shares: Sequence[float] | None, num_classes: int, max_weight: float = DEFAULT_WEIGHT_MAX
+) -> list[float] | None:
     """``max share / class share`` per class id, clipped to ``[1, max_weight]``.
 
     The commonest class gets 1; a class with no known voxel gets 1 (nothing to weigh).
@@ -135,8 +137,9 @@ class MaskedSegLoss(torch.nn.Module):
         return dice + ce
 
 
-def deep_supervision_loss(loss_fn: torch.nn.Module, outputs: torch.Tensor | Sequence[torch.Tensor],
-                          label: torch.Tensor) -> torch.Tensor:
+def deep_supervision_loss(
+    loss_fn: torch.nn.Module, outputs: torch.Tensor | Sequence[torch.Tensor], label: torch.Tensor
+) -> torch.Tensor:
     """The official segresnet's deep-supervision loss: MONAI's ``DeepSupervisionLoss`` (weights
     1, 1/2, 1/4, ... floored at 1/16 over the heads; the label resized to each head by
     nearest neighbour, so unknown stays unknown). One tensor: the plain loss."""

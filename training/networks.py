@@ -94,7 +94,7 @@ def load_pretrained_swinunetr(model: torch.nn.Module, path: str | Path) -> int:
     copied = 0
     with torch.no_grad():
         for k, v in sd.items():
-            k = k[len("module."):] if k.startswith("module.") else k
+            k = k[len("module.") :] if k.startswith("module.") else k
             if k.startswith("out.") or k not in own or not torch.is_tensor(v) or own[k].shape != v.shape:
                 continue
             own[k].copy_(v)
@@ -109,8 +109,11 @@ def load_pretrained_swinunetr(model: torch.nn.Module, path: str | Path) -> int:
 def dints_dense_code(num_blocks: int, num_depths: int) -> dict[str, Any]:
     """Every path on, every cell a 3x3x3 conv: the fallback when no searched code is given."""
     n_paths = 3 * num_depths - 2
-    return {"code_a": np.ones((num_blocks, n_paths)).tolist(), "code_c": np.ones((num_blocks, n_paths), dtype=int).tolist(),
-            "node_a": np.ones((num_blocks + 1, num_depths), dtype=int).tolist()}
+    return {
+        "code_a": np.ones((num_blocks, n_paths)).tolist(),
+        "code_c": np.ones((num_blocks, n_paths), dtype=int).tolist(),
+        "node_a": np.ones((num_blocks + 1, num_depths), dtype=int).tolist(),
+    }
 
 
 def dints_arch_code(net: dict[str, Any]) -> dict[str, Any]:
@@ -141,8 +144,13 @@ def dints(cfg: dict[str, Any]) -> torch.nn.Module:
         use_downsample=True,
         device="cpu",
     )
-    return DiNTS(dints_space=topo, in_channels=1, num_classes=int(cfg["output_classes"]), use_downsample=True,
-                 node_a=np.asarray(code["node_a"], dtype=int))
+    return DiNTS(
+        dints_space=topo,
+        in_channels=1,
+        num_classes=int(cfg["output_classes"]),
+        use_downsample=True,
+        node_a=np.asarray(code["node_a"], dtype=int),
+    )
 
 
 def _round_up(roi: list[int], div: int) -> list[int]:
@@ -181,7 +189,11 @@ def resolve(path: str) -> Callable[..., Any]:
     if not mod_name or not fn_name:
         raise ConfigError(f"network factory {path!r}: expected 'module:function'")
     try:
-        mod = importlib.import_module(mod_name, __package__) if mod_name.startswith(".") else importlib.import_module(mod_name)
+        mod = (
+            importlib.import_module(mod_name, __package__)
+            if mod_name.startswith(".")
+            else importlib.import_module(mod_name)
+        )
     except ImportError as exc:
         raise ConfigError(f"network factory {path!r}: cannot import {mod_name} ({exc})") from exc
     fn = getattr(mod, fn_name, None)

@@ -58,12 +58,22 @@ def eta_seconds(epoch_times: Sequence[float], epochs_done: int, num_epochs: int)
     return sum(times) / len(times) * max(0, num_epochs - epochs_done)
 
 
-def format_epoch_line(algo: str, epoch: int, num_epochs: int, loss: float, mean_dice: float | None,
-                      lr: float, epoch_time_s: float, eta_s: float | None) -> str:
+def format_epoch_line(
+    algo: str,
+    epoch: int,
+    num_epochs: int,
+    loss: float,
+    mean_dice: float | None,
+    lr: float,
+    epoch_time_s: float,
+    eta_s: float | None,
+) -> str:
     """The one log line per epoch (``epoch`` is 1-based here); ``mean Dice -`` when not validated."""
     dice = "-" if mean_dice is None else f"{mean_dice:.4f}"
-    return (f"{algo} epoch {epoch}/{num_epochs} loss {loss:.4f} mean Dice {dice} lr {lr:.2e} "
-            f"time {fmt_duration(epoch_time_s)} ETA {fmt_duration(eta_s)}")
+    return (
+        f"{algo} epoch {epoch}/{num_epochs} loss {loss:.4f} mean Dice {dice} lr {lr:.2e} "
+        f"time {fmt_duration(epoch_time_s)} ETA {fmt_duration(eta_s)}"
+    )
 
 
 def plot_progress(rows: list[dict[str, Any]], out: Path, class_names: Sequence[str]) -> None:

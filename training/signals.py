@@ -107,7 +107,10 @@ def stop_requested(stop: StopFlag, device: Any) -> bool:
     """This rank's flag, or any rank's under torchrun (all ranks stop at the same step)."""
     import torch
 
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_world_size() == 1:
+    if (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_world_size() == 1
+    ):
         return bool(stop)
     t = torch.tensor([1.0 if stop else 0.0], device=device)
     torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)

@@ -39,8 +39,20 @@ def redact(text: str) -> str:
 
 RUN_ID_FILE = "mlflow_run_id"
 PARAM_KEYS = (
-    "algo", "fold", "roi_size", "batch_size", "num_epochs", "num_steps_per_epoch", "learning_rate",
-    "loss", "output_classes", "unknown_label", "target_gpu_mem_gb", "intensity_bounds", "seed", "network",
+    "algo",
+    "fold",
+    "roi_size",
+    "batch_size",
+    "num_epochs",
+    "num_steps_per_epoch",
+    "learning_rate",
+    "loss",
+    "output_classes",
+    "unknown_label",
+    "target_gpu_mem_gb",
+    "intensity_bounds",
+    "seed",
+    "network",
 )
 
 
@@ -59,8 +71,7 @@ class Tracker:
         try:
             import mlflow
         except ImportError:
-            log.warning("train: mlflow: true, but mlflow is not installed: tracking off "
-                        "(it is in the train extra)")
+            log.warning("train: mlflow: true, but mlflow is not installed: tracking off (it is in the train extra)")
             return
         bundle = Path(cfg.get("bundle_root") or model_dir.parent)
         uri = str(cfg.get("mlflow_tracking_uri") or default_uri(bundle))
@@ -84,8 +95,11 @@ class Tracker:
         """Log one ``metrics.jsonl`` row (loss, lr, mean and per-class Dice) at step = epoch."""
         if self._mlflow is None:
             return
-        metrics = {k: float(row[k]) for k in ("train_loss", "lr", "mean_dice", "best_metric", "samples_per_s")
-                   if row.get(k) is not None}
+        metrics = {
+            k: float(row[k])
+            for k in ("train_loss", "lr", "mean_dice", "best_metric", "samples_per_s")
+            if row.get(k) is not None
+        }
         for name, v in (row.get("dice") or {}).items():
             if v is not None:
                 metrics[f"dice_{name}"] = float(v)

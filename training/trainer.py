@@ -68,9 +68,24 @@ from .reporting import METRICS, PROGRESS_PNG, EventLog, read_metrics
 from .signals import catch_stop_signals_early, ignore_stop_signals, stop_on_signals, stop_requested
 from .validation import validate
 
-__all__ = ["BundlePredictor", "CKPT_BEST", "CKPT_FINAL", "CKPT_LATEST", "PROGRESS_YAML", "TrainResult", "cli_main",
-           "is_finished", "load_checkpoint", "load_resumable", "parse_cli_overrides", "predict_probabilities",
-           "read_hyper_parameters", "save_checkpoint", "train_bundle", "validate"]
+__all__ = [
+    "BundlePredictor",
+    "CKPT_BEST",
+    "CKPT_FINAL",
+    "CKPT_LATEST",
+    "PROGRESS_YAML",
+    "TrainResult",
+    "cli_main",
+    "is_finished",
+    "load_checkpoint",
+    "load_resumable",
+    "parse_cli_overrides",
+    "predict_probabilities",
+    "read_hyper_parameters",
+    "save_checkpoint",
+    "train_bundle",
+    "validate",
+]
 
 log = logging.getLogger("cellmap.trainer")
 
@@ -107,8 +122,9 @@ def _seed_everything(seed: int) -> None:
 ARCH_CODE = "arch_code.json"
 
 
-def dints_architecture(cfg: dict[str, Any], model_dir: Path, train_items: list[dict[str, str]],
-                        loss_fn: torch.nn.Module, dev: torch.device) -> None:
+def dints_architecture(
+    cfg: dict[str, Any], model_dir: Path, train_items: list[dict[str, str]], loss_fn: torch.nn.Module, dev: torch.device
+) -> None:
     """Put the searched DiNTS architecture into ``cfg["network"]["arch_code"]``.
 
     Order: an ``arch_code`` given in the config (``train: {network: {arch_code: ...}}``) wins;
@@ -123,12 +139,22 @@ def dints_architecture(cfg: dict[str, Any], model_dir: Path, train_items: list[d
     path = model_dir / ARCH_CODE
     if path.is_file():
         net["arch_code"] = read_json(path)["arch_code"]
-    elif int(cfg.get("search_epochs") if cfg.get("search_epochs") is not None else max(1, int(cfg["num_epochs"]) // 4)) > 0:
+    elif (
+        int(cfg.get("search_epochs") if cfg.get("search_epochs") is not None else max(1, int(cfg["num_epochs"]) // 4))
+        > 0
+    ):
         from .dints_search import search_dints
 
         with stop_on_signals() as stop:
-            result = search_dints(cfg, train_items, loss_fn, dev, lambda: stop_requested(stop, dev),
-                                  lambda items: train_dataset(cfg, items), lambda ds, e: epoch_batches(cfg, ds, e))
+            result = search_dints(
+                cfg,
+                train_items,
+                loss_fn,
+                dev,
+                lambda: stop_requested(stop, dev),
+                lambda items: train_dataset(cfg, items),
+                lambda ds, e: epoch_batches(cfg, ds, e),
+            )
         rank, world = dist_info()
         if world > 1:  # every rank searched the same data; rank 0's answer is the one
             box = [result]
@@ -195,9 +221,16 @@ def train_bundle(
     model_dir.mkdir(parents=True, exist_ok=True)
     if is_finished(model_dir):
         prog = read_yaml(model_dir / PROGRESS_YAML)[-1]
-        log.info("%s: already finished (best mean Dice %.4f): skipping", model_dir.parent.name, prog["best_avg_dice_score"])
-        return TrainResult("skipped", float(prog["best_avg_dice_score"]), int(prog.get("best_avg_dice_score_epoch", -1)),
-                           int(prog.get("epochs_trained", 0)), model_dir)
+        log.info(
+            "%s: already finished (best mean Dice %.4f): skipping", model_dir.parent.name, prog["best_avg_dice_score"]
+        )
+        return TrainResult(
+            "skipped",
+            float(prog["best_avg_dice_score"]),
+            int(prog.get("best_avg_dice_score_epoch", -1)),
+            int(prog.get("epochs_trained", 0)),
+            model_dir,
+        )
     dev = pick_device(device)
     init_distributed(dev)
     rank, world = dist_info()
@@ -214,7 +247,9 @@ def train_bundle(
         raise ConfigError(f"{pretrained}: pretrained_weights file not found (nothing is downloaded; copy it there)")
     train_items, val_items = datalist_split(cfg)
     n_cls = int(cfg["output_classes"])
-    loss_fn = MaskedSegLoss(n_cls, int(cfg.get("unknown_label", 0)), loss_class_weights(cfg), str(cfg.get("loss", "dicece"))).to(dev)
+    loss_fn = MaskedSegLoss(
+        n_cls, int(cfg.get("unknown_label", 0)), loss_class_weights(cfg), str(cfg.get("loss", "dicece"))
+    ).to(dev)
     if cfg["algo"] == "dints":
         dints_architecture(cfg, model_dir, train_items, loss_fn, dev)
         _seed_everything(seed)  # the search used the RNGs: training starts from the same state either way
@@ -227,11 +262,21 @@ def train_bundle(
     class_names = list(cfg.get("class_names") or [f"class{i}" for i in range(1, n_cls)])
     model = build_network(cfg).to(dev)
     num_epochs = int(cfg["num_epochs"])
-    opt = torch.optim.AdamW(model.parameters(), lr=float(cfg["learning_rate"]), weight_decay=float(cfg.get("weight_decay", 1e-5)))
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=float(cfg["learning_rate"]), weight_decay=float(cfg.get("weight_decay", 1e-5))
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(num_epochs, int(cfg.get("warmup_epochs", 0))))
     amp = bool(cfg.get("amp", True)) and dev.type == "cuda"
-    run = Optimisation(model, opt, sched, torch.amp.GradScaler("cuda", enabled=amp), loss_fn, dev, amp,
-                       float(cfg.get("max_grad_norm", 0) or 0))
+    run = Optimisation(
+        model,
+        opt,
+        sched,
+        torch.amp.GradScaler("cuda", enabled=amp),
+        loss_fn,
+        dev,
+        amp,
+        float(cfg.get("max_grad_norm", 0) or 0),
+    )
     st = LoopState()
     _resume(st, run, model_dir, pretrained, cfg, rank)
     if world > 1:
@@ -260,11 +305,18 @@ def train_bundle(
         if not (model_dir / CKPT_BEST).is_file():
             hooks.save_model(CKPT_BEST, epochs - 1, st.best)
         best_row = next((r for r in st.rows if r["epoch"] == st.best_epoch), {})
-        atomic_write_yaml(model_dir / PROGRESS_YAML, [{
-            "best_avg_dice_score": float(st.best), "best_avg_dice_score_epoch": int(st.best_epoch),
-            "best_avg_dice_score_class": best_row.get("dice"), "epochs_trained": int(epochs),
-            "early_stopped": stopped_early,
-        }])
+        atomic_write_yaml(
+            model_dir / PROGRESS_YAML,
+            [
+                {
+                    "best_avg_dice_score": float(st.best),
+                    "best_avg_dice_score_epoch": int(st.best_epoch),
+                    "best_avg_dice_score_class": best_row.get("dice"),
+                    "epochs_trained": int(epochs),
+                    "early_stopped": stopped_early,
+                }
+            ],
+        )
         ignore_stop_signals("the fold is finished (progress.yaml written)")
         if not bool(cfg.get("keep_latest", False)):
             remove_sealed(model_dir / CKPT_LATEST)

@@ -49,7 +49,9 @@ def pooled_dice(matrix: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def validate(model: torch.nn.Module, cfg: dict[str, Any], items: list[dict[str, str]], device: torch.device) -> np.ndarray:
+def validate(
+    model: torch.nn.Module, cfg: dict[str, Any], items: list[dict[str, str]], device: torch.device
+) -> np.ndarray:
     """Per-class Dice pooled over the validation fold (the challenge's score; NaN: class absent everywhere).
 
     TP/FP/FN are summed over every validation case (all ranks) before the ratio, unknown voxels
@@ -68,8 +70,12 @@ def validate(model: torch.nn.Module, cfg: dict[str, Any], items: list[dict[str, 
         img = d["image"][None].to(device)
         with torch.autocast(device.type, enabled=amp):
             logits = sliding_window_inference(
-                img, [int(r) for r in cfg["roi_size"]], int(cfg.get("sw_batch_size", 1)), model,
-                overlap=float(cfg.get("sw_overlap", 0.25)), mode="gaussian",
+                img,
+                [int(r) for r in cfg["roi_size"]],
+                int(cfg.get("sw_batch_size", 1)),
+                model,
+                overlap=float(cfg.get("sw_overlap", 0.25)),
+                mode="gaussian",
             )
         pred = logits.argmax(1).cpu().numpy()
         label = np.asarray(d["label"]).astype(np.int64).reshape(pred.shape)

@@ -93,8 +93,12 @@ def vendor_into(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"version": version, "sha256": hashlib.sha256(manifest).hexdigest(), "alias": library_alias(manifest),
-            "files": files}
+    return {
+        "version": version,
+        "sha256": hashlib.sha256(manifest).hexdigest(),
+        "alias": library_alias(manifest),
+        "files": files,
+    }
 
 
 def has_library(bundle_dir: str | os.PathLike[str]) -> bool:
@@ -110,8 +114,10 @@ def load_bundle_library(bundle_dir: str | os.PathLike[str], module: str = "train
     """
     lib = Path(bundle_dir).resolve() / "scripts" / VENDOR_DIR
     if not (lib / MANIFEST).is_file():
-        raise BundleOutdated(f"{Path(bundle_dir)}: bundle has no scripts/{VENDOR_DIR} (generated before bundles carried "
-                             "their training library); rerun bundlegen --force for it")
+        raise BundleOutdated(
+            f"{Path(bundle_dir)}: bundle has no scripts/{VENDOR_DIR} (generated before bundles carried "
+            "their training library); rerun bundlegen --force for it"
+        )
     name = library_alias((lib / MANIFEST).read_bytes())
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, lib / "__init__.py", submodule_search_locations=[str(lib)])

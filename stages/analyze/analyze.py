@@ -128,10 +128,14 @@ def settings_from(cfg: PipelineConfig, wd: WorkDir, device: str) -> AnalyzeSetti
 
 def inputs_digest(cfg: PipelineConfig, items: Sequence[CaseItem], wd: WorkDir) -> str:
     """Digest of what the analysis depends on: datalist, case files, classes, settings."""
-    files = [[it.case, file_fingerprint(it.image), file_fingerprint(it.label)] for it in items
-             if it.image.exists() and it.label.exists()]
-    return digest([file_fingerprint(wd.datalist), files, cfg.classes, cfg.unknown_label,
-                   cfg.analyze.given(), "analyze-v1"])  # the keys as given: markers of older work dirs match
+    files = [
+        [it.case, file_fingerprint(it.image), file_fingerprint(it.label)]
+        for it in items
+        if it.image.exists() and it.label.exists()
+    ]
+    return digest(
+        [file_fingerprint(wd.datalist), files, cfg.classes, cfg.unknown_label, cfg.analyze.given(), "analyze-v1"]
+    )  # the keys as given: markers of older work dirs match
 
 
 # ---- our own per-case pass -------------------------------------------------------------
@@ -181,12 +185,13 @@ def case_stats(item: CaseItem, s: AnalyzeSettings) -> dict[str, Any]:
     allowed = set(range(s.n_classes + 1)) | ({s.unknown_label} if s.unknown_label else set())
     unexpected = {int(v): int(counts[v]) for v in np.nonzero(counts)[0] if int(v) not in allowed}
     if unexpected:
-        raise ValueError(f"{item.label.name}: unexpected label values {sorted(unexpected)} "
-                         f"(classes are 1..{s.n_classes}, unknown is {s.unknown_label})")
+        raise ValueError(
+            f"{item.label.name}: unexpected label values {sorted(unexpected)} "
+            f"(classes are 1..{s.n_classes}, unknown is {s.unknown_label})"
+        )
     if not np.all(np.isfinite(image)):
         raise ValueError(f"{item.image.name}: image holds NaN or inf")
-    sums = np.bincount(lab_i.ravel(), weights=image.ravel().astype(np.float64),
-                       minlength=len(counts))
+    sums = np.bincount(lab_i.ravel(), weights=image.ravel().astype(np.float64), minlength=len(counts))
     fg = (lab_i >= 1) & (lab_i <= s.n_classes)
     unknown = int(counts[s.unknown_label]) if s.unknown_label else 0
     view = item.label
@@ -290,6 +295,7 @@ def analyze_items(items: Sequence[CaseItem], s: AnalyzeSettings, workers: int) -
         return analyze_part(items, s)
     parts = [select_shard(list(items), (k, workers)) for k in range(workers)]
     import monai.apps.auto3dseg  # noqa: F401 - imported once here, inherited by forked workers
+
     # fork is cheap (MONAI already imported) and safe: torch runs single-threaded here, so no
     # OpenMP pool is inherited mid-flight. CUDA would need spawn.
     method = "fork" if s.device == "cpu" and "fork" in multiprocessing.get_all_start_methods() else "spawn"
@@ -309,8 +315,9 @@ def summarize(by_case: list[dict[str, Any]]) -> dict[str, Any]:
     """MONAI's dataset summary of a by-case list (the call DataAnalyzer makes, same defaults)."""
     from monai.auto3dseg import SegSummarizer
 
-    summarizer = SegSummarizer("image", "label", average=True, do_ccp=False, hist_bins=0,
-                               hist_range=[-500, 500], histogram_only=False)
+    summarizer = SegSummarizer(
+        "image", "label", average=True, do_ccp=False, hist_bins=0, hist_range=[-500, 500], histogram_only=False
+    )
     summary: dict[str, Any] = summarizer.summarize(by_case)
     summary["n_cases"] = len(by_case)
     return summary
@@ -374,8 +381,9 @@ def with_pooled_statistics(summary: dict[str, Any], report: dict[str, Any]) -> t
     return summary, block
 
 
-def write_outputs(wd: WorkDir, cfg: PipelineConfig, items: Sequence[CaseItem], result: dict[str, Any],
-                  s: AnalyzeSettings) -> dict[str, Any]:
+def write_outputs(
+    wd: WorkDir, cfg: PipelineConfig, items: Sequence[CaseItem], result: dict[str, Any], s: AnalyzeSettings
+) -> dict[str, Any]:
     """Check, then write datastats(.yaml, _by_case.yaml) and the report; return the report."""
     from stages.analyze.report import build_report, write_report
 
@@ -390,8 +398,11 @@ def write_outputs(wd: WorkDir, cfg: PipelineConfig, items: Sequence[CaseItem], r
     for name in report["absent_classes"]:
         log.warning("configured class %r never occurs in the %d training cases", name, len(items))
     if report["foreground_empty_cases"]:
-        log.warning("%d case(s) hold no class voxel and do not move the intensity clip: %s",
-                    len(report["foreground_empty_cases"]), ", ".join(report["foreground_empty_cases"]))
+        log.warning(
+            "%d case(s) hold no class voxel and do not move the intensity clip: %s",
+            len(report["foreground_empty_cases"]),
+            ", ".join(report["foreground_empty_cases"]),
+        )
     summary, ours = with_pooled_statistics(summary, report)
     _export_yaml(wd.datastats, {"stats_summary": summary, "stats_by_cases": [], ANALYZE_STATS_KEY: ours})
     _export_yaml(wd.datastats_by_case, {"stats_summary": summary, "stats_by_cases": by_case})
@@ -413,8 +424,9 @@ def shard_marker_name(i: int, n: int) -> str:
     return shard_name(STAGE, (i, n))
 
 
-def run_shard(wd: WorkDir, cfg: PipelineConfig, shard: tuple[int, int], workers: int, device: str,
-              force: bool = False) -> None:
+def run_shard(
+    wd: WorkDir, cfg: PipelineConfig, shard: tuple[int, int], workers: int, device: str, force: bool = False
+) -> None:
     """Analyse one shard; write its by-case stats (MONAI form) and our case stats."""
     items = training_items(wd)
     s = settings_from(cfg, wd, device)
@@ -430,10 +442,12 @@ def run_shard(wd: WorkDir, cfg: PipelineConfig, shard: tuple[int, int], workers:
         try:
             result = analyze_items(mine, s, workers) if mine else {"own": [], "failed": {}, "by_case": []}
             check_complete(mine, result)
-            _export_yaml(out / f"datastats_by_case_{i}.yaml",
-                         {"stats_summary": {}, "stats_by_cases": result["by_case"]})
-            atomic_write_json(out / f"shard_{i}.json", {"shard": [i, n], "cases": [it.case for it in mine],
-                                                        "own": result["own"]})
+            _export_yaml(
+                out / f"datastats_by_case_{i}.yaml", {"stats_summary": {}, "stats_by_cases": result["by_case"]}
+            )
+            atomic_write_json(
+                out / f"shard_{i}.json", {"shard": [i, n], "cases": [it.case for it in mine], "own": result["own"]}
+            )
         finally:
             _clear_tmp_of(mine, s)
             try:
@@ -457,14 +471,19 @@ def _complete_sharding(wd: WorkDir, items: Sequence[CaseItem], base: str) -> int
         raise PipelineError(f"{root}: no shard results to merge (run --shard I/N first)")
     missing_by_n = {}
     for n in ns:
-        missing = [i for i in range(n) if not wd.marker(shard_marker_name(i, n)).is_done(digest([base, i, n]))
-                   or not (shard_dir(wd, n) / f"shard_{i}.json").is_file()]
+        missing = [
+            i
+            for i in range(n)
+            if not wd.marker(shard_marker_name(i, n)).is_done(digest([base, i, n]))
+            or not (shard_dir(wd, n) / f"shard_{i}.json").is_file()
+        ]
         if not missing:
             return n
         missing_by_n[n] = missing
     n = ns[0]
-    raise PipelineError(f"{shard_dir(wd, n)}: shards {missing_by_n[n]} of {n} are missing or stale "
-                        f"(run --shard I/{n} for them first)")
+    raise PipelineError(
+        f"{shard_dir(wd, n)}: shards {missing_by_n[n]} of {n} are missing or stale (run --shard I/{n} for them first)"
+    )
 
 
 def merge_shards(wd: WorkDir, cfg: PipelineConfig, device: str) -> dict[str, Any]:
@@ -485,8 +504,15 @@ def merge_shards(wd: WorkDir, cfg: PipelineConfig, device: str) -> dict[str, Any
 
 
 # ---- the stage ----------------------------------------------------------------------------
-def run_analyze(wd: WorkDir, cfg: PipelineConfig, workers: int = 1, device: str = "cpu",
-                shard: tuple[int, int] | None = None, merge: bool = False, force: bool = False) -> int:
+def run_analyze(
+    wd: WorkDir,
+    cfg: PipelineConfig,
+    workers: int = 1,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    merge: bool = False,
+    force: bool = False,
+) -> int:
     """Run the stage (unsharded, one shard, or the merge of all shards).
 
     Returns:
@@ -521,15 +547,24 @@ def run_analyze(wd: WorkDir, cfg: PipelineConfig, workers: int = 1, device: str 
             finally:
                 _clear_tmp(wd)
             report = write_outputs(wd, cfg, items, result, s)
-        marker.done(n_cases=report["n_cases"], absent_classes=report["absent_classes"],
-                    intensity_clip=report["recommended"]["intensity_clip"])
+        marker.done(
+            n_cases=report["n_cases"],
+            absent_classes=report["absent_classes"],
+            intensity_clip=report["recommended"]["intensity_clip"],
+        )
     log.info("wrote %s, %s and %s", wd.datastats, wd.datastats_by_case, wd.reports_dir / "analysis.md")
     return 0
 
 
-def run_analyze_entry(work_dir: Path, config_file: Path | None = None, workers: int | None = None,
-                      device: str = "cpu", shard: tuple[int, int] | None = None, merge: bool = False,
-                      force: bool = False) -> int:
+def run_analyze_entry(
+    work_dir: Path,
+    config_file: Path | None = None,
+    workers: int | None = None,
+    device: str = "cpu",
+    shard: tuple[int, int] | None = None,
+    merge: bool = False,
+    force: bool = False,
+) -> int:
     """Set up the stage (work dir, ``logs/``, config) and run it (what the CLI calls)."""
     ctx = StageContext.open(STAGE, work_dir, config_file, log_name=shard_label(STAGE, shard))
     wd, cfg = ctx.wd, ctx.cfg

@@ -64,8 +64,9 @@ def _intensity(counts: np.ndarray, s: AnalyzeSettings, pcts: tuple[float, float]
     }
 
 
-def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[str, Any],
-                 s: AnalyzeSettings) -> dict[str, Any]:
+def build_report(
+    cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[str, Any], s: AnalyzeSettings
+) -> dict[str, Any]:
     """The report as plain data (what ``analysis.json`` holds)."""
     pcts = tuple(float(p) for p in cfg.analyze.clip_percentiles)
     names = ["background", *cfg.classes]
@@ -77,16 +78,18 @@ def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[s
     classes: list[dict[str, Any]] = []
     for cid, name in enumerate(names):
         present = [o["case"] for o, row in zip(own, vox) if row[cid] > 0]
-        classes.append({
-            "id": cid,
-            "name": name,
-            "voxels": int(total[cid]),
-            "share": float(total[cid] / known) if known else 0.0,
-            "foreground_share": (float(total[cid] / fg_total) if fg_total else 0.0) if cid else None,
-            "mean_intensity": float(isum[:, cid].sum() / total[cid]) if total[cid] else None,
-            "cases_present": len(present),
-            "cases_absent": [o["case"] for o in own if o["case"] not in set(present)],
-        })
+        classes.append(
+            {
+                "id": cid,
+                "name": name,
+                "voxels": int(total[cid]),
+                "share": float(total[cid] / known) if known else 0.0,
+                "foreground_share": (float(total[cid] / fg_total) if fg_total else 0.0) if cid else None,
+                "mean_intensity": float(isum[:, cid].sum() / total[cid]) if total[cid] else None,
+                "cases_present": len(present),
+                "cases_absent": [o["case"] for o in own if o["case"] not in set(present)],
+            }
+        )
     absent = [c["name"] for c in classes[1:] if c["voxels"] == 0]
     present_fg = [c for c in classes[1:] if c["voxels"] > 0]
     max_share = max(c["share"] for c in classes) if known else 0.0
@@ -106,7 +109,8 @@ def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[s
     if empty:
         warnings.append(
             f"{len(empty)} case(s) hold no class voxel: {', '.join(empty)}. They do not move the pooled "
-            "intensity clip (MONAI's mean of per-case percentiles would count each as 0..0).")
+            "intensity clip (MONAI's mean of per-case percentiles would count each as 0..0)."
+        )
     if absent:
         warnings.append(f"classes never present in the training cases: {', '.join(absent)}")
 
@@ -132,23 +136,37 @@ def build_report(cfg: PipelineConfig, own: list[dict[str, Any]], summary: dict[s
         "warnings": warnings,
         "imbalance": {
             "max_over_min_foreground_share": (
-                max(c["voxels"] for c in present_fg) / min(c["voxels"] for c in present_fg) if present_fg else None),
+                max(c["voxels"] for c in present_fg) / min(c["voxels"] for c in present_fg) if present_fg else None
+            ),
             "foreground_share_of_known": float(fg_total / known) if known else 0.0,
         },
         "unknown": {
             "voxels": unknown_total,
             "share_of_all": float(unknown_total / n_vox) if n_vox else 0.0,
-            "top_cases": [{"case": o["case"], "voxels": o["unknown_voxels"],
-                           "fraction": o["unknown_voxels"] / max(1, o["voxels"])} for o in top if o["unknown_voxels"]],
+            "top_cases": [
+                {
+                    "case": o["case"],
+                    "voxels": o["unknown_voxels"],
+                    "fraction": o["unknown_voxels"] / max(1, o["voxels"]),
+                }
+                for o in top
+                if o["unknown_voxels"]
+            ],
         },
         "intensity": {
-            "histogram": {"range": list(s.hist_range), "bins": s.hist_bins,
-                          "image": img_hist.tolist(), "foreground": fg_hist.tolist()},
+            "histogram": {
+                "range": list(s.hist_range),
+                "bins": s.hist_bins,
+                "image": img_hist.tolist(),
+                "foreground": fg_hist.tolist(),
+            },
             "image": image_i,
             "foreground": fg_i,
             "percentiles": list(pcts),
             "monai_foreground_mean_of_case_percentiles": {
-                "p0.5": fg_monai.get("percentile_00_5"), "p99.5": fg_monai.get("percentile_99_5")},
+                "p0.5": fg_monai.get("percentile_00_5"),
+                "p99.5": fg_monai.get("percentile_99_5"),
+            },
         },
         "geometry": {
             "shape_min": shapes.min(axis=0).tolist(),
@@ -195,35 +213,64 @@ def render_markdown(r: dict[str, Any]) -> str:
     ]
     for c in r["classes"]:
         lines.append(f"| {c['id']} | {c['name']} | {_fmt(rec['class_weights'][c['name']])} |")
-    lines += ["", "## Classes (by class id)", "",
-              "| label | class | voxels | share | share of foreground | mean intensity | cases present | absent in |",
-              "|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines += [
+        "",
+        "## Classes (by class id)",
+        "",
+        "| label | class | voxels | share | share of foreground | mean intensity | cases present | absent in |",
+        "|---:|---|---:|---:|---:|---:|---:|---|",
+    ]
     for c in r["classes"]:
         absent = ", ".join(c["cases_absent"][:5]) + (" …" if len(c["cases_absent"]) > 5 else "")
-        lines.append(f"| {c['id']} | {c['name']} | {c['voxels']} | {_fmt(c['share'])} | "
-                     f"{_fmt(c['foreground_share'])} | {_fmt(c['mean_intensity'])} | {c['cases_present']} | {absent} |")
-    lines += ["", f"Classes absent from the data: {', '.join(r['absent_classes']) or 'none'}.", "",
-              f"Imbalance (largest / smallest present class): "
-              f"{_fmt(r['imbalance']['max_over_min_foreground_share'])}; foreground is "
-              f"{_fmt(r['imbalance']['foreground_share_of_known'])} of the known voxels.", "",
-              "## Intensity", "", "| region | voxels | mean | p50 | " +
-              " | ".join(f"p{p:g}" for p in r["intensity"]["percentiles"]) + " |", "|---|---:|---:|---:|---:|---:|"]
+        lines.append(
+            f"| {c['id']} | {c['name']} | {c['voxels']} | {_fmt(c['share'])} | "
+            f"{_fmt(c['foreground_share'])} | {_fmt(c['mean_intensity'])} | {c['cases_present']} | {absent} |"
+        )
+    lines += [
+        "",
+        f"Classes absent from the data: {', '.join(r['absent_classes']) or 'none'}.",
+        "",
+        f"Imbalance (largest / smallest present class): "
+        f"{_fmt(r['imbalance']['max_over_min_foreground_share'])}; foreground is "
+        f"{_fmt(r['imbalance']['foreground_share_of_known'])} of the known voxels.",
+        "",
+        "## Intensity",
+        "",
+        "| region | voxels | mean | p50 | " + " | ".join(f"p{p:g}" for p in r["intensity"]["percentiles"]) + " |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     p0, p1 = (f"p{p:g}" for p in r["intensity"]["percentiles"])
     for region in ("image", "foreground"):
         d = r["intensity"][region]
-        lines.append(f"| {region} | {d['voxels']} | {_fmt(d['mean'])} | {_fmt(d['p50'])} | {_fmt(d[p0])} | {_fmt(d[p1])} |")
+        lines.append(
+            f"| {region} | {d['voxels']} | {_fmt(d['mean'])} | {_fmt(d['p50'])} | {_fmt(d[p0])} | {_fmt(d[p1])} |"
+        )
     m = r["intensity"]["monai_foreground_mean_of_case_percentiles"]
-    lines += ["", f"MONAI's own summary is the mean of per-case foreground percentiles: "
-              f"[{_fmt(m['p0.5'])}, {_fmt(m['p99.5'])}]; `datastats.yaml` carries the pooled clip above "
-              "instead, so every template and the report use the same numbers.", "",
-              "## Geometry", "",
-              f"Shape (x, y, z) min {r['geometry']['shape_min']}, median {r['geometry']['shape_median']}, "
-              f"max {r['geometry']['shape_max']}.", "", "| spacing (x, y, z) nm | cases |", "|---|---:|"]
+    lines += [
+        "",
+        f"MONAI's own summary is the mean of per-case foreground percentiles: "
+        f"[{_fmt(m['p0.5'])}, {_fmt(m['p99.5'])}]; `datastats.yaml` carries the pooled clip above "
+        "instead, so every template and the report use the same numbers.",
+        "",
+        "## Geometry",
+        "",
+        f"Shape (x, y, z) min {r['geometry']['shape_min']}, median {r['geometry']['shape_median']}, "
+        f"max {r['geometry']['shape_max']}.",
+        "",
+        "| spacing (x, y, z) nm | cases |",
+        "|---|---:|",
+    ]
     for sp in r["geometry"]["spacing_counts"]:
         lines.append(f"| {sp['spacing']} | {sp['cases']} |")
-    lines += ["", "## Unknown voxels", "",
-              f"{r['unknown']['voxels']} voxels ({_fmt(r['unknown']['share_of_all'])} of all).", "",
-              "| case | unknown voxels | fraction |", "|---|---:|---:|"]
+    lines += [
+        "",
+        "## Unknown voxels",
+        "",
+        f"{r['unknown']['voxels']} voxels ({_fmt(r['unknown']['share_of_all'])} of all).",
+        "",
+        "| case | unknown voxels | fraction |",
+        "|---|---:|---:|",
+    ]
     for t in r["unknown"]["top_cases"]:
         lines.append(f"| {t['case']} | {t['voxels']} | {_fmt(t['fraction'])} |")
     lines += ["", "Plots: `analysis_classes.png`, `analysis_intensity.png`, `analysis_geometry.png`.", ""]

@@ -72,13 +72,15 @@ def template_source(cfg: PipelineConfig, algos: list[str]) -> tuple[str, Path]:
             raise ConfigError(
                 f"templates: official needs unknown_label: 0, got {cfg.unknown_label}: the official "
                 "MONAI templates train on every label value and cannot ignore an unknown value "
-                "(use templates: builtin, or unknown_label: 0 to fold unknown into background)")
+                "(use templates: builtin, or unknown_label: 0 to fold unknown into background)"
+            )
         kind, src = "official", cfg.official_templates_path()
         if not src.is_dir():
             raise PipelineError(
                 f"{src}: official templates directory not found (set official_templates_dir or "
                 "$CELLMAP_A3DS_OFFICIAL_TEMPLATES to a local copy of research-contributions @21ed8e5 "
-                "auto3dseg/algorithm_templates; templates are never downloaded)")
+                "auto3dseg/algorithm_templates; templates are never downloaded)"
+            )
     else:
         kind, src = "path", Path(t).expanduser()
         if not src.is_dir():
@@ -94,7 +96,8 @@ def template_source(cfg: PipelineConfig, algos: list[str]) -> tuple[str, Path]:
     if kind == "path" and cfg.unknown_label != 0 and any(template_style(src / a) == "official" for a in algos):
         raise ConfigError(
             f"templates: {t} holds MONAI-style templates, which need unknown_label: 0 (got "
-            f"{cfg.unknown_label}): they train on every label value and cannot ignore an unknown value")
+            f"{cfg.unknown_label}): they train on every label value and cannot ignore an unknown value"
+        )
     return kind, src
 
 
@@ -154,8 +157,10 @@ def write_input_yaml(wd: WorkDir, cfg: PipelineConfig, target_gpu_mem_gb: float)
     """Write ``<wd>/input.yaml`` (only when its content changes, so reruns keep it)."""
     data = input_config(wd, cfg, target_gpu_mem_gb)
     if cfg.modality.lower() == "em":
-        log.info("modality EM is declared to MONAI as 'ct': range normalisation to the foreground "
-                 "intensity percentiles (0.5, 99.5), chosen deliberately for FIB-SEM")
+        log.info(
+            "modality EM is declared to MONAI as 'ct': range normalisation to the foreground "
+            "intensity percentiles (0.5, 99.5), chosen deliberately for FIB-SEM"
+        )
     old = read_yaml(wd.input_yaml) if wd.input_yaml.is_file() else None
     if old != data:
         atomic_write_yaml(wd.input_yaml, data)
@@ -265,15 +270,28 @@ def offline_settings(bundle: Path, algo: str, cfg: PipelineConfig) -> dict[str, 
 
 
 # ---- the stage --------------------------------------------------------------------------
-def bundle_digest(inp: dict[str, Any], wd: WorkDir, kind: str, src: Path, algo: str, fold: int,
-                  cfg: PipelineConfig) -> str:
+def bundle_digest(
+    inp: dict[str, Any], wd: WorkDir, kind: str, src: Path, algo: str, fold: int, cfg: PipelineConfig
+) -> str:
     """What one bundle depends on (not the interpreter path: it differs inside containers)."""
     stats = wd.datastats.read_bytes()
     extra = tree_fingerprint(Path(training.__file__).resolve().parent) if kind == "builtin" else ""
     if kind == "builtin":  # the registry entry's rules (roi, memory model, factory) shape the bundle too
         extra += repr(algorithms.get(algo))
-    return digest([inp, hashlib.sha256(stats).hexdigest(), kind, str(src), tree_fingerprint(template_folder(kind, src, algo)),
-                   extra, algo, fold, cfg.bundlegen.given(), "bundlegen-v1"])
+    return digest(
+        [
+            inp,
+            hashlib.sha256(stats).hexdigest(),
+            kind,
+            str(src),
+            tree_fingerprint(template_folder(kind, src, algo)),
+            extra,
+            algo,
+            fold,
+            cfg.bundlegen.given(),
+            "bundlegen-v1",
+        ]
+    )
 
 
 def _has_model(bundle: Path) -> bool:
@@ -307,8 +325,12 @@ def run_bundlegen(wd: WorkDir, cfg: PipelineConfig, force: bool = False) -> list
         if force or not done:
             if not force and _has_model(wd.bundle(a, f)):
                 # regenerating deletes the bundle folder, trained model included: never implicitly
-                log.warning("%s_%d: inputs changed but the bundle holds a model/; kept (--force regenerates "
-                            "it and deletes the model)", a, f)
+                log.warning(
+                    "%s_%d: inputs changed but the bundle holds a model/; kept (--force regenerates "
+                    "it and deletes the model)",
+                    a,
+                    f,
+                )
                 continue
             todo.append((a, f))
     stage = wd.marker(STAGE)
@@ -317,13 +339,26 @@ def run_bundlegen(wd: WorkDir, cfg: PipelineConfig, force: bool = False) -> list
             log.info("all %d bundles are done; nothing to do (--force regenerates)", len(names))
         else:
             _generate(wd, cfg, kind, src, todo, digests, inp, interpreter)
-        stage.done(bundles=[f"{a}_{f}" for a, f in names], templates=kind, template_source_dir=str(src),
-                   output_classes=cfg.output_classes, target_gpu_mem_gb=gpu)
+        stage.done(
+            bundles=[f"{a}_{f}" for a, f in names],
+            templates=kind,
+            template_source_dir=str(src),
+            output_classes=cfg.output_classes,
+            target_gpu_mem_gb=gpu,
+        )
     return [f"{a}_{f}" for a, f in names]
 
 
-def _generate(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, todo: list[tuple[str, int]],
-              digests: dict[tuple[str, int], str], inp: dict[str, Any], interpreter: str) -> None:
+def _generate(
+    wd: WorkDir,
+    cfg: PipelineConfig,
+    kind: str,
+    src: Path,
+    todo: list[tuple[str, int]],
+    digests: dict[tuple[str, int], str],
+    inp: dict[str, Any],
+    interpreter: str,
+) -> None:
     _forget_templates(src, wd.templates_dir)
     wd.logs_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -335,8 +370,16 @@ def _generate(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, todo: list
         _forget_templates(src, None)  # leave no template modules behind for later imports
 
 
-def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, todo: list[tuple[str, int]],
-                      digests: dict[tuple[str, int], str], inp: dict[str, Any], interpreter: str) -> None:
+def _generate_bundles(
+    wd: WorkDir,
+    cfg: PipelineConfig,
+    kind: str,
+    src: Path,
+    todo: list[tuple[str, int]],
+    digests: dict[tuple[str, int], str],
+    inp: dict[str, Any],
+    interpreter: str,
+) -> None:
     from monai.apps.auto3dseg import BundleGen
     from monai.auto3dseg.utils import algo_to_json
 
@@ -346,12 +389,23 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
     templates = stage_templates(kind, src, algos, wd.templates_dir)
     # MONAI copies the templates to <wd>/algorithm_templates (unless staged there already) and
     # builds one algo object each
-    gen = BundleGen(algo_path=str(wd.root), algos=algos, templates_path_or_url=str(templates),
-                    data_stats_filename=str(wd.datastats), data_src_cfg_name=str(wd.input_yaml))
+    gen = BundleGen(
+        algo_path=str(wd.root),
+        algos=algos,
+        templates_path_or_url=str(templates),
+        data_stats_filename=str(wd.datastats),
+        data_src_cfg_name=str(wd.input_yaml),
+    )
     by_name = {a.name: a for a in gen.algos}
     patched = size_probes_for(algos, cfg.target_gpu_mem_gb)
-    log.info("templates %s (%s) -> %s; GPU probes sized for %g GB: %s", kind, src, wd.templates_dir,
-             cfg.target_gpu_mem_gb, ", ".join(patched) or "none loaded")
+    log.info(
+        "templates %s (%s) -> %s; GPU probes sized for %g GB: %s",
+        kind,
+        src,
+        wd.templates_dir,
+        cfg.target_gpu_mem_gb,
+        ", ".join(patched) or "none loaded",
+    )
     n = cfg.output_classes
     for algo_name, fold in progress(todo, desc="bundlegen"):
         name = f"{algo_name}_{fold}"
@@ -399,12 +453,18 @@ def _generate_bundles(wd: WorkDir, cfg: PipelineConfig, kind: str, src: Path, to
             log.exception("%s: generation failed", name)
             raise StageFailed(f"{name}: generation failed: {' '.join(str(exc).split())[:300]}") from exc
         marker.done(bundle=str(bundle), output_classes=n, target_gpu_mem_gb=float(cfg.target_gpu_mem_gb))
-        log.info("generated %s (%s templates, %d output classes, sized for %g GB)", name, kind, n,
-                 cfg.target_gpu_mem_gb)
+        log.info(
+            "generated %s (%s templates, %d output classes, sized for %g GB)", name, kind, n, cfg.target_gpu_mem_gb
+        )
 
 
-def run_bundlegen_entry(work_dir: Path, config_file: Path | None = None, algos: str | None = None,
-                        target_gpu_mem_gb: float | None = None, force: bool = False) -> int:
+def run_bundlegen_entry(
+    work_dir: Path,
+    config_file: Path | None = None,
+    algos: str | None = None,
+    target_gpu_mem_gb: float | None = None,
+    force: bool = False,
+) -> int:
     """Set up the stage (work dir, ``logs/``, config; CLI flags win) and run it (what the CLI calls)."""
     overrides: dict[str, Any] = {"target_gpu_mem_gb": target_gpu_mem_gb}
     if algos is not None:
@@ -414,4 +474,3 @@ def run_bundlegen_entry(work_dir: Path, config_file: Path | None = None, algos: 
     ctx = StageContext.open(STAGE, work_dir, config_file, overrides)
     run_bundlegen(ctx.wd, ctx.cfg, force=force)
     return 0
-

@@ -65,8 +65,10 @@ class CacheSummary:
     seconds: float = 0.0
 
     def text(self) -> str:
-        lines = [f"cache: {self.crops} crops, {self.files} files ({self.bytes / 2**20:.1f} MiB) fetched, "
-                 f"{self.reused} already there, {self.seconds:.1f} s"]
+        lines = [
+            f"cache: {self.crops} crops, {self.files} files ({self.bytes / 2**20:.1f} MiB) fetched, "
+            f"{self.reused} already there, {self.seconds:.1f} s"
+        ]
         lines += [f"  not planned {r}" for r in self.not_planned]
         return "\n".join(lines)
 
@@ -126,7 +128,9 @@ class _Copier:
         return [lv.path for lv in levels]
 
 
-def cache_tree(cfg: PipelineConfig, dest: Path, refs: list[CropRef], st: Settings, progress: bool = True) -> CacheSummary:
+def cache_tree(
+    cfg: PipelineConfig, dest: Path, refs: list[CropRef], st: Settings, progress: bool = True
+) -> CacheSummary:
     """Copy what converting ``refs`` with ``st`` reads into ``dest`` (same layout as the source)."""
     t0 = time.perf_counter()
     summary = CacheSummary()

@@ -98,8 +98,11 @@ def open_data_root(cfg: PipelineConfig, opts: ConvertOptions) -> Path | RemotePa
     """
     if not cfg.data_root:
         raise PipelineError("data_root is not set (data_root: in pipeline.yaml, or --data-root)")
-    configure(timeout_s=float(opts.remote_timeout_s), retries=int(opts.remote_retries),
-              chunk_cache=str(opts.chunk_cache or ""))
+    configure(
+        timeout_s=float(opts.remote_timeout_s),
+        retries=int(opts.remote_retries),
+        chunk_cache=str(opts.chunk_cache or ""),
+    )
     root = store_path(cfg.data_root)
     if isinstance(root, Path) and not root.is_dir():
         raise PipelineError(f"{root}: data_root not found")
@@ -118,8 +121,10 @@ def find_crops(root: Path | RemotePath, cfg: PipelineConfig, opts: ConvertOption
     except FileNotFoundError:
         if isinstance(root, Path):
             raise
-        raise PipelineError(f"{root}: cannot list this data_root (plain HTTP has no listing); set "
-                            "convert.crop_manifest or --crop-manifest to the challenge's crop manifest CSV") from None
+        raise PipelineError(
+            f"{root}: cannot list this data_root (plain HTTP has no listing); set "
+            "convert.crop_manifest or --crop-manifest to the challenge's crop manifest CSV"
+        ) from None
 
 
 def crop_records_dir(wd: WorkDir) -> Path:
@@ -183,7 +188,9 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def _convert_all(refs: list[CropRef], st: Settings, records_dir: Path, workers: int, progress: bool) -> tuple[dict[str, dict[str, Any]], list[str]]:
+def _convert_all(
+    refs: list[CropRef], st: Settings, records_dir: Path, workers: int, progress: bool
+) -> tuple[dict[str, dict[str, Any]], list[str]]:
     """Convert ``refs`` (reusing up-to-date records); returns records by case and new cases."""
     previous = {r.case: _read_record(records_dir / f"{r.case}.json") for r in refs}
     records: dict[str, dict[str, Any]] = {}
@@ -203,8 +210,9 @@ def _convert_all(refs: list[CropRef], st: Settings, records_dir: Path, workers: 
             bar.update()
     else:
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(refs)), mp_context=ctx,
-                                 initializer=die_with_parent) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(refs)), mp_context=ctx, initializer=die_with_parent
+        ) as pool:
             futs = [pool.submit(convert_crop, r, st, previous[r.case]) for r in refs]
             for fut in as_completed(futs):
                 done(fut.result())
@@ -244,11 +252,16 @@ def run_convert(
     refs = find_crops(root, cfg, opts)
     if not refs:
         filt = f" matching datasets={cfg.datasets} crops={cfg.crops}" if (cfg.datasets or cfg.crops) else ""
-        raise PipelineError(f"{root}: no crops found{filt} (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
+        raise PipelineError(
+            f"{root}: no crops found{filt} (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)"
+        )
     mine = select_shard(refs, shard)
     st = Settings(
-        resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
-        compress_level=int(opts.compress_level), out_dir=str(wd.nifti_dir),
+        resolution_zyx=cfg.resolution_zyx,
+        classes=tuple(cfg.classes),
+        unknown_label=cfg.unknown_label,
+        compress_level=int(opts.compress_level),
+        out_dir=str(wd.nifti_dir),
     )
     wd.nifti_dir.mkdir(parents=True, exist_ok=True)
     rdir = crop_records_dir(wd)
@@ -265,23 +278,31 @@ def run_convert(
     with stage_marker(marker, digest([st.digest_items(), [r.case for r in mine]]), crops=len(mine)):
         by_case, now = _convert_all(mine, st, rdir, workers, progress)
         summary = ConvertSummary([by_case[r.case] for r in mine], now)
-        details = {"converted": summary.count(CONVERTED), "skipped": summary.count(SKIPPED),
-                   "failed": summary.count(FAILED), "converted_now": len(now),
-                   "seconds": round(time.perf_counter() - t0, 2)}
+        details = {
+            "converted": summary.count(CONVERTED),
+            "skipped": summary.count(SKIPPED),
+            "failed": summary.count(FAILED),
+            "converted_now": len(now),
+            "seconds": round(time.perf_counter() - t0, 2),
+        }
         if shard is not None:
             marker.done(**details)
             return summary
         budget = float(opts.max_failed_fraction)
         _write_outputs(cfg, wd, summary, bool(opts.report_png), budget)
         if summary.count(CONVERTED) == 0:
-            exc = StageFailed(f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}")
+            exc = StageFailed(
+                f"no crop converted ({summary.count(SKIPPED)} skipped, {summary.count(FAILED)} failed); see {summary.report}"
+            )
             exc.summary = summary  # type: ignore[attr-defined]
             marker.fail(failure_reason(exc), **details)
             raise exc
         if summary.failed_fraction() > budget:
-            msg = (f"{summary.count(FAILED)} of {summary.count(CONVERTED) + summary.count(FAILED)} eligible crops failed "
-                   f"({100 * summary.failed_fraction():.1f} % > convert.max_failed_fraction {100 * budget:g} %); "
-                   f"reasons in {summary.report}")
+            msg = (
+                f"{summary.count(FAILED)} of {summary.count(CONVERTED) + summary.count(FAILED)} eligible crops failed "
+                f"({100 * summary.failed_fraction():.1f} % > convert.max_failed_fraction {100 * budget:g} %); "
+                f"reasons in {summary.report}"
+            )
             exc = StageFailed(msg)
             exc.summary = summary  # type: ignore[attr-defined]
             marker.fail(failure_reason(exc), **details)
@@ -304,12 +325,15 @@ def failure_reasons(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         if r["status"] == FAILED:
             kinds.setdefault(r["reason"].split(":")[0].strip() or "unknown", []).append(r["case"])
-    return [{"reason": k, "count": len(v), "cases": sorted(v)}
-            for k, v in sorted(kinds.items(), key=lambda kv: (-len(kv[1]), kv[0]))]
+    return [
+        {"reason": k, "count": len(v), "cases": sorted(v)}
+        for k, v in sorted(kinds.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    ]
 
 
-def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, plot: bool = True,
-                   budget: float = 0.02) -> None:
+def _write_outputs(
+    cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, plot: bool = True, budget: float = 0.02
+) -> None:
     """Split, ``datalist.json`` and ``reports/convert.{json,md,png}`` (written only when changed)."""
     conv = [r for r in summary.records if r["status"] == CONVERTED]
     tests = set(cfg.split.test_crops)
@@ -334,7 +358,8 @@ def _write_outputs(cfg: PipelineConfig, wd: WorkDir, summary: ConvertSummary, pl
     report = wd.reports_dir / "convert.json"
     wd.reports_dir.mkdir(parents=True, exist_ok=True)
     content = {
-        "resolution_zyx": list(cfg.resolution_zyx), "classes": list(cfg.classes),
+        "resolution_zyx": list(cfg.resolution_zyx),
+        "classes": list(cfg.classes),
         "unknown_label": cfg.unknown_label,
         "counts": {s: summary.count(s) for s in (CONVERTED, SKIPPED, FAILED)},
         "by_dataset": by_dataset(summary.records),
@@ -360,8 +385,13 @@ def _planned_crops(cfg: PipelineConfig) -> tuple[Any, list[CropRef], Settings]:
     refs = find_crops(root, cfg, opts)
     if not refs:
         raise PipelineError(f"{root}: no crops found (expected <ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>)")
-    st = Settings(resolution_zyx=cfg.resolution_zyx, classes=tuple(cfg.classes), unknown_label=cfg.unknown_label,
-                  compress_level=1, out_dir="")
+    st = Settings(
+        resolution_zyx=cfg.resolution_zyx,
+        classes=tuple(cfg.classes),
+        unknown_label=cfg.unknown_label,
+        compress_level=1,
+        out_dir="",
+    )
     return root, refs, st
 
 
@@ -383,12 +413,22 @@ def plan_convert(cfg: PipelineConfig) -> list[dict[str, Any]]:
         try:
             plan = plan_crop(ref, st)
             red = plan.red
-            row.update(status="convert", label_s0=list(red.label.scale), em_s0=list(red.em.scale),
-                       em_level=red.em.path, em_factor=list(red.em_factor), label_factor=list(red.label_factor),
-                       spacing=list(red.out.scale), shape=list(red.out.shape),
-                       em_cut=[[c.start, c.stop] for c in red.em_cut], dropped_em_voxels=list(red.dropped),
-                       label_rule="majority of known voxels; unknown if > half unknown" if red.label_factor != (1, 1, 1) else "copy",
-                       reason="")
+            row.update(
+                status="convert",
+                label_s0=list(red.label.scale),
+                em_s0=list(red.em.scale),
+                em_level=red.em.path,
+                em_factor=list(red.em_factor),
+                label_factor=list(red.label_factor),
+                spacing=list(red.out.scale),
+                shape=list(red.out.shape),
+                em_cut=[[c.start, c.stop] for c in red.em_cut],
+                dropped_em_voxels=list(red.dropped),
+                label_rule="majority of known voxels; unknown if > half unknown"
+                if red.label_factor != (1, 1, 1)
+                else "copy",
+                reason="",
+            )
             try:
                 em_arr = open_array(ref.em_group / red.em.path)
                 store = em_arr.chunk_store if em_arr.chunk_store is not None else em_arr.store
@@ -398,7 +438,10 @@ def plan_convert(cfg: PipelineConfig) -> list[dict[str, Any]]:
                 row.update(status=FAILED, reason=f"EM {red.em.path}: {type(exc).__name__}: {exc}")
                 missing = []
             if missing:
-                row.update(status=FAILED, reason=f"EM never fetched: {len(missing)} of {len(keys)} chunks absent in EM {red.em.path}")
+                row.update(
+                    status=FAILED,
+                    reason=f"EM never fetched: {len(missing)} of {len(keys)} chunks absent in EM {red.em.path}",
+                )
         except CropProblem as exc:
             row.update(status=exc.status, reason=exc.reason)
         rows.append(row)
@@ -411,18 +454,24 @@ def plan_table(rows: list[dict[str, Any]], budget: float) -> str:
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["status"] == "convert":
-            lines.append(f"{r['case']:<34} {'convert':<8} {fmt_vec(r['label_s0']):<16} {fmt_vec(r['em_s0']):<16} "
-                         f"{'x'.join(map(str, r['em_factor'])):<8} {'x'.join(map(str, r['label_factor'])):<8} "
-                         f"{fmt_vec(r['spacing']):<18} {str(tuple(r['shape'])):<16} "
-                         + (f"drops {r['dropped_em_voxels']} EM s0 voxels" if any(r["dropped_em_voxels"]) else ""))
+            lines.append(
+                f"{r['case']:<34} {'convert':<8} {fmt_vec(r['label_s0']):<16} {fmt_vec(r['em_s0']):<16} "
+                f"{'x'.join(map(str, r['em_factor'])):<8} {'x'.join(map(str, r['label_factor'])):<8} "
+                f"{fmt_vec(r['spacing']):<18} {str(tuple(r['shape'])):<16} "
+                + (f"drops {r['dropped_em_voxels']} EM s0 voxels" if any(r["dropped_em_voxels"]) else "")
+            )
         else:
-            lines.append(f"{r['case']:<34} {r['status']:<8} {'':<16} {'':<16} {'':<8} {'':<8} {'':<18} {'':<16} {r['reason']}")
+            lines.append(
+                f"{r['case']:<34} {r['status']:<8} {'':<16} {'':<16} {'':<8} {'':<8} {'':<18} {'':<16} {r['reason']}"
+            )
     n = {k: sum(1 for r in rows if r["status"] == k) for k in ("convert", SKIPPED, FAILED)}
     eligible = n["convert"] + n[FAILED]
     frac = n[FAILED] / eligible if eligible else 0.0
     verdict = "within" if frac <= budget else "OVER"
-    lines.append(f"plan: {n['convert']} convert, {n[SKIPPED]} skipped, {n[FAILED]} failed "
-                 f"({100 * frac:.1f} % of {eligible} eligible; {verdict} the {100 * budget:g} % budget)")
+    lines.append(
+        f"plan: {n['convert']} convert, {n[SKIPPED]} skipped, {n[FAILED]} failed "
+        f"({100 * frac:.1f} % of {eligible} eligible; {verdict} the {100 * budget:g} % budget)"
+    )
     return "\n".join(lines)
 
 
@@ -433,8 +482,13 @@ def _apply_flags(cfg: PipelineConfig, remote: dict[str, Any] | None) -> None:
             setattr(cfg.convert, key, str(val))
 
 
-def run_plan_entry(config_file: Path | None, work_dir: Path, data_root: str | Path | None, json_out: str | None,
-                   remote: dict[str, Any] | None = None) -> int:
+def run_plan_entry(
+    config_file: Path | None,
+    work_dir: Path,
+    data_root: str | Path | None,
+    json_out: str | None,
+    remote: dict[str, Any] | None = None,
+) -> int:
     """``convert --plan``: print the plan table (and JSON to ``json_out``, ``-`` = stdout); writes nothing else."""
     overrides = {"data_root": str(data_root) if data_root is not None else None}
     cfg = load_config(work_dir, config_file, overrides, dump=False)
@@ -446,7 +500,9 @@ def run_plan_entry(config_file: Path | None, work_dir: Path, data_root: str | Pa
         return 0
     click.echo(plan_table(rows, budget))
     if json_out:
-        atomic_write_text(Path(json_out), json.dumps({"resolution_zyx": list(cfg.resolution_zyx), "crops": rows}, indent=2) + "\n")
+        atomic_write_text(
+            Path(json_out), json.dumps({"resolution_zyx": list(cfg.resolution_zyx), "crops": rows}, indent=2) + "\n"
+        )
     return 0
 
 
@@ -459,8 +515,13 @@ def default_workers() -> int:
     return max(1, min(16, n))
 
 
-def run_cache_entry(config_file: Path | None, work_dir: Path, data_root: str | Path | None, dest: Path,
-                    remote: dict[str, Any] | None = None) -> int:
+def run_cache_entry(
+    config_file: Path | None,
+    work_dir: Path,
+    data_root: str | Path | None,
+    dest: Path,
+    remote: dict[str, Any] | None = None,
+) -> int:
     """``convert --cache-to DIR``: copy what convert reads into ``DIR`` (see :mod:`stages.convert.cache`)."""
     from stages.convert.cache import cache_tree
 
@@ -490,7 +551,9 @@ def run_convert_entry(
         The exit code (0); errors are raised as :class:`PipelineError` subclasses.
     """
     overrides = {"data_root": str(data_root) if data_root is not None else None}
-    ctx = StageContext.open(STAGE, work_dir, config_file, overrides, log_name=shard_label(STAGE, shard), verbose=verbose)
+    ctx = StageContext.open(
+        STAGE, work_dir, config_file, overrides, log_name=shard_label(STAGE, shard), verbose=verbose
+    )
     wd, cfg = ctx.wd, ctx.cfg
     _apply_flags(cfg, remote)
     try:

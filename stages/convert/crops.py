@@ -118,8 +118,10 @@ def environment_error(exc: BaseException) -> OSError | None:
 def _stop_if_environment(exc: BaseException, ref: CropRef) -> None:
     err = environment_error(exc)
     if err is not None:
-        raise StorageFailure(f"{ref.case}: {err.strerror or err} ({err.filename or 'storage'}): "
-                             "a storage or permission error stops the stage") from None
+        raise StorageFailure(
+            f"{ref.case}: {err.strerror or err} ({err.filename or 'storage'}): "
+            "a storage or permission error stops the stage"
+        ) from None
 
 
 class CropProblem(Exception):
@@ -164,8 +166,12 @@ class Plan:
         return self.red.em_cut
 
 
-def discover_crops(data_root: Path | RemotePath | str, datasets: list[str] | None = None, crops: list[str] | None = None,
-                   manifest: str | Path | None = None) -> list[CropRef]:
+def discover_crops(
+    data_root: Path | RemotePath | str,
+    datasets: list[str] | None = None,
+    crops: list[str] | None = None,
+    manifest: str | Path | None = None,
+) -> list[CropRef]:
     """Every ``<ds>/<ds>.zarr/recon-1/labels/groundtruth/crop<id>`` under ``data_root``, sorted.
 
     With ``manifest`` (the challenge's ``train_crop_manifest.csv`` format:
@@ -194,8 +200,9 @@ def discover_crops(data_root: Path | RemotePath | str, datasets: list[str] | Non
 _DATASET_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # one path segment, never ".."
 
 
-def _manifest_crops(root: Path | RemotePath, manifest: Path, datasets: list[str] | None,
-                    crops: list[str] | None) -> list[CropRef]:
+def _manifest_crops(
+    root: Path | RemotePath, manifest: Path, datasets: list[str] | None, crops: list[str] | None
+) -> list[CropRef]:
     import csv
 
     try:
@@ -204,7 +211,9 @@ def _manifest_crops(root: Path | RemotePath, manifest: Path, datasets: list[str]
     except OSError as exc:
         raise PipelineError(f"{manifest}: unreadable crop manifest ({exc.strerror or exc})") from None
     classes: dict[tuple[str, str], set[str]] = {}
-    compact = bool(rows) and "classes" in rows[0]  # tests/data/real_crops.csv: one row per crop, classes space-separated
+    compact = (
+        bool(rows) and "classes" in rows[0]
+    )  # tests/data/real_crops.csv: one row per crop, classes space-separated
     for i, row in enumerate(rows, start=2):
         if compact and (row.get("split") or "train").strip() != "train":
             continue  # test crops publish no labels
@@ -243,8 +252,10 @@ def _em_levels(em_group: str, mtime_ns: int) -> tuple[Level, ...]:
 
 
 def _geometry_matches(a: Level, b: Level) -> bool:
-    return tuple(a.shape) == tuple(b.shape) and same_scale(a.scale, b.scale) and all(
-        abs(x - y) <= 1e-3 * s for x, y, s in zip(a.translation, b.translation, b.scale)
+    return (
+        tuple(a.shape) == tuple(b.shape)
+        and same_scale(a.scale, b.scale)
+        and all(abs(x - y) <= 1e-3 * s for x, y, s in zip(a.translation, b.translation, b.scale))
     )
 
 
@@ -259,7 +270,9 @@ def plan_geometry(label_s0: Level, em_levels: Sequence[Level], target: Sequence[
     """
     s0 = label_s0.scale
     if any(t is not None and s > t * (1 + SCALE_RTOL) for s, t in zip(s0, target)):
-        raise CropProblem(SKIPPED, f"coarser than target resolution (label s0 {fmt_vec(s0)} nm, target {fmt_vec(target)} nm)")
+        raise CropProblem(
+            SKIPPED, f"coarser than target resolution (label s0 {fmt_vec(s0)} nm, target {fmt_vec(target)} nm)"
+        )
     em0 = finest_level(em_levels)
     try:
         return plan_reduction(label_s0, em0, target)
@@ -304,7 +317,9 @@ def plan_crop(ref: CropRef, st: Settings) -> Plan:
     for name, lvs in levels.items():
         m = finest_level(lvs)
         if not _geometry_matches(m, lab):
-            raise CropProblem(FAILED, f"shape mismatch between classes: {name} {m.describe()} vs {ref_name} {lab.describe()}")
+            raise CropProblem(
+                FAILED, f"shape mismatch between classes: {name} {m.describe()} vs {ref_name} {lab.describe()}"
+            )
         chosen[name] = m
     try:
         em_levels = _em_levels(str(ref.em_group), (ref.em_group / ".zattrs").stat().st_mtime_ns)
@@ -316,8 +331,11 @@ def plan_crop(ref: CropRef, st: Settings) -> Plan:
     red = plan_geometry(lab, em_levels, st.resolution_zyx)
     need, have = memory_needed(red), available_memory()
     if have is not None and need > MEMORY_SHARE * have:
-        raise CropProblem(FAILED, f"too large: converting needs ~{need / 2**30:.1f} GiB in memory "
-                                  f"(output {red.out.shape}), {have / 2**30:.1f} GiB available")
+        raise CropProblem(
+            FAILED,
+            f"too large: converting needs ~{need / 2**30:.1f} GiB in memory "
+            f"(output {red.out.shape}), {have / 2**30:.1f} GiB available",
+        )
     warnings = [f"EM {w}" for w in pyramid_issues(em_levels)]
     # instance vs semantic matters only when composing from class arrays
     inst = {} if "all" in levels else {name: _is_instance(ref.group / name, name) for name in annotated}
@@ -377,10 +395,16 @@ def inputs_digest(plan: Plan, st: Settings, em_arr: Any) -> str:
     crop_meta = [[m, *_stat(os.path.join(group, m))[1:]] for m in meta]
     level_files = {name: _tree_stats(os.path.join(group, name, plan.arrays[name].path)) for name in arrays_read(plan)}
     chunks = [[key, *_stat(os.path.join(em_dir, key))[1:]] for key in chunk_keys(em_arr, plan.cut)]
-    return digest([
-        st.digest_items(), crop_meta, level_files,
-        _stat(os.path.join(str(ref.em_group), ".zattrs"))[1:], _stat(os.path.join(em_dir, ".zarray"))[1:], chunks,
-    ])
+    return digest(
+        [
+            st.digest_items(),
+            crop_meta,
+            level_files,
+            _stat(os.path.join(str(ref.em_group), ".zattrs"))[1:],
+            _stat(os.path.join(em_dir, ".zarray"))[1:],
+            chunks,
+        ]
+    )
 
 
 MEMORY_SHARE = 0.5  # a crop may plan on half the available memory (workers run side by side)
@@ -530,14 +554,16 @@ def read_image(plan: Plan, em_arr: Any) -> np.ndarray:
     store = em_arr.chunk_store if em_arr.chunk_store is not None else em_arr.store
     missing = [k for k in keys if k not in store]
     if missing:
-        raise NeverFetchedError(f"EM never fetched: {len(missing)} of {len(keys)} chunks absent in {where} (e.g. {missing[0]})")
+        raise NeverFetchedError(
+            f"EM never fetched: {len(missing)} of {len(keys)} chunks absent in {where} (e.g. {missing[0]})"
+        )
     fill = em_arr.fill_value if em_arr.fill_value is not None else 0
     cz, cy, cx = red.em_cut
     fz = red.em_factor[0]
     out = np.empty(red.out.shape, np.uint8)
     data = False
     for j0, j1 in _slabs(red.out.shape[0], fz, (cy.stop - cy.start) * (cx.stop - cx.start)):
-        blk = np.asarray(em_arr[cz.start + j0 * fz: cz.start + j1 * fz, cy, cx])
+        blk = np.asarray(em_arr[cz.start + j0 * fz : cz.start + j1 * fz, cy, cx])
         if blk.dtype != np.uint8:
             raise CropProblem(FAILED, f"EM dtype {blk.dtype}, expected uint8")
         data = data or bool((blk != fill).any())
@@ -579,9 +605,13 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
         dig = inputs_digest(plan, st, em_arr)
         image_name, label_name = output_names(ref)
         out = Path(st.out_dir)
-        if (previous and previous.get("status") == CONVERTED and previous.get("inputs_digest") == dig
-                and _size(out / image_name) == previous.get("image_bytes")
-                and _size(out / label_name) == previous.get("label_bytes")):
+        if (
+            previous
+            and previous.get("status") == CONVERTED
+            and previous.get("inputs_digest") == dig
+            and _size(out / image_name) == previous.get("image_bytes")
+            and _size(out / label_name) == previous.get("label_bytes")
+        ):
             return {**previous, "reused": True}
         for w in plan.warnings:
             log.warning("%s: %s", ref.case, w)
@@ -596,7 +626,9 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
             raise
         except Exception as exc:  # noqa: BLE001 - corrupt EM chunk
             _stop_if_environment(exc, ref)
-            raise CropProblem(FAILED, f"unreadable chunk in EM {plan.em_level.path}: {type(exc).__name__}: {exc}") from None
+            raise CropProblem(
+                FAILED, f"unreadable chunk in EM {plan.em_level.path}: {type(exc).__name__}: {exc}"
+            ) from None
         lab = plan.red.out
         affine = zyx_to_affine(lab.scale, lab.translation)
         counts = np.bincount(label.ravel(), minlength=256)
@@ -606,17 +638,27 @@ def convert_crop(ref: CropRef, st: Settings, previous: dict[str, Any] | None = N
         image_bytes = write_nifti_gz(out / image_name, image, affine, st.compress_level)
         label_bytes = write_nifti_gz(out / label_name, label, affine, st.compress_level, rle=True)
         rec.update(
-            status=CONVERTED, reason="", image=image_name, label=label_name,
-            shape=list(lab.shape), spacing=list(lab.scale), translation=list(lab.translation),
-            label_level=plan.label_level.path, em_level=plan.em_level.path,
+            status=CONVERTED,
+            reason="",
+            image=image_name,
+            label=label_name,
+            shape=list(lab.shape),
+            spacing=list(lab.scale),
+            translation=list(lab.translation),
+            label_level=plan.label_level.path,
+            em_level=plan.em_level.path,
             em_cut=[[s.start, s.stop] for s in plan.cut],
-            em_factor=list(plan.red.em_factor), label_factor=list(plan.red.label_factor),
-            dropped_em_voxels=list(plan.red.dropped), box_nm=box_nm(plan.label_level),
+            em_factor=list(plan.red.em_factor),
+            label_factor=list(plan.red.label_factor),
+            dropped_em_voxels=list(plan.red.dropped),
+            box_nm=box_nm(plan.label_level),
             class_voxels={c: int(counts[i + 1]) for i, c in enumerate(st.classes)},
             background_voxels=int(counts[0]),
             unknown_fraction=round(n_unknown / label.size, 6),
-            annotated=plan.annotated, inputs_digest=dig,
-            image_bytes=image_bytes, label_bytes=label_bytes,
+            annotated=plan.annotated,
+            inputs_digest=dig,
+            image_bytes=image_bytes,
+            label_bytes=label_bytes,
         )
         return rec
     except CropProblem as exc:

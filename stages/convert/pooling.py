@@ -103,8 +103,9 @@ class InvalidIds(ValueError):
     """Source ids that ``lut`` maps to the ``invalid`` code were found."""
 
 
-def pool_ids(ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: int = 255,
-             invalid: int | None = None) -> np.ndarray:
+def pool_ids(
+    ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: int = 255, invalid: int | None = None
+) -> np.ndarray:
     """Map uint8 source ids through ``lut`` to codes and apply the block rule, without mapping every voxel.
 
     Equal to ``pool_labels(lut[ids], factor, unknown)`` (a test checks it): a block whose
@@ -125,7 +126,7 @@ def pool_ids(ids: np.ndarray, factor: Sequence[int], lut: np.ndarray, unknown: i
     if nz > step:
         out = np.empty((nz, ids.shape[1] // f[1], ids.shape[2] // f[2]), np.uint8)
         for j in range(0, nz, step):
-            out[j: j + step] = _pool_ids(ids[j * f[0]: (j + step) * f[0]], f, lut, unknown, invalid)  # type: ignore[arg-type]
+            out[j : j + step] = _pool_ids(ids[j * f[0] : (j + step) * f[0]], f, lut, unknown, invalid)  # type: ignore[arg-type]
         return out
     return _pool_ids(ids, f, lut, unknown, invalid)  # type: ignore[arg-type]
 
@@ -136,8 +137,9 @@ def _checked(codes: np.ndarray, invalid: int | None) -> np.ndarray:
     return codes
 
 
-def _pool_ids(ids: np.ndarray, f: tuple[int, int, int], lut: np.ndarray, unknown: int,
-              invalid: int | None = None) -> np.ndarray:
+def _pool_ids(
+    ids: np.ndarray, f: tuple[int, int, int], lut: np.ndarray, unknown: int, invalid: int | None = None
+) -> np.ndarray:
     fz, fy, fx = f
     word = _WORD.get(fx)
     if word is not None and ids.flags.c_contiguous:
@@ -157,8 +159,14 @@ def _pool_ids(ids: np.ndarray, f: tuple[int, int, int], lut: np.ndarray, unknown
             zs, ys = w.shape[1] * w.shape[2], w.shape[2]  # word strides of w
             base = bz * (fz * zs) + by * (fy * ys) + bx
             flat = w.reshape(-1)
-            rows = np.concatenate([np.take(flat, base + dz * zs + dy * ys).view(np.uint8).reshape(-1, fx)
-                                   for dz in range(fz) for dy in range(fy)], axis=1)
+            rows = np.concatenate(
+                [
+                    np.take(flat, base + dz * zs + dy * ys).view(np.uint8).reshape(-1, fx)
+                    for dz in range(fz)
+                    for dy in range(fy)
+                ],
+                axis=1,
+            )
             out.reshape(-1)[mixed] = _mode_rows(_checked(np.take(lut, rows), invalid), unknown)
         return out
     subs = [ids[dz::fz, dy::fy, dx::fx] for dz in range(fz) for dy in range(fy) for dx in range(fx)]

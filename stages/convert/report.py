@@ -37,14 +37,23 @@ def markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if report.get("by_dataset"):
-        lines += [f"failed {100 * report.get('failed_fraction', 0):.1f} % of the eligible crops "
-                  f"(budget convert.max_failed_fraction {100 * report.get('max_failed_fraction', 0):g} %)", "",
-                  "| dataset | converted | skipped | failed |", "|---|---|---|---|"]
-        lines += [f"| {ds} | {c['converted']} | {c['skipped']} | {c['failed']} |" for ds, c in report["by_dataset"].items()]
+        lines += [
+            f"failed {100 * report.get('failed_fraction', 0):.1f} % of the eligible crops "
+            f"(budget convert.max_failed_fraction {100 * report.get('max_failed_fraction', 0):g} %)",
+            "",
+            "| dataset | converted | skipped | failed |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {ds} | {c['converted']} | {c['skipped']} | {c['failed']} |" for ds, c in report["by_dataset"].items()
+        ]
         lines.append("")
     if report.get("failure_reasons"):
         lines += ["| failure reason | crops | cases |", "|---|---|---|"]
-        lines += [f"| {f['reason'].replace('|', '/')} | {f['count']} | {', '.join(f['cases'])} |" for f in report["failure_reasons"]]
+        lines += [
+            f"| {f['reason'].replace('|', '/')} | {f['count']} | {', '.join(f['cases'])} |"
+            for f in report["failure_reasons"]
+        ]
         lines.append("")
     sp = report.get("split") or {}
     if sp.get("groups") or sp.get("held_out") or sp.get("leaks"):
@@ -57,7 +66,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("")
     lines += [
         "| case | status | fold | shape (z,y,x) | spacing nm | levels | unknown % | "
-        + " | ".join(classes) + " | reason |",
+        + " | ".join(classes)
+        + " | reason |",
         "|" + "---|" * (7 + len(classes) + 1),
     ]
     for r in report["crops"]:
@@ -67,11 +77,16 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {r['case']} | converted | {r.get('fold')} | {tuple(r['shape'])} | {fmt_vec(r['spacing'])} | "
                 f"{r['label_level']}/{'x'.join(map(str, r.get('label_factor', [1])))}→EM {r['em_level']}/"
                 f"{'x'.join(map(str, r.get('em_factor', [1])))} | {100 * r['unknown_fraction']:.1f} | "
-                + " | ".join(str(cv.get(k, 0)) for k in classes) + " |  |"
+                + " | ".join(str(cv.get(k, 0)) for k in classes)
+                + " |  |"
             )
         else:
-            lines.append(f"| {r['case']} | {r['status']} |  |  |  |  |  | " + " | " * len(classes)
-                         + r["reason"].replace("|", "/") + " |")
+            lines.append(
+                f"| {r['case']} | {r['status']} |  |  |  |  |  | "
+                + " | " * len(classes)
+                + r["reason"].replace("|", "/")
+                + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -87,8 +102,9 @@ def png(report: dict[str, Any]) -> bytes | None:
         return None
     classes = report["classes"]
     dsc = report.get("by_dataset") or {}
-    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(max(6.0, 0.5 * len(rows) + 3), 8.5),
-                                  gridspec_kw={"height_ratios": [3, 2]})
+    fig, (ax, ax2) = plt.subplots(
+        2, 1, figsize=(max(6.0, 0.5 * len(rows) + 3), 8.5), gridspec_kw={"height_ratios": [3, 2]}
+    )
     left = [0.0] * len(dsc)
     for status, color in (("converted", "tab:green"), ("skipped", "0.7"), ("failed", "tab:red")):
         vals = [c[status] for c in dsc.values()]

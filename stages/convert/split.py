@@ -99,7 +99,7 @@ def overlapping_pairs(cases: Sequence[tuple[str, str, str]], boxes: Mapping[str,
     for names in by_ds.values():
         names = sorted(names)
         for i, a in enumerate(names):
-            for b in names[i + 1:]:
+            for b in names[i + 1 :]:
                 if boxes_overlap(boxes[a], boxes[b]):
                     out.append((a, b))
     return sorted(out)
@@ -151,8 +151,9 @@ class Split:
     leaks: list[list[str]] = field(default_factory=list)
 
 
-def split_crops(path: Path, cases: list[tuple[str, str, str]], cfg: PipelineConfig,
-                boxes: Mapping[str, Box] | None = None) -> Split:
+def split_crops(
+    path: Path, cases: list[tuple[str, str, str]], cfg: PipelineConfig, boxes: Mapping[str, Box] | None = None
+) -> Split:
     """Assign the training ``cases`` (``(case, dataset, crop)``) and store the result in ``path``.
 
     Args:
@@ -170,7 +171,9 @@ def split_crops(path: Path, cases: list[tuple[str, str, str]], cfg: PipelineConf
         except (OSError, ValueError):
             raise PipelineError(f"{path}: unreadable split file; delete it to draw the split again") from None
         if stored.get("split") != method:
-            log.warning("%s was written for %s, not %s: keeping it (delete it to redraw)", path, stored.get("split"), method)
+            log.warning(
+                "%s was written for %s, not %s: keeping it (delete it to redraw)", path, stored.get("split"), method
+            )
     split = stored.get("split", method)
     folds: dict[str, int | None] = dict(stored.get("folds", {}))
     test: set[str] = set(stored.get("test", []))
@@ -232,8 +235,13 @@ def split_crops(path: Path, cases: list[tuple[str, str, str]], cfg: PipelineConf
         log.warning("overlapping crops on both sides of the split: %s (%s) and %s (%s)", a, side[a], b, side[b])
     multi = [g for g in groups if len(g) > 1]
     result = Split(folds, sorted(test), multi, leaks)
-    content = {"split": split, "folds": dict(sorted(folds.items())), "test": sorted(test),
-               "groups": multi, "leaks": leaks}
+    content = {
+        "split": split,
+        "folds": dict(sorted(folds.items())),
+        "test": sorted(test),
+        "groups": multi,
+        "leaks": leaks,
+    }
     if (folds, test) != before or not path.is_file() or stored.get("groups") != multi or stored.get("leaks") != leaks:
         atomic_write_json(path, content)
     return result
@@ -247,7 +255,8 @@ def _csv_fold(table: dict[tuple[str, str], str], case: tuple[str, str, str], spl
     return 0 if which == "validate" else 1
 
 
-def update_split(path: Path, cases: list[tuple[str, str, str]], cfg: PipelineConfig,
-                 boxes: Mapping[str, Box] | None = None) -> dict[str, int | None]:
+def update_split(
+    path: Path, cases: list[tuple[str, str, str]], cfg: PipelineConfig, boxes: Mapping[str, Box] | None = None
+) -> dict[str, int | None]:
     """``case -> fold`` of :func:`split_crops` (held-out cases are not in it)."""
     return split_crops(path, cases, cfg, boxes).folds

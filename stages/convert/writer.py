@@ -49,8 +49,9 @@ def nifti_header_bytes(block_zyx: np.ndarray, affine: np.ndarray) -> bytes:
     return out
 
 
-def write_nifti_gz(path: str | Path, block_zyx: np.ndarray, affine: np.ndarray, level: int = 1,
-                   rle: bool = False) -> int:
+def write_nifti_gz(
+    path: str | Path, block_zyx: np.ndarray, affine: np.ndarray, level: int = 1, rle: bool = False
+) -> int:
     """Write ``block_zyx`` as ``path`` (``.nii.gz``) atomically; returns the bytes written.
 
     The bytes deflated are those of :func:`nifti_bytes` (a test checks it), taken from
@@ -73,7 +74,7 @@ def write_nifti_gz(path: str | Path, block_zyx: np.ndarray, affine: np.ndarray, 
             fh.write(out)
             written += len(out)
             for off in range(0, len(data), BLOCK):
-                out = comp.compress(data[off: off + BLOCK])
+                out = comp.compress(data[off : off + BLOCK])
                 fh.write(out)
                 written += len(out)
             out = comp.flush()

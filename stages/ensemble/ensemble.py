@@ -128,15 +128,22 @@ def find_trained_bundles(wd: WorkDir) -> tuple[list[Member], list[str]]:
         if not isinstance(score, (int, float)) or isinstance(score, bool) or math.isnan(float(score)):
             skipped.append(f"{d.name}: train marker is done but has no details.best_metric")
             continue
-        trained.append(Member(
-            name=d.name, algo=bundle.algo, fold=bundle.fold, bundle_dir=d, score=float(score),
-            model_id=f"{data.get('end')}|{float(score)!r}",
-        ))
+        trained.append(
+            Member(
+                name=d.name,
+                algo=bundle.algo,
+                fold=bundle.fold,
+                bundle_dir=d,
+                score=float(score),
+                model_id=f"{data.get('end')}|{float(score)!r}",
+            )
+        )
     return trained, skipped
 
 
-def trained_members(wd: WorkDir, only: Sequence[str] | None,
-                    configured: Sequence[str] | str | None) -> tuple[list[Member], list[str]]:
+def trained_members(
+    wd: WorkDir, only: Sequence[str] | None, configured: Sequence[str] | str | None
+) -> tuple[list[Member], list[str]]:
     """Trained bundles restricted to ``only`` (``--members``), else ``configured`` (``ensemble.members``,
     a list or comma-separated); with the skip reasons of :func:`find_trained_bundles`.
 
@@ -151,8 +158,10 @@ def trained_members(wd: WorkDir, only: Sequence[str] | None,
     if wanted:
         unknown = sorted(set(wanted) - {m.name for m in trained})
         if unknown:
-            raise PipelineError(f"--members: {', '.join(unknown)} is not a trained bundle in {wd.root}"
-                                + (f" ({'; '.join(skipped)})" if skipped else ""))
+            raise PipelineError(
+                f"--members: {', '.join(unknown)} is not a trained bundle in {wd.root}"
+                + (f" ({'; '.join(skipped)})" if skipped else "")
+            )
         trained = [m for m in trained if m.name in wanted]
     return trained, skipped
 
@@ -238,8 +247,9 @@ def resolve_cases(wd: WorkDir, on: str, folds: set[int]) -> list[Case]:
             label = wd.nifti_dir / it["label"] if it.get("label") else None
             cases.append(Case(str(it.get("case") or _case_name(image)), image, label))
         if not cases:
-            raise PipelineError(f"{wd.datalist}: no {on} cases"
-                                + (f" for folds {sorted(folds)}" if on == "validation" else ""))
+            raise PipelineError(
+                f"{wd.datalist}: no {on} cases" + (f" for folds {sorted(folds)}" if on == "validation" else "")
+            )
     else:
         cases = []
         for p in (s.strip() for s in on.split(",")):
@@ -435,13 +445,14 @@ def combine_case(
 SCORED_ON_NOTE = {
     "testing": "held-out labelled cases (the datalist's `testing` list), never used for training or model selection",
     "validation": "the members' validation folds: no labelled held-out case exists (set split.test_fraction), so "
-                  "these are the cases that chose each member's best epoch and ranked the members - optimistic",
+    "these are the cases that chose each member's best epoch and ranked the members - optimistic",
     "paths": "images given by path",
 }
 
 
-def case_instance_counts(labels: np.ndarray, gt: np.ndarray, cfg: PipelineConfig, spacing: Sequence[float],
-                         case: str) -> dict[str, dict[str, Any]]:
+def case_instance_counts(
+    labels: np.ndarray, gt: np.ndarray, cfg: PipelineConfig, spacing: Sequence[float], case: str
+) -> dict[str, dict[str, Any]]:
     """The challenge's instance counts of the ensemble's labels for every configured instance class.
 
     A class's objects are the connected components of its mask (label maps hold no ids);
@@ -467,19 +478,27 @@ def compare_with_best_member(scores: dict[str, Any], members: Sequence[str]) -> 
     if ens is None or not mine:
         return None
     best_score, best = sorted(mine, key=lambda t: (-t[0], t[1]))[0]
-    return {"best_member": best, "best_member_mean_dice": best_score, "ensemble_mean_dice": ens,
-            "below": bool(ens < best_score)}
+    return {
+        "best_member": best,
+        "best_member_mean_dice": best_score,
+        "ensemble_mean_dice": ens,
+        "below": bool(ens < best_score),
+    }
 
 
-def leaderboard(ens: dict[str, Any] | None, instance: dict[str, InstanceCounts],
-                classes: Sequence[str]) -> dict[str, Any] | None:
+def leaderboard(
+    ens: dict[str, Any] | None, instance: dict[str, InstanceCounts], classes: Sequence[str]
+) -> dict[str, Any] | None:
     """Challenge-style scores of the ensemble: semantic IoU, instance F1/Hausdorff, overall."""
     if not ens:
         return None
     semantic = {c: ens["per_class"][c]["iou"] for c in classes if c not in INSTANCE_CLASSES}
     inst = {c: instance_scores(instance[c]) for c in classes if c in instance}
-    return {**overall_score(semantic, {c: v["combined"] for c, v in inst.items()}),
-            "semantic_iou": semantic, "instance": inst}
+    return {
+        **overall_score(semantic, {c: v["combined"] for c, v in inst.items()}),
+        "semantic_iou": semantic,
+        "instance": inst,
+    }
 
 
 # ---- reports -------------------------------------------------------------------------
@@ -502,8 +521,11 @@ def render_markdown(report: dict[str, Any]) -> str:
     ]
     cmp = report.get("ensemble_vs_best_member")
     if cmp and cmp["below"]:
-        lines += ["", f"**Warning: the ensemble (mean Dice {cmp['ensemble_mean_dice']:.4f}) is below its best member "
-                      f"{cmp['best_member']} ({cmp['best_member_mean_dice']:.4f}) on these cases.**"]
+        lines += [
+            "",
+            f"**Warning: the ensemble (mean Dice {cmp['ensemble_mean_dice']:.4f}) is below its best member "
+            f"{cmp['best_member']} ({cmp['best_member_mean_dice']:.4f}) on these cases.**",
+        ]
     scored_col = "held-out mean Dice" if scored_on == "testing" else "scored mean Dice"
     lines += [
         "",
@@ -514,29 +536,44 @@ def render_markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|",
     ]
     for r in report["ranking"]:
-        lines.append(f"| {r['name']} | {r['score']:.4f} | {_fmt(r.get('scored_mean_dice'))} | "
-                     f"{'yes' if r['selected'] else 'no'} |")
+        lines.append(
+            f"| {r['name']} | {r['score']:.4f} | {_fmt(r.get('scored_mean_dice'))} | "
+            f"{'yes' if r['selected'] else 'no'} |"
+        )
     if report.get("skipped"):
         lines += ["", "Skipped: " + "; ".join(report["skipped"])]
     if report["n_scored"]:
         for metric in ("dice", "iou"):
-            lines += ["", f"## {'Dice' if metric == 'dice' else 'IoU'} per class", "",
-                      f"| model | mean {metric} | " + " | ".join(classes) + " |",
-                      "|---" * (len(classes) + 2) + "|"]
+            lines += [
+                "",
+                f"## {'Dice' if metric == 'dice' else 'IoU'} per class",
+                "",
+                f"| model | mean {metric} | " + " | ".join(classes) + " |",
+                "|---" * (len(classes) + 2) + "|",
+            ]
             for name, s in report["scores"].items():
                 cells = [_fmt(s["per_class"][c][metric]) for c in classes]
                 lines.append(f"| {name} | {_fmt(s['mean_' + metric])} | " + " | ".join(cells) + " |")
         lb = report.get("leaderboard")
         if lb:
-            lines += ["", "## Challenge score of the ensemble", "",
-                      f"Overall **{_fmt(lb['overall'])}** = sqrt(mean instance combined {_fmt(lb['mean_instance_combined'])}"
-                      f" x mean semantic IoU {_fmt(lb['mean_semantic_iou'])}) (see docs/evaluation.md)."]
+            lines += [
+                "",
+                "## Challenge score of the ensemble",
+                "",
+                f"Overall **{_fmt(lb['overall'])}** = sqrt(mean instance combined {_fmt(lb['mean_instance_combined'])}"
+                f" x mean semantic IoU {_fmt(lb['mean_semantic_iou'])}) (see docs/evaluation.md).",
+            ]
             if lb["instance"]:
-                lines += ["", "| instance class | F1 | normalised Hausdorff | mean Hausdorff nm | combined | TP | FP | FN |",
-                          "|---|---|---|---|---|---|---|---|"]
+                lines += [
+                    "",
+                    "| instance class | F1 | normalised Hausdorff | mean Hausdorff nm | combined | TP | FP | FN |",
+                    "|---|---|---|---|---|---|---|---|",
+                ]
                 for c, v in lb["instance"].items():
-                    lines.append(f"| {c} | {_fmt(v['f1'])} | {_fmt(v['normalized_hausdorff'])} | "
-                                 f"{_fmt(v['mean_hausdorff_nm'])} | {_fmt(v['combined'])} | {v['tp']} | {v['fp']} | {v['fn']} |")
+                    lines.append(
+                        f"| {c} | {_fmt(v['f1'])} | {_fmt(v['normalized_hausdorff'])} | "
+                        f"{_fmt(v['mean_hausdorff_nm'])} | {_fmt(v['combined'])} | {v['tp']} | {v['fp']} | {v['fn']} |"
+                    )
     else:
         lines += ["", "No labelled case: nothing scored."]
     return "\n".join(lines) + "\n"
@@ -555,8 +592,12 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     for i, name in enumerate(models):
         vals = [report["scores"][name]["per_class"][c]["dice"] for c in classes]
         vals = [0.0 if v is None or math.isnan(v) else v for v in vals]
-        ax.bar(np.arange(len(classes)) + (i - (len(models) - 1) / 2) * width, vals, width,
-               label=f"{name} (mean {_fmt(report['scores'][name]['mean_dice'])})")
+        ax.bar(
+            np.arange(len(classes)) + (i - (len(models) - 1) / 2) * width,
+            vals,
+            width,
+            label=f"{name} (mean {_fmt(report['scores'][name]['mean_dice'])})",
+        )
     ax.set_xticks(np.arange(len(classes)), classes, rotation=30, ha="right")
     ax.set_ylim(0, 1)
     ax.set_ylabel("Dice (unknown voxels excluded)")
@@ -643,22 +684,45 @@ def run_ensemble(
     n_classes = cfg.output_classes
 
     members_key = [[m.name, m.model_id] for m in members]
-    run_digest = digest([members_key, mode, prob_dtype, n_classes, cfg.unknown_label, cfg.classes,
-                         [[c.case, file_fingerprint(c.image), file_fingerprint(c.label) if c.label else None]
-                          for c in cases]])
+    run_digest = digest(
+        [
+            members_key,
+            mode,
+            prob_dtype,
+            n_classes,
+            cfg.unknown_label,
+            cfg.classes,
+            [[c.case, file_fingerprint(c.image), file_fingerprint(c.label) if c.label else None] for c in cases],
+        ]
+    )
     marker = wd.marker(ENSEMBLE_NAME)
     report_json = wd.reports_dir / "ensemble.json"
     if marker.is_done(run_digest) and report_json.is_file() and all(output_path(wd, c).is_file() for c in cases):
         log.info("ensemble already done for these members and cases: nothing to do")
-        return EnsembleResult(members, skipped, [output_path(wd, c) for c in cases],
-                              read_json(report_json), nothing_to_do=True)
+        return EnsembleResult(
+            members, skipped, [output_path(wd, c) for c in cases], read_json(report_json), nothing_to_do=True
+        )
 
     with stage_marker(marker, run_digest, members=[m.name for m in members], method=method, mode=mode):
-        result = _run(cfg, wd, members, skipped, trained, cases, method, mode, prob_dtype,
-                      predictor_factory, members_key, scored_set(wd, on) if on in (HELDOUT, "validation", "testing")
-                      else "paths")
-        marker.done(members=[m.name for m in members], n_cases=len(cases),
-                    best_metric=result.report["scores"].get(ENSEMBLE_NAME, {}).get("mean_dice"))
+        result = _run(
+            cfg,
+            wd,
+            members,
+            skipped,
+            trained,
+            cases,
+            method,
+            mode,
+            prob_dtype,
+            predictor_factory,
+            members_key,
+            scored_set(wd, on) if on in (HELDOUT, "validation", "testing") else "paths",
+        )
+        marker.done(
+            members=[m.name for m in members],
+            n_cases=len(cases),
+            best_metric=result.report["scores"].get(ENSEMBLE_NAME, {}).get("mean_dice"),
+        )
     return result
 
 
@@ -679,8 +743,17 @@ def _run(
     n_classes = cfg.output_classes
     prob_root = wd.ensemble_dir / ".probs"
     case_digests = {
-        c.case: digest([members_key, mode, prob_dtype, n_classes, cfg.unknown_label,
-                        file_fingerprint(c.image), file_fingerprint(c.label) if c.label else None])
+        c.case: digest(
+            [
+                members_key,
+                mode,
+                prob_dtype,
+                n_classes,
+                cfg.unknown_label,
+                file_fingerprint(c.image),
+                file_fingerprint(c.label) if c.label else None,
+            ]
+        )
         for c in cases
     }
     todo = [c for c in cases if _case_done(wd, c, case_digests[c.case]) is None]
@@ -700,12 +773,19 @@ def _run(
                 raise StageFailed(f"{c.label}: label shape {gt.shape} != image shape {shape}")
         labels, counts = combine_case(c, members, prob_root, mode, prob_dtype, n_classes, gt, cfg.unknown_label)
         img = nib.load(str(c.image))
-        instance = {} if gt is None else case_instance_counts(labels, gt, cfg, [float(z) for z in img.header.get_zooms()[:3]], c.case)
+        instance = (
+            {}
+            if gt is None
+            else case_instance_counts(labels, gt, cfg, [float(z) for z in img.header.get_zooms()[:3]], c.case)
+        )
         del gt
         save_nifti(output_path(wd, c), labels, img.affine, compresslevel=1)
-        state: dict[str, Any] = {"digest": case_digests[c.case], "case": c.case,
-                                 "counts": {k: v.tolist() for k, v in counts.items()},
-                                 "instance": instance}
+        state: dict[str, Any] = {
+            "digest": case_digests[c.case],
+            "case": c.case,
+            "counts": {k: v.tolist() for k, v in counts.items()},
+            "instance": instance,
+        }
         atomic_write_json(_case_state_path(wd, c), state)
         del labels, counts
 
@@ -742,9 +822,16 @@ def _run(
         "scored_on_note": SCORED_ON_NOTE.get(scored_on, SCORED_ON_NOTE["paths"]),
         # ranked by the number shown: the pooled mean Dice of the member's own validation fold
         # (the trainer's selection metric); the scored set's number is shown beside it
-        "ranking": [{"name": m.name, "score": m.score, "validation_mean_dice": m.score, "selected": m.name in selected,
-                     "scored_mean_dice": scores.get(m.name, {}).get("mean_dice")}
-                    for m in sorted(trained, key=lambda m: (-m.score, m.name))],
+        "ranking": [
+            {
+                "name": m.name,
+                "score": m.score,
+                "validation_mean_dice": m.score,
+                "selected": m.name in selected,
+                "scored_mean_dice": scores.get(m.name, {}).get("mean_dice"),
+            }
+            for m in sorted(trained, key=lambda m: (-m.score, m.name))
+        ],
         "skipped": skipped,
         "members": [m.name for m in members],
         "outputs": {c.case: str(output_path(wd, c).relative_to(wd.root)) for c in cases},
@@ -755,8 +842,13 @@ def _run(
     }
     cmp = report["ensemble_vs_best_member"]
     if cmp and cmp["below"]:
-        log.warning("the ensemble (pooled mean Dice %.4f) is below its best member %s (%.4f) on the %s cases",
-                    cmp["ensemble_mean_dice"], cmp["best_member"], cmp["best_member_mean_dice"], scored_on)
+        log.warning(
+            "the ensemble (pooled mean Dice %.4f) is below its best member %s (%.4f) on the %s cases",
+            cmp["ensemble_mean_dice"],
+            cmp["best_member"],
+            cmp["best_member_mean_dice"],
+            scored_on,
+        )
     atomic_write_json(wd.reports_dir / "ensemble.json", report)
     atomic_write_text(wd.reports_dir / "ensemble.md", render_markdown(report))
     if n_scored:

@@ -208,9 +208,11 @@ def training_resolution(members: Sequence[Member], wd: WorkDir) -> tuple[float |
     found = {m.name: bundle_resolution(m, wd)[0] for m in members}
     distinct = sorted({v for v in found.values()}, key=str)
     if len(distinct) > 1:
-        raise PipelineError("ensemble members were trained at different resolutions ("
-                            + ", ".join(f"{k} {fmt_vec(v)}" for k, v in found.items())
-                            + "): pick members of one resolution with --members")
+        raise PipelineError(
+            "ensemble members were trained at different resolutions ("
+            + ", ".join(f"{k} {fmt_vec(v)}" for k, v in found.items())
+            + "): pick members of one resolution with --members"
+        )
     return distinct[0]
 
 
@@ -242,7 +244,8 @@ def plan_class(name: str, classes: Sequence[str]) -> ClassPlan:
         sub = sorted(n for n in CELLMAP_CLASSES if atoms(n) <= want)
         raise RowProblem(
             f"class {name!r} is not trained and none of its parts is (trained: {', '.join(classes)}): add "
-            f"{' or '.join(sub[:4]) + (' ...' if len(sub) > 4 else '')} to `classes:` in pipeline.yaml and retrain")
+            f"{' or '.join(sub[:4]) + (' ...' if len(sub) > 4 else '')} to `classes:` in pipeline.yaml and retrain"
+        )
     covered = frozenset().union(*(atoms(classes[i - 1]) for i in parts))
     missing = sorted(want - covered)
     note = "" if [classes[i - 1] for i in parts] == [name] else "union of " + ", ".join(classes[i - 1] for i in parts)
@@ -271,8 +274,10 @@ class EmPlan:
 
 
 def fetch_fix(row: ManifestRow) -> str:
-    return (f"fetch it with `csc fetch-data --crops {row.crop} --fetch-all-em-resolutions` "
-            "(or point --data-root at a copy that has it)")
+    return (
+        f"fetch it with `csc fetch-data --crops {row.crop} --fetch-all-em-resolutions` "
+        "(or point --data-root at a copy that has it)"
+    )
 
 
 def plan_em(data_root: Path, row: ManifestRow, train_res: Sequence[float | None]) -> EmPlan:
@@ -294,12 +299,15 @@ def plan_em(data_root: Path, row: ManifestRow, train_res: Sequence[float | None]
     except ValueError:
         raise PipelineError(
             f"training voxel {fmt_vec(train_res)} nm is not a whole multiple of EM s0 {fmt_vec(s0.scale)} nm of "
-            f"{row.dataset}: cannot pool EM to it in the box's phase (train at a multiple of EM s0)") from None
+            f"{row.dataset}: cannot pool EM to it in the box's phase (train at a multiple of EM s0)"
+        ) from None
     candidates: list[tuple[Level, tuple[int, ...], tuple[int, ...]]] = []
     for lv in levels:
         g = [t / e for t, e in zip(t_scale, lv.scale)]
-        f0 = [(bt - bs / 2 - (lt - ls / 2)) / ls for bt, bs, lt, ls in zip(row.translation, row.voxel_size,
-                                                                          lv.translation, lv.scale)]
+        f0 = [
+            (bt - bs / 2 - (lt - ls / 2)) / ls
+            for bt, bs, lt, ls in zip(row.translation, row.voxel_size, lv.translation, lv.scale)
+        ]
         if all(_is_int(x) and round(x) >= 1 for x in g) and all(_is_int(x) for x in f0):
             candidates.append((lv, tuple(round(x) for x in g), tuple(round(x) for x in f0)))
     # a level at the training voxel size first (what convert reads where it is aligned),
@@ -322,11 +330,20 @@ def plan_em(data_root: Path, row: ManifestRow, train_res: Sequence[float | None]
             continue
         t_t = tuple(lt + (st + (gg - 1) / 2) * ls for lt, st, gg, ls in zip(lv.translation, start, g, lv.scale))
         how = "read directly" if g == (1, 1, 1) else f"block mean {g[0]}x{g[1]}x{g[2]}"
-        return EmPlan(group, lv, g, start, core, TrainGrid(t_scale, t_t),  # type: ignore[arg-type]
-                      f"EM {lv.path} {fmt_vec(lv.scale)} nm, {how} -> {fmt_vec(t_scale)} nm in the box's phase", arr)
+        return EmPlan(
+            group,
+            lv,
+            g,
+            start,
+            core,
+            TrainGrid(t_scale, t_t),  # type: ignore[arg-type]
+            f"EM {lv.path} {fmt_vec(lv.scale)} nm, {how} -> {fmt_vec(t_scale)} nm in the box's phase",
+            arr,
+        )
     raise NeverFetchedError(
         f"EM at training resolution {fmt_vec(t_scale)} nm never fetched under crop{row.crop} in {group} "
-        f"(tried {', '.join(tried) or 'no aligned level'}): {fetch_fix(row)}")
+        f"(tried {', '.join(tried) or 'no aligned level'}): {fetch_fix(row)}"
+    )
 
 
 def em_reader(plan: EmPlan, row: ManifestRow) -> Callable[[tuple[int, int, int], tuple[int, int, int]], np.ndarray]:
@@ -336,8 +353,15 @@ def em_reader(plan: EmPlan, row: ManifestRow) -> Callable[[tuple[int, int, int],
     is padded with its edge values (context only: the box itself was checked).
     """
     where = plan.group / plan.level.path
-    return pooled_reader(plan.array, plan.start, plan.factors, plan.core, on_empty=lambda: NeverFetchedError(
-        f"EM never fetched: {where} reads entirely the fill value under crop{row.crop}: {fetch_fix(row)}"))
+    return pooled_reader(
+        plan.array,
+        plan.start,
+        plan.factors,
+        plan.core,
+        on_empty=lambda: NeverFetchedError(
+            f"EM never fetched: {where} reads entirely the fill value under crop{row.crop}: {fetch_fix(row)}"
+        ),
+    )
 
 
 # ---- writing --------------------------------------------------------------------------------
@@ -386,11 +410,19 @@ def export_crop(
     min_vox = max(1, int(round(min_instance_voxels * t_vox / o_vox)))
     for r in rows:
         if plans[r.key].instance:
-            instances[r.key] = BlockwiseInstances(inside(tmp_dir, f"crop{r.crop}_{r.class_label}.zarr"),
-                                                  out.shape, chunks, min_vox)
+            instances[r.key] = BlockwiseInstances(
+                inside(tmp_dir, f"crop{r.crop}_{r.class_label}.zarr"), out.shape, chunks, min_vox
+            )
         else:
-            arr = crop_group.create_dataset(r.class_label, shape=out.shape, chunks=chunks, dtype=np.uint8,
-                                            compressor=Zstd(level=3), fill_value=0, overwrite=True)
+            arr = crop_group.create_dataset(
+                r.class_label,
+                shape=out.shape,
+                chunks=chunks,
+                dtype=np.uint8,
+                compressor=Zstd(level=3),
+                fill_value=0,
+                overwrite=True,
+            )
             arr.attrs.update(_attrs(r))
             semantic[r.key] = arr
 
@@ -411,14 +443,32 @@ def export_crop(
         if done % step == 0 or done == total:
             log.info("crop%s: %d/%d blocks", row0.crop, done, total)
 
-    predict_blocks(out, em.grid, em_reader(em, row0), predictors, n_classes, sink, block_t=block_t, halo=halo,
-                   mode=mode, progress=progress)
+    predict_blocks(
+        out,
+        em.grid,
+        em_reader(em, row0),
+        predictors,
+        n_classes,
+        sink,
+        block_t=block_t,
+        halo=halo,
+        mode=mode,
+        progress=progress,
+    )
     info: dict[str, dict[str, Any]] = {r.key: {"dtype": "uint8", "note": plans[r.key].note} for r in rows}
     for r in rows:
         if r.key in instances:
+
             def create(dtype: np.dtype, r: ManifestRow = r) -> Any:
-                arr = crop_group.create_dataset(r.class_label, shape=out.shape, chunks=chunks, dtype=dtype,
-                                                compressor=Zstd(level=3), fill_value=0, overwrite=True)
+                arr = crop_group.create_dataset(
+                    r.class_label,
+                    shape=out.shape,
+                    chunks=chunks,
+                    dtype=dtype,
+                    compressor=Zstd(level=3),
+                    fill_value=0,
+                    overwrite=True,
+                )
                 arr.attrs.update(_attrs(r))
                 return arr
 
@@ -428,8 +478,9 @@ def export_crop(
 
 
 # ---- the stage --------------------------------------------------------------------------------
-def choose_members(wd: WorkDir, cfg: PipelineConfig, method: str, n_best: int,
-                   only: Sequence[str] | None) -> list[Member]:
+def choose_members(
+    wd: WorkDir, cfg: PipelineConfig, method: str, n_best: int, only: Sequence[str] | None
+) -> list[Member]:
     """Trained bundles, restricted to ``only`` (``--members``, else ``ensemble.members``), then selected."""
     trained, skipped = trained_members(wd, only, cfg.ensemble.members)
     if not trained:
@@ -497,8 +548,17 @@ def run_export(
     work_store = work / "store.zarr"
     ledger = work / "crops"
     members_key = [[m.name, m.model_id] for m in chosen]
-    params = [FORMAT_VERSION, members_key, mode, list(train_res), block_t, halo, float(min_inst), str(root.resolve()),
-              list(cfg.classes)]
+    params = [
+        FORMAT_VERSION,
+        members_key,
+        mode,
+        list(train_res),
+        block_t,
+        halo,
+        float(min_inst),
+        str(root.resolve()),
+        list(cfg.classes),
+    ]
     run_digest = digest([params, [[r.key, *r.geometry] for r in rows]])
     marker = wd.marker(EXPORT_MARKER)
     report_path = wd.reports_dir / "export.json"
@@ -508,8 +568,24 @@ def run_export(
         return read_json(report_path)
 
     with stage_marker(marker, run_digest, manifest=str(manifest), members=[m.name for m in chosen]):
-        summary = _export(cfg, wd, rows, root, chosen, train_res, mode, block_t, halo, float(min_inst), params,
-                          work, work_store, ledger, predictor_factory, array_predictor_factory)
+        summary = _export(
+            cfg,
+            wd,
+            rows,
+            root,
+            chosen,
+            train_res,
+            mode,
+            block_t,
+            halo,
+            float(min_inst),
+            params,
+            work,
+            work_store,
+            ledger,
+            predictor_factory,
+            array_predictor_factory,
+        )
         # the store appears complete or not at all (never deleting outside ``out``)
         if final_store.exists():
             shutil.rmtree(inside(out, "submission.zarr"))
@@ -519,18 +595,38 @@ def run_export(
         summary.update({"manifest": str(manifest), "zarr": str(final_store), "zip": str(zip_path)})
         atomic_write_json(report_path, summary)
         if summary["failed"]:  # reported (exit 1 by echo_summary), not raised: the other rows are written
-            marker.fail(failure_reason(StageFailed(f"{len(summary['failed'])} row(s) failed: " + "; ".join(
-                f"{k}: {v}" for k, v in list(summary["failed"].items())[:5]))), n_written=summary["n_written"])
+            marker.fail(
+                failure_reason(
+                    StageFailed(
+                        f"{len(summary['failed'])} row(s) failed: "
+                        + "; ".join(f"{k}: {v}" for k, v in list(summary["failed"].items())[:5])
+                    )
+                ),
+                n_written=summary["n_written"],
+            )
         else:
             marker.done(n_written=summary["n_written"], n_untrained=len(summary["untrained"]))
     return summary
 
 
-def _export(cfg: PipelineConfig, wd: WorkDir, rows: list[ManifestRow], root: Path, chosen: list[Member],
-            train_res: tuple[float | None, float, float], mode: str, block_t: int, halo: int, min_inst: float,
-            params: list[Any], work: Path, work_store: Path, ledger: Path,
-            predictor_factory: PredictorFactory | None,
-            array_predictor_factory: ArrayPredictorFactory | None) -> dict[str, Any]:
+def _export(
+    cfg: PipelineConfig,
+    wd: WorkDir,
+    rows: list[ManifestRow],
+    root: Path,
+    chosen: list[Member],
+    train_res: tuple[float | None, float, float],
+    mode: str,
+    block_t: int,
+    halo: int,
+    min_inst: float,
+    params: list[Any],
+    work: Path,
+    work_store: Path,
+    ledger: Path,
+    predictor_factory: PredictorFactory | None,
+    array_predictor_factory: ArrayPredictorFactory | None,
+) -> dict[str, Any]:
     import zarr
 
     failed: dict[str, str] = {}
@@ -581,11 +677,19 @@ def _export(cfg: PipelineConfig, wd: WorkDir, rows: list[ManifestRow], root: Pat
         if predictors is None:  # load every member once, only when something is predicted
             predictors = _load_predictors(chosen, wd, cfg, work, predictor_factory, array_predictor_factory)
         notes[f"crop{crop}"] = em.note
-        log.info("crop%s (%s, %s nm, shape %s): %d rows; %s", crop, todo[0].dataset, fmt_vec(todo[0].voxel_size),
-                 todo[0].shape, len(todo), em.note)
+        log.info(
+            "crop%s (%s, %s nm, shape %s): %d rows; %s",
+            crop,
+            todo[0].dataset,
+            fmt_vec(todo[0].voxel_size),
+            todo[0].shape,
+            len(todo),
+            em.note,
+        )
         try:
-            info = export_crop(todo, plans, em, predictors, cfg.output_classes, work_store, work / "tmp", mode,
-                               block_t, halo, min_inst)
+            info = export_crop(
+                todo, plans, em, predictors, cfg.output_classes, work_store, work / "tmp", mode, block_t, halo, min_inst
+            )
         except NgffError as exc:  # e.g. never-fetched EM found while reading
             shutil.rmtree(inside(work_store, f"crop{crop}"), ignore_errors=True)
             for r in todo:
@@ -609,23 +713,37 @@ def _export(cfg: PipelineConfig, wd: WorkDir, rows: list[ManifestRow], root: Pat
         "failed": failed,
         "untrained": untrained,
         "inputs": notes,
-        "rows": [{"crop": r.crop, "class_label": r.class_label, "voxel_size": list(r.voxel_size),
-                  "translation": list(r.translation), "shape": list(r.shape),
-                  "status": "written" if r.key in written else "untrained" if r.key in untrained else "failed"}
-                 for r in rows],
+        "rows": [
+            {
+                "crop": r.crop,
+                "class_label": r.class_label,
+                "voxel_size": list(r.voxel_size),
+                "translation": list(r.translation),
+                "shape": list(r.shape),
+                "status": "written" if r.key in written else "untrained" if r.key in untrained else "failed",
+            }
+            for r in rows
+        ],
     }
 
 
-def _load_predictors(chosen: Sequence[Member], wd: WorkDir, cfg: PipelineConfig, work: Path,
-                     predictor_factory: PredictorFactory | None,
-                     array_predictor_factory: ArrayPredictorFactory | None) -> list[ArrayPredictor]:
+def _load_predictors(
+    chosen: Sequence[Member],
+    wd: WorkDir,
+    cfg: PipelineConfig,
+    work: Path,
+    predictor_factory: PredictorFactory | None,
+    array_predictor_factory: ArrayPredictorFactory | None,
+) -> list[ArrayPredictor]:
     out = []
     for m in chosen:
         try:
             if array_predictor_factory is not None:
                 out.append(array_predictor_factory(m, wd, cfg))
             else:
-                out.append(file_predictor((predictor_factory or bundle_predictor)(m, wd, cfg), work / "blocks" / m.name))
+                out.append(
+                    file_predictor((predictor_factory or bundle_predictor)(m, wd, cfg), work / "blocks" / m.name)
+                )
         except PipelineError:
             raise
         except Exception as exc:  # noqa: BLE001 - any load failure is this member's failure
@@ -645,14 +763,17 @@ def run_export_entry(
 ) -> dict[str, Any]:
     """Set up the stage (work dir, ``logs/ensemble.log``, config) and run :func:`run_export`."""
     ctx = StageContext.open("ensemble", work_dir, config_file)
-    return run_export(ctx.cfg, ctx.wd, manifest, data_root=data_root, method=method, n_best=n_best, mode=mode,
-                      members=members)
+    return run_export(
+        ctx.cfg, ctx.wd, manifest, data_root=data_root, method=method, n_best=n_best, mode=mode, members=members
+    )
 
 
 def echo_summary(s: dict[str, Any]) -> int:
     """Print the outcome; exit code 1 when a row failed (untrained rows are not failures)."""
-    click.echo(f"submission: {s['zip']} ({s['n_written']} of {s['n_rows']} rows written, "
-               f"{len(s['untrained'])} untrained, {len(s['failed'])} failed)")
+    click.echo(
+        f"submission: {s['zip']} ({s['n_written']} of {s['n_rows']} rows written, "
+        f"{len(s['untrained'])} untrained, {len(s['failed'])} failed)"
+    )
     for k, v in s["failed"].items():
         click.echo(f"  failed {k}: {v}", err=True)
     if s["untrained"]:
@@ -664,19 +785,43 @@ def echo_summary(s: dict[str, Any]) -> int:
 @click.command(name="export")
 @work_dir_option
 @config_option
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="The challenge test_crop_manifest.csv.")
-@click.option("--data-root", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="CellMap data root holding <dataset>/<dataset>.zarr (default: data_root of the config).")
-@click.option("--method", type=click.Choice(["best_n", "best_by_fold"]), default=None,
-              help="Member selection like MONAI's AlgoEnsembleBestN / AlgoEnsembleBestByFold (default: ensemble.method).")
+@click.option(
+    "--manifest",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The challenge test_crop_manifest.csv.",
+)
+@click.option(
+    "--data-root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="CellMap data root holding <dataset>/<dataset>.zarr (default: data_root of the config).",
+)
+@click.option(
+    "--method",
+    type=click.Choice(["best_n", "best_by_fold"]),
+    default=None,
+    help="Member selection like MONAI's AlgoEnsembleBestN / AlgoEnsembleBestByFold (default: ensemble.method).",
+)
 @click.option("--n-best", type=int, default=None, help="Members for best_n (default: ensemble.n_best).")
-@click.option("--mode", type=click.Choice(["mean", "vote"]), default=None,
-              help="mean of probabilities then argmax, or majority vote (default: ensemble.mode).")
+@click.option(
+    "--mode",
+    type=click.Choice(["mean", "vote"]),
+    default=None,
+    help="mean of probabilities then argmax, or majority vote (default: ensemble.mode).",
+)
 @click.option("--members", default=None, help="Comma-separated bundle names to choose from.")
 @stage_command("ensemble")
-def main(work_dir: Path, config_file: Path | None, manifest: Path, data_root: Path | None,
-         method: str | None, n_best: int | None, mode: str | None, members: str | None) -> int:
+def main(
+    work_dir: Path,
+    config_file: Path | None,
+    manifest: Path,
+    data_root: Path | None,
+    method: str | None,
+    n_best: int | None,
+    mode: str | None,
+    members: str | None,
+) -> int:
     """Write submission.zarr and submission.zip for a challenge test manifest."""
     only = [m.strip() for m in members.split(",") if m.strip()] if members else None
     return echo_summary(run_export_entry(work_dir, manifest, config_file, data_root, method, n_best, mode, only))

@@ -148,8 +148,9 @@ def index(root: Any, what: str) -> dict[tuple[str, str], Entry]:
 
 
 # ---- scoring -------------------------------------------------------------------------------
-def evaluate(truth_path: Path, submission_path: Path, classes: Sequence[str] | None = None,
-             crops: Sequence[str] | None = None) -> dict[str, Any]:
+def evaluate(
+    truth_path: Path, submission_path: Path, classes: Sequence[str] | None = None, crops: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Score a submission; returns the report (what ``evaluation.json`` holds).
 
     Raises:
@@ -158,11 +159,14 @@ def evaluate(truth_path: Path, submission_path: Path, classes: Sequence[str] | N
     truth = index(open_store(truth_path, "truth"), f"{truth_path}")
     sub = index(open_store(submission_path, "submission"), f"{submission_path}")
     want_crops = {c if c.startswith("crop") else f"crop{c}" for c in crops} if crops else None
-    keys = sorted(k for k in truth if (classes is None or k[1] in classes)
-                  and (want_crops is None or k[0] in want_crops))
+    keys = sorted(
+        k for k in truth if (classes is None or k[1] in classes) and (want_crops is None or k[0] in want_crops)
+    )
     if not keys:
-        raise PipelineError(f"{truth_path}: no crop<id>/<class> truth arrays to score"
-                            + (" for the requested classes/crops" if classes or crops else ""))
+        raise PipelineError(
+            f"{truth_path}: no crop<id>/<class> truth arrays to score"
+            + (" for the requested classes/crops" if classes or crops else "")
+        )
     semantic: dict[str, list[int]] = {}
     instance: dict[str, InstanceCounts] = {}
     per_crop: list[dict[str, Any]] = []
@@ -177,8 +181,10 @@ def evaluate(truth_path: Path, submission_path: Path, classes: Sequence[str] | N
         else:
             pred = np.asarray(p_entry.array[...])
             if pred.shape != gt.shape:
-                raise PipelineError(f"{submission_path}: {crop}/{cls} has shape {list(pred.shape)}, the truth "
-                                    f"{list(gt.shape)} (write the manifest's shape; nothing is resampled)")
+                raise PipelineError(
+                    f"{submission_path}: {crop}/{cls} has shape {list(pred.shape)}, the truth "
+                    f"{list(gt.shape)} (write the manifest's shape; nothing is resampled)"
+                )
         vs = t_entry.voxel_size or (p_entry.voxel_size if p_entry else None)
         if vs is None:
             log.warning("%s/%s: no voxel size in truth or submission; distances in voxels", crop, cls)
@@ -187,28 +193,46 @@ def evaluate(truth_path: Path, submission_path: Path, classes: Sequence[str] | N
         if cls in INSTANCE_CLASSES:
             c = instance_counts(pred, gt, vs, crop=crop)
             instance.setdefault(cls, InstanceCounts()).add(c)
-            row.update(kind="instance", **{k: v for k, v in instance_scores(c).items() if k != "cutoff_crops"},
-                       cutoff=bool(c.cutoff_crops))
+            row.update(
+                kind="instance",
+                **{k: v for k, v in instance_scores(c).items() if k != "cutoff_crops"},
+                cutoff=bool(c.cutoff_crops),
+            )
         else:
             tp, fp, fn = semantic_counts(pred, gt, gt == UNKNOWN)
             acc = semantic.setdefault(cls, [0, 0, 0])
             acc[0] += tp
             acc[1] += fp
             acc[2] += fn
-            row.update(kind="semantic", tp=tp, fp=fp, fn=fn, iou=none_if_nan(iou_from_counts(tp, fp, fn)),
-                       dice=none_if_nan(dice_from_counts(tp, fp, fn)))
+            row.update(
+                kind="semantic",
+                tp=tp,
+                fp=fp,
+                fn=fn,
+                iou=none_if_nan(iou_from_counts(tp, fp, fn)),
+                dice=none_if_nan(dice_from_counts(tp, fp, fn)),
+            )
         per_crop.append(row)
         del gt, pred
-    sem_scores = {c: {"iou": none_if_nan(iou_from_counts(*v)), "dice": none_if_nan(dice_from_counts(*v)),
-                      "tp": v[0], "fp": v[1], "fn": v[2]} for c, v in sorted(semantic.items())}
+    sem_scores = {
+        c: {
+            "iou": none_if_nan(iou_from_counts(*v)),
+            "dice": none_if_nan(dice_from_counts(*v)),
+            "tp": v[0],
+            "fp": v[1],
+            "fn": v[2],
+        }
+        for c, v in sorted(semantic.items())
+    }
     ins_scores = {c: instance_scores(v) for c, v in sorted(instance.items())}
     extra = sorted(f"{k[0]}/{k[1]}" for k in sub if k not in truth)
     return {
         "generated_at": utc_now(),
         "truth": str(truth_path),
         "submission": str(submission_path),
-        **overall_score({c: v["iou"] for c, v in sem_scores.items()},
-                        {c: v["combined"] for c, v in ins_scores.items()}),
+        **overall_score(
+            {c: v["iou"] for c, v in sem_scores.items()}, {c: v["combined"] for c, v in ins_scores.items()}
+        ),
         "semantic": sem_scores,
         "instance": ins_scores,
         "per_crop": per_crop,
@@ -226,27 +250,40 @@ def _f(v: float | None) -> str:
 def render_markdown(r: dict[str, Any]) -> str:
     """``evaluation.md``: overall score and the per-class table."""
     lines = [
-        "# Evaluation (CellMap challenge metric)", "",
-        f"Truth `{r['truth']}`, submission `{r['submission']}`, {r['n_crops']} crops.", "",
+        "# Evaluation (CellMap challenge metric)",
+        "",
+        f"Truth `{r['truth']}`, submission `{r['submission']}`, {r['n_crops']} crops.",
+        "",
         f"**Overall {_f(r['overall'])}** = sqrt(mean instance combined {_f(r['mean_instance_combined'])} x "
-        f"mean semantic IoU {_f(r['mean_semantic_iou'])}). Definitions: docs/evaluation.md.", "",
+        f"mean semantic IoU {_f(r['mean_semantic_iou'])}). Definitions: docs/evaluation.md.",
+        "",
         "| class | kind | score | IoU / F1 | Dice / normalised Hausdorff | TP | FP | FN |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for c, v in r["semantic"].items():
-        lines.append(f"| {c} | semantic | {_f(v['iou'])} | {_f(v['iou'])} | {_f(v['dice'])} | {v['tp']} | {v['fp']} | {v['fn']} |")
+        lines.append(
+            f"| {c} | semantic | {_f(v['iou'])} | {_f(v['iou'])} | {_f(v['dice'])} | {v['tp']} | {v['fp']} | {v['fn']} |"
+        )
     for c, v in r["instance"].items():
-        lines.append(f"| {c} | instance | {_f(v['combined'])} | {_f(v['f1'])} | {_f(v['normalized_hausdorff'])} | "
-                     f"{v['tp']} | {v['fp']} | {v['fn']} |")
+        lines.append(
+            f"| {c} | instance | {_f(v['combined'])} | {_f(v['f1'])} | {_f(v['normalized_hausdorff'])} | "
+            f"{v['tp']} | {v['fp']} | {v['fn']} |"
+        )
     if r["missing_in_submission"]:
-        lines += ["", f"Missing in the submission (all truth counted as false negatives): "
-                      f"{', '.join(r['missing_in_submission'])}."]
+        lines += [
+            "",
+            f"Missing in the submission (all truth counted as false negatives): "
+            f"{', '.join(r['missing_in_submission'])}.",
+        ]
     cut = sorted({c for v in r["instance"].values() for c in v["cutoff_crops"]})
     if cut:
         lines += ["", f"Instance cutoff (too many predicted objects, scored as unmatched): {', '.join(cut)}."]
     if r["not_in_truth"]:
-        lines += ["", f"Not scored (no truth): {', '.join(r['not_in_truth'][:20])}"
-                      + (" ..." if len(r["not_in_truth"]) > 20 else "")]
+        lines += [
+            "",
+            f"Not scored (no truth): {', '.join(r['not_in_truth'][:20])}"
+            + (" ..." if len(r["not_in_truth"]) > 20 else ""),
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -270,8 +307,9 @@ def plot(r: dict[str, Any], path: Path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def run_evaluate(truth: Path, submission: Path, out: Path, classes: Sequence[str] | None = None,
-                 crops: Sequence[str] | None = None) -> dict[str, Any]:
+def run_evaluate(
+    truth: Path, submission: Path, out: Path, classes: Sequence[str] | None = None, crops: Sequence[str] | None = None
+) -> dict[str, Any]:
     """Score and write ``evaluation.{json,md,png}`` into ``out``."""
     report = evaluate(truth, submission, classes, crops)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,8 +92,12 @@ def open_source(path: Path) -> Source:
             raise PipelineError(f"{path}: expected a 3-D image, got shape {data.shape}")
         scale = tuple(float(v) for v in np.diag(aff)[:3][::-1])
         trans = tuple(float(v) for v in aff[:3, 3][::-1])
-        return Source(np.ascontiguousarray(data.transpose(2, 1, 0)), Level("nifti", scale, trans, data.shape[::-1]),  # type: ignore[arg-type]
-                      "nifti", aff)
+        return Source(
+            np.ascontiguousarray(data.transpose(2, 1, 0)),
+            Level("nifti", scale, trans, data.shape[::-1]),  # type: ignore[arg-type]
+            "nifti",
+            aff,
+        )
     raise PipelineError(f"{path}: input must be an OME-NGFF zarr group (directory) or a .nii/.nii.gz file")
 
 
@@ -110,8 +114,9 @@ def parse_roi(text: str | None, level: Level) -> tuple[slice, slice, slice]:
         bounds = [tuple(float(v) for v in p.split(":")) for p in parts]
     except ValueError:
         raise PipelineError(f"--roi: expected z0:z1,y0:y1,x0:x1 in nm, got {text!r}") from None
-    if len(bounds) != 3 or any(len(b) != 2 or not (math.isfinite(b[0]) and math.isfinite(b[1])) or b[1] <= b[0]
-                               for b in bounds):
+    if len(bounds) != 3 or any(
+        len(b) != 2 or not (math.isfinite(b[0]) and math.isfinite(b[1])) or b[1] <= b[0] for b in bounds
+    ):
         raise PipelineError(f"--roi: expected z0:z1,y0:y1,x0:x1 in nm with z0 < z1 ..., got {text!r}")
     out = []
     for (lo, hi), t, s, n in zip(bounds, level.translation, level.scale, level.shape):
@@ -151,8 +156,10 @@ def monai_predictor(bundle: Path, wd: WorkDir) -> ArrayPredictor:
 
     algo, _ = algo_from_json(str(bundle / ALGO_OBJECT), template_path=str(wd.templates_dir))
     inferer = algo.get_inferer()
-    return file_predictor(lambda p: inferer.infer(str(p)), Path(os.environ.get("TMPDIR", "/tmp")) /
-                          f"cellmap-predict-{os.getpid()}" / bundle.name)
+    return file_predictor(
+        lambda p: inferer.infer(str(p)),
+        Path(os.environ.get("TMPDIR", "/tmp")) / f"cellmap-predict-{os.getpid()}" / bundle.name,
+    )
 
 
 def _parse_shard(text: str | None) -> tuple[int, int]:
@@ -204,14 +211,27 @@ def run_predict(
         raise PipelineError(f"members trained at different resolutions ({', '.join(sorted(res))}): use --members")
     lv = src.level
     start = tuple(sl.start for sl in box)
-    out_grid = Level("s0", lv.scale, tuple(t + a * s for t, a, s in zip(lv.translation, start, lv.scale)),  # type: ignore[arg-type]
-                     tuple(sl.stop - sl.start for sl in box))
-    grid = TrainGrid(t_scale, tuple(t + (a + (gg - 1) / 2) * s for t, a, gg, s in zip(lv.translation, start, g, lv.scale)))  # type: ignore[arg-type]
+    out_grid = Level(
+        "s0",
+        lv.scale,
+        tuple(t + a * s for t, a, s in zip(lv.translation, start, lv.scale)),  # type: ignore[arg-type]
+        tuple(sl.stop - sl.start for sl in box),
+    )
+    grid = TrainGrid(
+        t_scale, tuple(t + (a + (gg - 1) / 2) * s for t, a, gg, s in zip(lv.translation, start, g, lv.scale))
+    )  # type: ignore[arg-type]
     n_classes = None
     out_dir = Path(out)
-    meta = {"input": str(Path(input_path).resolve()), "box": [[sl.start, sl.stop] for sl in box],
-            "members": [b.name for b in bundles], "training_resolution_nm": list(train_res), "mode": mode,
-            "block_t": block_t, "halo": halo, "probabilities": probabilities}
+    meta = {
+        "input": str(Path(input_path).resolve()),
+        "box": [[sl.start, sl.stop] for sl in box],
+        "members": [b.name for b in bundles],
+        "training_resolution_nm": list(train_res),
+        "mode": mode,
+        "block_t": block_t,
+        "halo": halo,
+        "probabilities": probabilities,
+    }
     meta_digest = digest([meta])
     meta_path = out_dir / "predict_meta.json"
     if meta_path.is_file():
@@ -222,8 +242,17 @@ def run_predict(
     blocks = list(iter_blocks(out_grid.shape, ob))
     ledger = out_dir / ".ledger"
     todo = [k for k in range(len(blocks)) if k % n_shards == index and not (ledger / str(k)).is_file()]
-    log.info("input %s, box %s, training grid %s nm (factors %s); %d blocks, shard %d/%d: %d to do",
-             lv.describe(), [(s.start, s.stop) for s in box], fmt_vec(t_scale), g, len(blocks), index, n_shards, len(todo))
+    log.info(
+        "input %s, box %s, training grid %s nm (factors %s); %d blocks, shard %d/%d: %d to do",
+        lv.describe(),
+        [(s.start, s.stop) for s in box],
+        fmt_vec(t_scale),
+        g,
+        len(blocks),
+        index,
+        n_shards,
+        len(todo),
+    )
     predictors: list[ArrayPredictor] = []
     for b in bundles if todo else []:
         try:
@@ -237,15 +266,29 @@ def run_predict(
     atomic_write_json(meta_path, {**meta, "digest": meta_digest})
     root = zarr.open_group(str(out_dir), mode="a")
     labels_dtype = np.uint8 if n_classes < 256 else np.uint16
-    labels = root.require_dataset("s0", shape=out_grid.shape, chunks=ob, dtype=labels_dtype, fill_value=0,
-                                  compressor=Zstd(level=3), exact=True,
-                                  dimension_separator="/")  # OME-NGFF 0.4: nested chunk keys
+    labels = root.require_dataset(
+        "s0",
+        shape=out_grid.shape,
+        chunks=ob,
+        dtype=labels_dtype,
+        fill_value=0,
+        compressor=Zstd(level=3),
+        exact=True,
+        dimension_separator="/",
+    )  # OME-NGFF 0.4: nested chunk keys
     probs = None
     if probabilities:
         pg = root.require_group("probabilities")
-        probs = pg.require_dataset("s0", shape=(n_classes, *out_grid.shape), chunks=(n_classes, *ob), dtype=np.uint8,
-                                   fill_value=0, compressor=Zstd(level=3), exact=True,
-                                  dimension_separator="/")  # OME-NGFF 0.4: nested chunk keys
+        probs = pg.require_dataset(
+            "s0",
+            shape=(n_classes, *out_grid.shape),
+            chunks=(n_classes, *ob),
+            dtype=np.uint8,
+            fill_value=0,
+            compressor=Zstd(level=3),
+            exact=True,
+            dimension_separator="/",
+        )  # OME-NGFF 0.4: nested chunk keys
     core = tuple(slice(a, b) for a, b in ((sl.start, sl.stop) for sl in box))
     reader = pooled_reader(src.array, start, g, core)
     ledger.mkdir(parents=True, exist_ok=True)
@@ -257,17 +300,36 @@ def run_predict(
 
     for k in todo:
         try:
-            predict_blocks(out_grid, grid, reader, predictors, n_classes, sink, block_t=block_t, halo=halo,
-                           mode=mode, blocks=[blocks[k]])
+            predict_blocks(
+                out_grid,
+                grid,
+                reader,
+                predictors,
+                n_classes,
+                sink,
+                block_t=block_t,
+                halo=halo,
+                mode=mode,
+                blocks=[blocks[k]],
+            )
         except ValueError as exc:
             raise StageFailed(str(exc)) from exc
         (ledger / str(k)).write_bytes(b"")  # after the block's chunks are written
         if (k + 1) % max(1, len(todo) // 10) == 0:
             log.info("shard %d/%d: block %d (%d of %d)", index, n_shards, k, todo.index(k) + 1, len(todo))
     done = sum(1 for k in range(len(blocks)) if (ledger / str(k)).is_file())
-    summary = {**meta, "output": str(out_dir), "grid": {"scale": list(out_grid.scale),
-               "translation": list(out_grid.translation), "shape": list(out_grid.shape)},
-               "n_blocks": len(blocks), "blocks_done": done, "complete": done == len(blocks)}
+    summary = {
+        **meta,
+        "output": str(out_dir),
+        "grid": {
+            "scale": list(out_grid.scale),
+            "translation": list(out_grid.translation),
+            "shape": list(out_grid.shape),
+        },
+        "n_blocks": len(blocks),
+        "blocks_done": done,
+        "complete": done == len(blocks),
+    }
     if done == len(blocks):
         _finish(root, out_dir, out_grid, labels, n_classes, src, probabilities)
         atomic_write_json(out_dir / "predict.json", summary)
@@ -284,7 +346,9 @@ def _n_classes(bundle: Path) -> int:
     return n
 
 
-def _finish(root: Any, out_dir: Path, grid: Level, labels: Any, n_classes: int, src: Source, probabilities: bool) -> None:
+def _finish(
+    root: Any, out_dir: Path, grid: Level, labels: Any, n_classes: int, src: Source, probabilities: bool
+) -> None:
     """The label pyramid (nearest, 2x), OME-Zarr 0.4 metadata, NIfTI for NIfTI inputs."""
     from numcodecs import Zstd
 
@@ -294,16 +358,29 @@ def _finish(root: Any, out_dir: Path, grid: Level, labels: Any, n_classes: int, 
         shape = tuple(-(-n // 2) for n in prev.shape)
         if min(shape) < 1 or prev.shape == shape:
             break
-        arr = root.require_dataset(f"s{k}", shape=shape, chunks=tuple(min(c, n) for c, n in zip(labels.chunks, shape)),
-                                   dtype=labels.dtype, fill_value=0, compressor=Zstd(level=3), exact=True,
-                                  dimension_separator="/")  # OME-NGFF 0.4: nested chunk keys
+        arr = root.require_dataset(
+            f"s{k}",
+            shape=shape,
+            chunks=tuple(min(c, n) for c, n in zip(labels.chunks, shape)),
+            dtype=labels.dtype,
+            fill_value=0,
+            compressor=Zstd(level=3),
+            exact=True,
+            dimension_separator="/",
+        )  # OME-NGFF 0.4: nested chunk keys
         for sl in iter_blocks(shape, arr.chunks):  # bounded: one output chunk at a time
             src_sl = tuple(slice(2 * s.start, 2 * s.stop, 2) for s in sl)
             arr[sl] = prev[src_sl]
         s0 = levels[0]
         f = 2**k
-        levels.append(Level(f"s{k}", tuple(s * f for s in s0.scale),  # type: ignore[arg-type]
-                            tuple(t + (f - 1) * s / 2 for t, s in zip(s0.translation, s0.scale)), shape))  # type: ignore[arg-type]
+        levels.append(
+            Level(
+                f"s{k}",
+                tuple(s * f for s in s0.scale),  # type: ignore[arg-type]
+                tuple(t + (f - 1) * s / 2 for t, s in zip(s0.translation, s0.scale)),
+                shape,
+            )
+        )  # type: ignore[arg-type]
         prev = arr
         if max(shape) <= 32:
             break
@@ -321,5 +398,9 @@ def _finish(root: Any, out_dir: Path, grid: Level, labels: Any, n_classes: int, 
     if src.kind == "nifti":
         from common.nifti import save_nifti, zyx_to_affine
 
-        save_nifti(out_dir / "labels.nii.gz", np.ascontiguousarray(labels[...].transpose(2, 1, 0)),
-                   zyx_to_affine(grid.scale, grid.translation), compresslevel=1)
+        save_nifti(
+            out_dir / "labels.nii.gz",
+            np.ascontiguousarray(labels[...].transpose(2, 1, 0)),
+            zyx_to_affine(grid.scale, grid.translation),
+            compresslevel=1,
+        )

@@ -17,8 +17,12 @@ from training.signals import catch_stop_signals_early
 @config_option
 @click.option("--algo", required=True, type=click.Choice(ALGOS), help="Algorithm whose bundle(s) to train.")
 @click.option("--fold", type=int, default=None, help="Fold to train (default: every fold of --algo in turn).")
-@click.option("--gpus", type=int, default=None,
-              help="GPUs to use: 0 = CPU, 1 = one GPU, N > 1 = torchrun with N processes (default: 1 GPU if any, else CPU).")
+@click.option(
+    "--gpus",
+    type=int,
+    default=None,
+    help="GPUs to use: 0 = CPU, 1 = one GPU, N > 1 = torchrun with N processes (default: 1 GPU if any, else CPU).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 @stage_command("train")
 def main(work_dir: Path, config_file: Path | None, algo: str, fold: int | None, gpus: int | None, verbose: bool) -> int:

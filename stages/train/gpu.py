@@ -89,24 +89,32 @@ def diagnose(gpus: int, facts: CudaFacts) -> str | None:
     if gpus <= 0:
         return None
     if not facts.torch_cuda:
-        return (f"--gpus {gpus}: this torch build has no CUDA (CPU-only wheel); run the train image "
-                f"(apptainer run --nv train.sif) or install the CUDA torch wheel, or {CPU_FIX}")
+        return (
+            f"--gpus {gpus}: this torch build has no CUDA (CPU-only wheel); run the train image "
+            f"(apptainer run --nv train.sif) or install the CUDA torch wheel, or {CPU_FIX}"
+        )
     need = MIN_DRIVER.get(_major(facts.torch_cuda))
     need_txt = f" (driver >= {need})" if need else ""
     if facts.driver_cuda is None:
-        return (f"--gpus {gpus}: no NVIDIA driver (libcuda.so.1 not found); run on a GPU node with "
-                f"apptainer run --nv (or docker/podman --gpus all), torch needs CUDA {facts.torch_cuda}"
-                f"{need_txt}, or {CPU_FIX}")
+        return (
+            f"--gpus {gpus}: no NVIDIA driver (libcuda.so.1 not found); run on a GPU node with "
+            f"apptainer run --nv (or docker/podman --gpus all), torch needs CUDA {facts.torch_cuda}"
+            f"{need_txt}, or {CPU_FIX}"
+        )
     drv_major, drv_minor = divmod(facts.driver_cuda, 1000)
     if drv_major < _major(facts.torch_cuda):
         drv = f"driver {facts.driver_version}" if facts.driver_version else "the NVIDIA driver"
-        return (f"--gpus {gpus}: {drv} supports CUDA up to {drv_major}.{drv_minor // 10} but this torch "
-                f"is built for CUDA {facts.torch_cuda}{need_txt}; update the driver, or build the images "
-                f"with TORCH_FLAVOUR=cu126 (CUDA 12, driver >= 525; see docs/containers.md), or {CPU_FIX}")
+        return (
+            f"--gpus {gpus}: {drv} supports CUDA up to {drv_major}.{drv_minor // 10} but this torch "
+            f"is built for CUDA {facts.torch_cuda}{need_txt}; update the driver, or build the images "
+            f"with TORCH_FLAVOUR=cu126 (CUDA 12, driver >= 525; see docs/containers.md), or {CPU_FIX}"
+        )
     if facts.visible < gpus:
         env = "unset" if facts.visible_env is None else repr(facts.visible_env)
-        return (f"--gpus {gpus}: only {facts.visible} CUDA device(s) visible (CUDA_VISIBLE_DEVICES={env}); "
-                f"request {gpus} GPU(s) from SLURM (--gres=gpu:{gpus}) and pass --nv, or {CPU_FIX}")
+        return (
+            f"--gpus {gpus}: only {facts.visible} CUDA device(s) visible (CUDA_VISIBLE_DEVICES={env}); "
+            f"request {gpus} GPU(s) from SLURM (--gres=gpu:{gpus}) and pass --nv, or {CPU_FIX}"
+        )
     return None
 
 

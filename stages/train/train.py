@@ -104,7 +104,9 @@ class _Forward:
             signal.signal(s, h)
 
 
-def run_streamed(argv: list[str], log_file: Path, env: dict[str, str], cwd: Path | None = None) -> tuple[int, int | None]:
+def run_streamed(
+    argv: list[str], log_file: Path, env: dict[str, str], cwd: Path | None = None
+) -> tuple[int, int | None]:
     """Run ``argv`` in ``cwd``, appending its output line by line to ``log_file`` (never held in memory).
 
     The official templates write ``runner.log`` into the working directory, so the
@@ -120,7 +122,9 @@ def run_streamed(argv: list[str], log_file: Path, env: dict[str, str], cwd: Path
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log.info("running: %s (output -> %s)", redact(" ".join(argv)), log_file)  # no URI credentials in logs
     with open(log_file, "a", encoding="utf-8") as fh:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1, cwd=cwd)
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, bufsize=1, cwd=cwd
+        )
         assert proc.stdout is not None
         with _Forward(proc) as fwd:
             for line in proc.stdout:
@@ -157,12 +161,21 @@ def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | No
     overrides = cfg.train.given()
     trainer = load_bundle_library(bundle, "trainer")
     if gpus is not None and gpus > 1:
-        argv = [*_launcher(gpus), str(bundle / "scripts" / "train.py"), "run", "--config_file", str(hp), *override_args(overrides)]
+        argv = [
+            *_launcher(gpus),
+            str(bundle / "scripts" / "train.py"),
+            "run",
+            "--config_file",
+            str(hp),
+            *override_args(overrides),
+        ]
         rc, sig = run_streamed(argv, wd.logs_dir / f"train.{bundle.name}.log", _device_env(gpus), cwd=bundle)
         if rc == EXIT_REQUEUE or sig is not None:
             raise RequeueRequested(f"{bundle.name}: stopped by signal {sig} (rc {rc})")
         if rc != 0:
-            raise StageFailed(f"{bundle.name}: torchrun training exited with {rc}; see {wd.logs_dir / f'train.{bundle.name}.log'}")
+            raise StageFailed(
+                f"{bundle.name}: torchrun training exited with {rc}; see {wd.logs_dir / f'train.{bundle.name}.log'}"
+            )
         prog = read_yaml(Path(read_yaml(hp)["ckpt_path"]) / trainer.PROGRESS_YAML)
         return float(prog[-1]["best_avg_dice_score"])
     device = "cpu" if gpus == 0 else None
@@ -174,8 +187,14 @@ def train_builtin(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | No
 def train_official(wd: WorkDir, bundle: Path, cfg: PipelineConfig, gpus: int | None) -> float:
     """Train one official-template bundle with its own ``scripts/train.py``."""
     configs = sorted(str(p) for p in (bundle / CONFIGS_DIR).iterdir() if p.suffix in (".yaml", ".json"))
-    argv = [*_launcher(gpus or 1), str(bundle / "scripts" / "train.py"), "run",
-            "--config_file", ",".join(configs), *override_args(cfg.train.given())]
+    argv = [
+        *_launcher(gpus or 1),
+        str(bundle / "scripts" / "train.py"),
+        "run",
+        "--config_file",
+        ",".join(configs),
+        *override_args(cfg.train.given()),
+    ]
     env = _device_env(gpus)
     env.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3 refuses the templates' file store
     log_file = wd.logs_dir / f"train.{bundle.name}.log"
@@ -210,8 +229,12 @@ def train_fold(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int, gpus: int
     if marker.is_done() and b.progress_file.is_file():
         best = (prev.get("details") or {}).get("best_metric")
         if not marker.is_done(inputs):
-            log.warning("%s: trained with other settings (train: section or bundle changed); keeping the "
-                        "trained model; delete %s to retrain", name, model_dir)
+            log.warning(
+                "%s: trained with other settings (train: section or bundle changed); keeping the "
+                "trained model; delete %s to retrain",
+                name,
+                model_dir,
+            )
         log.info("%s: already trained (best mean Dice %s): skipping", name, best)
         return best
     resumed = (model_dir / "checkpoint_latest.pt").is_file()
@@ -229,7 +252,9 @@ def train_fold(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int, gpus: int
     return best
 
 
-def run_train(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int | None = None, gpus: int | None = None) -> dict[str, float | None]:
+def run_train(
+    wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int | None = None, gpus: int | None = None
+) -> dict[str, float | None]:
     """Train ``algo`` for one fold, or for every generated fold in turn.
 
     Returns:
@@ -248,8 +273,14 @@ def run_train(wd: WorkDir, cfg: PipelineConfig, algo: str, fold: int | None = No
     return {f"{algo}_{k}": train_fold(wd, cfg, algo, k, gpus) for k in folds}
 
 
-def run_train_entry(work_dir: Path, config_file: Path | None, algo: str, fold: int | None = None,
-                    gpus: int | None = None, verbose: bool = False) -> dict[str, float | None]:
+def run_train_entry(
+    work_dir: Path,
+    config_file: Path | None,
+    algo: str,
+    fold: int | None = None,
+    gpus: int | None = None,
+    verbose: bool = False,
+) -> dict[str, float | None]:
     """What the CLI calls: set up the stage (config, ``logs/train.<algo>.log``), train."""
     ctx = StageContext.open(STAGE, work_dir, config_file, log_name=f"{STAGE}.{algo}", verbose=verbose)
     return run_train(ctx.wd, ctx.cfg, algo, fold, gpus)

@@ -25,8 +25,10 @@ def _library(module: str) -> types.ModuleType:
     """
     lib = Path(__file__).resolve().parent / "cellmap_training"
     if not (lib / "MANIFEST").is_file():
-        raise _BundleOutdated(f"{lib.parents[1]}: bundle has no scripts/cellmap_training (generated before bundles "
-                              "carried their training library); rerun bundlegen --force for it")
+        raise _BundleOutdated(
+            f"{lib.parents[1]}: bundle has no scripts/cellmap_training (generated before bundles "
+            "carried their training library); rerun bundlegen --force for it"
+        )
     name = "cellmap_training_" + hashlib.sha256((lib / "MANIFEST").read_bytes()).hexdigest()[:12]
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, lib / "__init__.py", submodule_search_locations=[str(lib)])
