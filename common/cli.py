@@ -145,7 +145,7 @@ class StageContext:
         cls,
         stage: str,
         work_dir: str | os.PathLike[str],
-        config_file: Path | None = None,
+        config_file: str | os.PathLike[str] | None = None,
         overrides: dict[str, Any] | None = None,
         *,
         log_name: str | None = None,

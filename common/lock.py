@@ -108,9 +108,9 @@ def stale_reason(owner: dict[str, Any], age_s: float | None = None) -> str | Non
     if owner.get("host") == socket.gethostname() and isinstance(owner.get("pid"), int):
         if not pid_alive(owner["pid"]):
             return f"process {owner['pid']} on {owner['host']} is gone"
-    limit = owner.get("stale_after_s")
-    ok = isinstance(limit, (int, float)) and not isinstance(limit, bool) and limit > 0
-    limit = float(limit) if ok else STALE_AFTER_S
+    raw = owner.get("stale_after_s")
+    ok = isinstance(raw, (int, float)) and not isinstance(raw, bool) and raw > 0
+    limit = float(raw) if ok and raw is not None else STALE_AFTER_S
     if age_s is not None and age_s > limit:
         return f"not refreshed for {age_s:.0f} s (> {limit:g} s): its holder is gone"
     return None

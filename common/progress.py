@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import yaml
 
@@ -105,7 +105,7 @@ def fold_progress(bundle: Path, train_overrides: dict[str, Any] | None = None) -
         return None
     done = rows[-1]["epoch"] + 1
     eta = eta_seconds(
-        [r.get("epoch_time_s") for r in rows if isinstance(r.get("epoch_time_s"), (int, float))], done, num_epochs
+        [float(r["epoch_time_s"]) for r in rows if isinstance(r.get("epoch_time_s"), (int, float))], done, num_epochs
     )
     validated = [r["mean_dice"] for r in rows if isinstance(r.get("mean_dice"), (int, float))]
     return {
@@ -116,7 +116,7 @@ def fold_progress(bundle: Path, train_overrides: dict[str, Any] | None = None) -
     }
 
 
-class _PlainProgress:
+class _PlainProgress(Generic[T]):
     """Progress as log lines every ``every_s`` seconds (and at the end): no carriage returns."""
 
     def __init__(self, it: Iterable[T], desc: str, total: int | None, every_s: float, log: logging.Logger) -> None:

@@ -541,8 +541,8 @@ def rebase_work_dir(wd: WorkDir) -> dict[str, Any]:
     """
     from common.io import atomic_write_text
 
-    olds = {recorded_work_dir(b) for b in bundle_dirs(wd)} - {None}
-    olds = {o for o in olds if o is not None and not _same_dir(o, wd.root)}
+    recorded = {recorded_work_dir(b) for b in bundle_dirs(wd)}
+    olds = {o for o in recorded if o is not None and not _same_dir(o, wd.root)}
     changed: list[str] = []
     if not olds:
         return {"from": [], "to": str(wd.root), "files": changed}

@@ -214,10 +214,10 @@ def size_probes_for(algos: list[str], gpu_mem_gb: float) -> list[str]:
         if mod is None or mod_name.split(".")[0] not in algos:
             continue
         if hasattr(mod, "get_mem_from_visible_gpus"):  # swinunetr/dints: free bytes per GPU
-            mod.get_mem_from_visible_gpus = lambda: [mem_bytes]
+            mod.__dict__["get_mem_from_visible_gpus"] = lambda: [mem_bytes]
             patched.append(f"{mod_name}.get_mem_from_visible_gpus")
         if hasattr(mod, "get_gpu_mem_size"):  # segresnet utils: GiB
-            mod.get_gpu_mem_size = lambda: float(gpu_mem_gb)
+            mod.__dict__["get_gpu_mem_size"] = lambda: float(gpu_mem_gb)
             patched.append(f"{mod_name}.get_gpu_mem_size")
     return patched
 

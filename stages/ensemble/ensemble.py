@@ -584,7 +584,8 @@ def plot_scores(report: dict[str, Any], path: Path) -> None:
     from common.plots import pyplot, save_figure
 
     plt = pyplot()
-
+    if plt is None:  # matplotlib absent: the table is the report
+        return
     classes = report["classes"]
     models = list(report["scores"])
     width = 0.8 / max(1, len(models))
@@ -773,7 +774,7 @@ def _run(
                 raise StageFailed(f"{c.label}: label shape {gt.shape} != image shape {shape}")
         labels, counts = combine_case(c, members, prob_root, mode, prob_dtype, n_classes, gt, cfg.unknown_label)
         img = nib.load(str(c.image))
-        instance = (
+        case_instance = (
             {}
             if gt is None
             else case_instance_counts(labels, gt, cfg, [float(z) for z in img.header.get_zooms()[:3]], c.case)
@@ -784,7 +785,7 @@ def _run(
             "digest": case_digests[c.case],
             "case": c.case,
             "counts": {k: v.tolist() for k, v in counts.items()},
-            "instance": instance,
+            "instance": case_instance,
         }
         atomic_write_json(_case_state_path(wd, c), state)
         del labels, counts
@@ -795,17 +796,17 @@ def _run(
     instance: dict[str, InstanceCounts] = {}
     n_scored = 0
     for c in cases:
-        state = _case_done(wd, c, case_digests[c.case])
-        if state is None:
+        done = _case_done(wd, c, case_digests[c.case])
+        if done is None:
             raise StageFailed(f"{_case_state_path(wd, c)}: missing after the case was ensembled")
-        if not state["counts"]:
+        if not done["counts"]:
             continue
         n_scored += 1
-        for name, mat in state["counts"].items():
+        for name, mat in done["counts"].items():
             arr = np.asarray(mat, dtype=np.int64)
             pooled[name] = pooled.get(name, 0) + arr
             per_case.setdefault(c.case, {})[name] = summarize(arr, cfg.classes)["mean_dice"]
-        for name, d in (state.get("instance") or {}).items():
+        for name, d in (done.get("instance") or {}).items():
             instance.setdefault(name, InstanceCounts()).add(InstanceCounts(**d))
     order = [m.name for m in members] + [ENSEMBLE_NAME]
     selected = {m.name for m in members}

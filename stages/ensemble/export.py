@@ -259,6 +259,11 @@ def _is_int(v: float) -> bool:
     return abs(v - round(v)) <= 1e-3
 
 
+def _int3(v: Sequence[float]) -> tuple[int, int, int]:
+    """Three whole numbers (x, y, z) from floats already checked to be whole."""
+    return round(v[0]), round(v[1]), round(v[2])
+
+
 @dataclass
 class EmPlan:
     """Where a crop's EM comes from and the training grid in the box's phase."""
@@ -301,15 +306,15 @@ def plan_em(data_root: Path, row: ManifestRow, train_res: Sequence[float | None]
             f"training voxel {fmt_vec(train_res)} nm is not a whole multiple of EM s0 {fmt_vec(s0.scale)} nm of "
             f"{row.dataset}: cannot pool EM to it in the box's phase (train at a multiple of EM s0)"
         ) from None
-    candidates: list[tuple[Level, tuple[int, ...], tuple[int, ...]]] = []
+    candidates: list[tuple[Level, tuple[int, int, int], tuple[int, int, int]]] = []
     for lv in levels:
-        g = [t / e for t, e in zip(t_scale, lv.scale)]
+        gf = [t / e for t, e in zip(t_scale, lv.scale)]
         f0 = [
             (bt - bs / 2 - (lt - ls / 2)) / ls
             for bt, bs, lt, ls in zip(row.translation, row.voxel_size, lv.translation, lv.scale)
         ]
-        if all(_is_int(x) and round(x) >= 1 for x in g) and all(_is_int(x) for x in f0):
-            candidates.append((lv, tuple(round(x) for x in g), tuple(round(x) for x in f0)))
+        if all(_is_int(x) and round(x) >= 1 for x in gf) and all(_is_int(x) for x in f0):
+            candidates.append((lv, _int3(gf), _int3(f0)))
     # a level at the training voxel size first (what convert reads where it is aligned),
     # then EM s0 block-averaged, then other finer aligned levels
     candidates.sort(key=lambda c: (c[1] != (1, 1, 1), c[0].path != s0.path, -c[0].scale[1]))
@@ -321,7 +326,8 @@ def plan_em(data_root: Path, row: ManifestRow, train_res: Sequence[float | None]
         except Exception as exc:  # noqa: BLE001 - any store problem is this crop's reason
             raise NgffError(f"{group / lv.path}: cannot open EM array ({exc})") from None
         end = [math.ceil((st + n * v / e) - 1e-3) for st, n, v, e in zip(start, row.shape, row.voxel_size, lv.scale)]
-        core = tuple(slice(max(a, 0), min(b, s)) for a, b, s in zip(start, end, lv.shape))
+        lo, hi = [max(a, 0) for a in start], [min(b, s) for b, s in zip(end, lv.shape)]
+        core = (slice(lo[0], hi[0]), slice(lo[1], hi[1]), slice(lo[2], hi[2]))
         store = arr.chunk_store if arr.chunk_store is not None else arr.store
         keys = chunk_keys(arr, core)
         missing = sum(1 for k in keys if k not in store)
