@@ -1,8 +1,8 @@
 """The CellMap challenge's scores, written from its documented definition (numpy + scipy only).
 
-Torch-free: used by the trainer's validation (model selection), the ensemble report and
-``python -m stages.evaluate``. Definitions (``/work/shared/docs/cellmap-data.md`` §5, the
-scorer at csc HEAD, which pools counts):
+Torch-free: used by the ensemble report and ``python -m stages.evaluate`` (the trainer's
+validation carries its own copy of the pooled Dice). Definitions (the challenge's published
+scorer at csc HEAD, which pools counts; docs/evaluation.md):
 
 **Semantic classes.** TP/FP/FN voxels are summed over every crop (or case) of a class
 first; then ``IoU = TP / (TP+FP+FN)`` and ``Dice = 2TP / (2TP+FP+FN)``. Unknown voxels of

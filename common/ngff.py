@@ -39,7 +39,7 @@ ENV_ERRNOS = frozenset({errno.ENOSPC, errno.EIO, errno.EACCES, errno.EPERM, errn
 GRID_TOL = 1e-3  # cut indices must be integers within this (in voxels)
 SCALE_RTOL = 1e-6  # voxel sizes are "equal" within this relative tolerance
 AXES = ("z", "y", "x")
-EM_GROUP = "recon-1/em/fibsem-uint8"  # the EM multiscale group inside <dataset>.zarr (docs/cellmap-data.md)
+EM_GROUP = "recon-1/em/fibsem-uint8"  # the EM multiscale group inside <dataset>.zarr (docs/data.md)
 
 
 class NgffError(PipelineError):

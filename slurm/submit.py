@@ -593,7 +593,7 @@ def main(
     no_preflight: bool,
     show_status: bool,
 ) -> int:
-    """Submit the cellmap-auto3dseg chain to SLURM (see the README, section SLURM)."""
+    """Submit the cellmap-auto3dseg chain to SLURM (see docs/cluster.md)."""
     if show_status:  # the one status report (slurm.status), which asks slurm.jobs for job states
         from slurm.status import render_status
 
