@@ -31,14 +31,14 @@ from typing import Any, ClassVar
 
 import yaml
 
-from common import algorithms
+from common import algorithms, pipeline
 from common.classes import DEFAULT_CLASSES, check_class_names
 from common.errors import ConfigError
 from common.io import atomic_write_yaml
 
 # the algorithm registry, live: an algorithm registered later (plugin, test) is valid too
 ALGOS: Sequence[str] = algorithms.NAMES
-STAGE_SECTIONS: tuple[str, ...] = ("convert", "analyze", "bundlegen", "train", "ensemble")
+STAGE_SECTIONS: tuple[str, ...] = pipeline.chain_names()  # one section per stage of the chain
 OFFICIAL_TEMPLATES_ENV = "CELLMAP_A3DS_OFFICIAL_TEMPLATES"
 OFFICIAL_TEMPLATES_DEFAULT = "/opt/monai-algo-templates/21ed8e5"
 

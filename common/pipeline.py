@@ -41,6 +41,7 @@ class Stage:
         part_marker: marker of one part of the stage (a shard, a bundle), formatted with
             ``shard``/``of`` or ``algo``/``fold``; ``None`` = no parts.
         in_chain: part of the chain ``slurm.submit`` runs (else run on demand: predict, evaluate).
+        summary: one line saying what the stage does (``cellmap-a3ds --help`` lists it).
     """
 
     name: str
@@ -50,6 +51,7 @@ class Stage:
     marker: str | None
     part_marker: str | None = None
     in_chain: bool = True
+    summary: str = ""
 
     def marker_names(self, algos: Iterable[str] = (), num_folds: int = 0) -> list[str]:
         """The done markers a finished run of this stage leaves (its parts' markers not included)."""
@@ -61,14 +63,56 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("convert", "convert", "cpu", "shards", "convert", part_marker="convert.shard-{shard}-of-{of}"),
-    Stage("analyze", "analyze", "cpu", "one", "analyze"),
-    Stage("bundlegen", "bundlegen", "cpu", "one", "bundlegen", part_marker="bundlegen.{algo}_{fold}"),
-    Stage("train", "train", "cuda", "algo_fold", "train.{algo}_{fold}"),
-    Stage("ensemble", "ensemble", "cuda", "one", "ensemble"),
+    Stage(
+        "convert",
+        "convert",
+        "cpu",
+        "shards",
+        "convert",
+        part_marker="convert.shard-{shard}-of-{of}",
+        summary="CellMap zarr crops -> NIfTI images/labels + datalist.json.",
+    ),
+    Stage(
+        "analyze", "analyze", "cpu", "one", "analyze", summary="Dataset statistics (MONAI DataAnalyzer) and a report."
+    ),
+    Stage(
+        "bundlegen",
+        "bundlegen",
+        "cpu",
+        "one",
+        "bundlegen",
+        part_marker="bundlegen.{algo}_{fold}",
+        summary="input.yaml and one MONAI bundle per algorithm and fold.",
+    ),
+    Stage(
+        "train",
+        "train",
+        "cuda",
+        "algo_fold",
+        "train.{algo}_{fold}",
+        summary="Train the bundles of one algorithm (exact resume).",
+    ),
+    Stage(
+        "ensemble",
+        "ensemble",
+        "cuda",
+        "one",
+        "ensemble",
+        summary="Ensemble the trained bundles, score, optionally export.",
+    ),
     # on demand: predict runs in the ensemble image (same code and resources); evaluate is not packaged
-    Stage("predict", "ensemble", "cuda", "shards", None, in_chain=False),
-    Stage("evaluate", None, "cpu", "one", None, in_chain=False),
+    Stage(
+        "predict",
+        "ensemble",
+        "cuda",
+        "shards",
+        None,
+        in_chain=False,
+        summary="Segment a volume with the trained bundles, block by block.",
+    ),
+    Stage(
+        "evaluate", None, "cpu", "one", None, in_chain=False, summary="Score a submission with the challenge's metric."
+    ),
 )
 _BY_NAME = {s.name: s for s in STAGES}
 

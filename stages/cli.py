@@ -17,16 +17,13 @@ from typing import Any
 
 import click
 
-# command -> (module, attribute, one-line summary shown by ``cellmap-a3ds --help``), in pipeline order
+from common import pipeline
+
+# command -> (module, attribute, one-line summary shown by ``cellmap-a3ds --help``): every stage of
+# the pipeline definition, in its order, then the commands around it
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "convert": ("stages.convert.__main__", "main", "CellMap zarr crops -> NIfTI images/labels + datalist.json."),
-    "analyze": ("stages.analyze.__main__", "main", "Dataset statistics (MONAI DataAnalyzer) and a report."),
-    "bundlegen": ("stages.bundlegen.__main__", "main", "input.yaml and one MONAI bundle per algorithm and fold."),
-    "train": ("stages.train.__main__", "main", "Train the bundles of one algorithm (exact resume)."),
-    "ensemble": ("stages.ensemble.__main__", "main", "Ensemble the trained bundles, score, optionally export."),
+    **{s.name: (f"stages.{s.name}.__main__", "main", s.summary) for s in pipeline.STAGES},
     "export": ("stages.ensemble.export", "main", "Write a challenge submission for a test manifest."),
-    "predict": ("stages.predict.__main__", "main", "Segment a volume with the trained bundles, block by block."),
-    "evaluate": ("stages.evaluate.__main__", "main", "Score a submission with the challenge's metric."),
     "status": ("slurm.status", "main", "The state of every stage and algo/fold of a work dir."),
     "submit": ("slurm.submit", "main", "Submit the chain to SLURM (or --status, --dry-run)."),
 }
