@@ -40,9 +40,6 @@ EXTRA_ENTRIES = {
 RUNTIME_PACKAGES = {
     # builtin templates are read from training/templates/ and copied into the bundles
     "bundlegen": {"training"},
-    # the bundles' scripts/infer.py import `training.trainer` (bundles generated before the training
-    # library was copied into each bundle's scripts/ find it only here)
-    "ensemble": {"training"},
 }
 
 
