@@ -54,7 +54,7 @@ def record_job(wd: WorkDir, entry: dict[str, Any]) -> None:
 def _fields(line: str) -> dict[str, str]:
     # `scontrol show job -o` prints Key=Value pairs separated by spaces; values without spaces
     # are all we read (JobState, ExitCode, Reason, Restarts, ArrayTaskId)
-    return dict(m.groups() for m in re.finditer(r"(\w+)=(\S*)", line))
+    return {m.group(1): m.group(2) for m in re.finditer(r"(\w+)=(\S*)", line)}
 
 
 # SLURM states in which the job still exists and may write its marker.

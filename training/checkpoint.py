@@ -140,7 +140,7 @@ def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     Raises:
         TrainingFailed: neither the file nor its previous version can be loaded (one line).
     """
-    problems = []
+    problems: list[str] = []
     for cand, why in sealed_candidates(path):
         if why is None:
             try:
@@ -174,6 +174,7 @@ def load_resumable(path: Path) -> dict[str, Any] | None:
 def rng_state() -> dict[str, Any]:
     """Torch, numpy, Python (and CUDA) RNG states as tensors and plain data (weights_only-safe)."""
     np_state = np.random.get_state()
+    assert isinstance(np_state, tuple)  # the legacy (MT19937) form: never the dict one for the global RandomState
     state = {
         "torch": torch.get_rng_state(),
         "numpy": [

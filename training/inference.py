@@ -7,8 +7,9 @@ ensemble use) is :class:`BundlePredictor` of the bundle's own copy of this packa
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from .checkpoint import CKPT_BEST, CKPT_FINAL, load_checkpoint
 from .distributed import pick_device
 from .hparams import find_hyper_parameters, read_hyper_parameters
 from .networks import build_network
+
+if TYPE_CHECKING:
+    from monai.data import MetaTensor
 
 
 def bundle_model_dir(config_file: Any) -> Path:
@@ -66,10 +70,10 @@ class BundlePredictor:
         self.model = build_network(self.cfg)
         self.model.load_state_dict(ck["state_dict"])
         self.model.to(self.device).eval()
-        self._xf = None
+        self._xf: Callable[[str], Any] | None = None  # the load/scale transform, built on first use
 
     @torch.no_grad()
-    def infer(self, image_file: str | os.PathLike[str] | dict[str, Any]) -> torch.Tensor:
+    def infer(self, image_file: str | os.PathLike[str] | dict[str, Any]) -> MetaTensor:
         """Softmax ``[C, X, Y, Z]`` float32 (MetaTensor with the image's affine) on the input grid."""
         from monai import transforms as T
         from monai.inferers import sliding_window_inference
@@ -96,6 +100,7 @@ class BundlePredictor:
                 overlap=float(self.cfg.get("sw_overlap", 0.25)),
                 mode="gaussian",
             )
+        assert isinstance(logits, torch.Tensor)  # the network returns one tensor in eval mode
         prob = torch.softmax(logits.float(), dim=1)[0].cpu()
         from monai.data import MetaTensor
 

@@ -91,6 +91,8 @@ class MaskedSegLoss(torch.nn.Module):
         gamma: focal exponent.
     """
 
+    weight: torch.Tensor  # per-class weights, a registered buffer
+
     def __init__(
         self,
         num_classes: int,
@@ -147,8 +149,10 @@ def deep_supervision_loss(
 
     if not isinstance(outputs, (list, tuple)):
         return loss_fn(outputs, label)
+    # MONAI annotates `loss: _Loss` but only calls it as loss(input, target); any such Module works
+    ds = DeepSupervisionLoss(loss_fn, weight_mode="exp")  # type: ignore[arg-type]
     # F.interpolate has no integer kernels; class ids (and 255) are exact in float32
-    return DeepSupervisionLoss(loss_fn, weight_mode="exp")(list(outputs), label.float())
+    return ds(list(outputs), label.float())
 
 
 def dice_per_class(pred: torch.Tensor, label: torch.Tensor, num_classes: int, unknown_label: int) -> torch.Tensor:

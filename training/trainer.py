@@ -137,12 +137,10 @@ def dints_architecture(
     if net.get("arch_code") is not None:
         return
     path = model_dir / ARCH_CODE
+    search_epochs = cfg.get("search_epochs")
     if path.is_file():
         net["arch_code"] = read_json(path)["arch_code"]
-    elif (
-        int(cfg.get("search_epochs") if cfg.get("search_epochs") is not None else max(1, int(cfg["num_epochs"]) // 4))
-        > 0
-    ):
+    elif int(search_epochs if search_epochs is not None else max(1, int(cfg["num_epochs"]) // 4)) > 0:
         from .dints_search import search_dints
 
         with stop_on_signals() as stop:
@@ -338,6 +336,8 @@ def cli_main(argv: Sequence[str] | None = None) -> int:
     config_file, overrides = parse_cli_overrides(sys.argv[1:] if argv is None else argv)
     device = overrides.pop("device", None)
     try:
+        if config_file is None:  # what find_hyper_parameters raises for a missing --config_file
+            raise ValueError("no config_file given")
         train_bundle(config_file, overrides, device=device)
     except RequeueRequested as exc:
         log.warning("stopped for requeue: %s", exc)

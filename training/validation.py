@@ -77,6 +77,7 @@ def validate(
                 overlap=float(cfg.get("sw_overlap", 0.25)),
                 mode="gaussian",
             )
+        assert isinstance(logits, torch.Tensor)  # the network returns one tensor in eval mode
         pred = logits.argmax(1).cpu().numpy()
         label = np.asarray(d["label"]).astype(np.int64).reshape(pred.shape)
         matrix += confusion_matrix(pred, label, n_cls, int(cfg.get("unknown_label", 0)))

@@ -18,10 +18,10 @@ DEFAULTS = Path(__file__).resolve().parents[1] / "configs" / "hyper_parameters.y
 class SegresnetAlgo(BundleAlgo):
     """segresnet bundle generator; ``fill_template_config`` writes a resolved hyper_parameters.yaml."""
 
-    def fill_template_config(self, data_stats_filename: str, output_path: str, **kwargs: Any) -> dict:
+    def fill_template_config(self, data_stats_filename: str, algo_path: str, **kwargs: Any) -> dict:
         # imported here, not at the top: generation runs inside the bundlegen stage with this
         # repository present, while a generated bundle's algo.py must import with MONAI and
         # torch alone (``algo_from_json`` imports it to predict)
         from training.autoconfig import fill_template
 
-        return fill_template("segresnet", self.data_list_file, data_stats_filename, output_path, DEFAULTS, **kwargs)
+        return fill_template("segresnet", self.data_list_file, data_stats_filename, algo_path, DEFAULTS, **kwargs)
