@@ -33,7 +33,8 @@ from typing import Any
 
 import click
 
-from common.config import STAGE_SECTIONS, PipelineConfig, load_config
+from common import pipeline
+from common.config import PipelineConfig, load_config
 from common.errors import PipelineError
 from common.lock import pid_alive
 from common.workdir import MARKER_DONE, MARKER_FAILED, MARKER_RUNNING, WorkDir, slurm_job_id, utc_now
@@ -125,12 +126,9 @@ def _slurm_query() -> Callable[..., dict[str, str] | None]:
 # ---- rows ----------------------------------------------------------------------------
 def expected_names(cfg: PipelineConfig | None) -> list[str]:
     """Marker names a complete run of this configuration writes, in pipeline order."""
-    if cfg is None:
-        return list(STAGE_SECTIONS)
-    names = ["convert", "analyze", "bundlegen"]
-    names += [f"train.{a}_{f}" for a in cfg.algos for f in range(cfg.num_folds)]
-    names.append("ensemble")
-    return names
+    if cfg is None:  # one placeholder row per stage of the chain
+        return list(pipeline.chain_names())
+    return pipeline.expected_markers(cfg.algos, cfg.num_folds)
 
 
 def _parse_time(text: str | None) -> _dt.datetime | None:
@@ -203,7 +201,7 @@ def collect_status(
     names = expected_names(cfg)
     if cfg is None and any(n.startswith("train.") for n in markers):
         names.remove("train")  # the placeholder row is replaced by the real bundle markers
-    stage_order = {s: i for i, s in enumerate(STAGE_SECTIONS)}
+    stage_order = {s: i for i, s in enumerate(pipeline.chain_names())}
     extra = sorted(set(markers) - set(names))
     for n in extra:  # insert after the last row of the same stage (unknown stages at the end)
         stage = n.split(".")[0]
