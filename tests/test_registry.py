@@ -239,6 +239,8 @@ DERIVED = [
     "stages/bundlegen/bundlegen.py",
     "slurm/submit.py",
     "slurm/profiles.py",
+    "slurm/status.py",
+    "stages/cli.py",
     "tools/demo.py",
     "containers/build.sh",
     "containers/save.sh",
