@@ -17,7 +17,7 @@ import yaml
 from common.workdir import CONFIGS_DIR, HYPER_PARAMETERS, MODEL_DIR
 
 T = TypeVar("T")
-METRICS = "metrics.jsonl"  # the trainer's per-epoch rows (training/trainer.py METRICS)
+METRICS = "metrics.jsonl"  # the per-epoch rows the trainer writes (training/reporting.py METRICS)
 
 
 def fmt_duration(seconds: float | None) -> str:
@@ -39,27 +39,6 @@ def eta_seconds(epoch_times: Sequence[float], epochs_done: int, num_epochs: int)
     if not times or num_epochs <= 0:
         return None
     return sum(times) / len(times) * max(0, num_epochs - epochs_done)
-
-
-def format_epoch_line(
-    algo: str,
-    epoch: int,
-    num_epochs: int,
-    loss: float,
-    mean_dice: float | None,
-    lr: float,
-    epoch_time_s: float,
-    eta_s: float | None,
-) -> str:
-    """The one log line per epoch (``epoch`` is 1-based here: ``epoch 3/40``).
-
-    ``mean Dice -`` when the epoch was not validated (``val_every`` > 1).
-    """
-    dice = "-" if mean_dice is None else f"{mean_dice:.4f}"
-    return (
-        f"{algo} epoch {epoch}/{num_epochs} loss {loss:.4f} mean Dice {dice} lr {lr:.2e} "
-        f"time {fmt_duration(epoch_time_s)} ETA {fmt_duration(eta_s)}"
-    )
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -217,39 +196,3 @@ def progress_bar(
 
         return tqdm(total=total, disable=True)
     return _PlainBar(total, desc, every_s, logging.getLogger("cellmap.progress"))
-
-
-class EventLog:
-    """TensorBoard event files beside ``metrics.jsonl`` (``<model_dir>/events/``), when the
-    ``tensorboard`` package is installed; otherwise nothing (metrics.jsonl stays the record)."""
-
-    def __init__(self, model_dir: Path, enabled: bool = True) -> None:
-        self.writer: Any = None
-        if not enabled:
-            return
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except (ImportError, ModuleNotFoundError):
-            return
-        try:
-            self.writer = SummaryWriter(log_dir=str(Path(model_dir) / "events"))
-        except OSError as exc:
-            logging.getLogger("cellmap.progress").warning("no TensorBoard events: %s", exc)
-
-    def log_epoch(self, row: dict[str, Any]) -> None:
-        """One metrics row: train loss, lr, epoch time, mean and per-class Dice."""
-        if self.writer is None:
-            return
-        step = int(row["epoch"])
-        for key in ("train_loss", "lr", "epoch_time_s", "samples_per_s", "mean_dice"):
-            if isinstance(row.get(key), (int, float)):
-                self.writer.add_scalar(key, float(row[key]), step)
-        for name, v in (row.get("dice") or {}).items():
-            if isinstance(v, (int, float)):
-                self.writer.add_scalar(f"dice/{name}", float(v), step)
-        self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None

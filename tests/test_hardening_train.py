@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from common.progress import eta_seconds, format_epoch_line, progress
+from common.progress import eta_seconds, progress
 from slurm.status import collect_status, render_status
 from tests.test_train import ROOT, TINY_TRAIN, _env, analysed, make_work, train_cmd  # noqa: F401 (fixture)
 from training.checkpoint import previous_of, sidecar_of
+from training.reporting import eta_seconds as trainer_eta_seconds
+from training.reporting import format_epoch_line
 from training.trainer import load_checkpoint, load_resumable, save_checkpoint
 
 
@@ -61,6 +63,9 @@ def test_epoch_line_and_eta() -> None:
     line = format_epoch_line("segresnet", 3, 40, 0.51234, None, 2e-4, 75.0, eta_seconds([70, 80, 75], 3, 40))
     assert line == "segresnet epoch 3/40 loss 0.5123 mean Dice - lr 2.00e-04 time 1m15s ETA 46m15s"
     assert "mean Dice 0.8125" in format_epoch_line("dints", 1, 2, 1.0, 0.8125, 1e-4, 5, 5)
+    # the status view (common.progress) reads the same ETA the trainer logs (its own copy)
+    for times, done, total in (([70, 80, 75], 3, 40), ([], 0, 5), ([1, 2, 3, 4, 5, 6, 7], 7, 7), ([5], 1, 0)):
+        assert eta_seconds(times, done, total) == trainer_eta_seconds(times, done, total)
 
 
 def test_progress_is_plain_lines_off_a_terminal(caplog: pytest.LogCaptureFixture) -> None:
