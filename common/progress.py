@@ -1,4 +1,4 @@
-"""Watching a run: the trainer's epoch line, a fold's progress read back from its bundle, and
+"""Watching a run: a fold's progress read back from its bundle (what ``slurm.status`` shows), and
 progress bars that turn into plain lines when the output is a log file, not a terminal.
 """
 
