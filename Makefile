@@ -80,7 +80,7 @@ lint: setup
 	$(PY) -m ruff check .
 	$(PY) -m ruff format --check .
 
-## typecheck     mypy on common/ and stages/ (config: pyproject.toml [tool.mypy])
+## typecheck     mypy on common/, stages/, training/ and slurm/ (config: pyproject.toml [tool.mypy])
 typecheck: setup
 	$(PY) -m mypy
 

@@ -17,7 +17,7 @@ def _tracked(*patterns: str) -> list[Path]:
 
 
 def test_every_cited_docs_file_exists() -> None:
-    """A docstring, comment or help text that says ``docs/X.md`` names a file of this repository."""
+    """A docstring, comment or help text that says ``docs/<name>.md`` names a file of this repository."""
     missing = []
     for path in _tracked("*.py", "*.md", "*.yaml", "*.sh", "*.sbatch", "Makefile", "*Dockerfile"):
         for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):

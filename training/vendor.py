@@ -4,8 +4,9 @@
 of this package (everything but :mod:`training.autoconfig`, this module and the templates) to
 ``<bundle>/scripts/cellmap_training/`` with a ``VERSION`` (the package version) and a
 ``MANIFEST`` (``sha256  file`` lines, ``sha256sum -c`` format), as MONAI copies its templates
-into a bundle. The bundle's ``scripts/train.py`` / ``scripts/infer.py`` then import that copy
-under a name unique to its content (:func:`library_alias`), so a trained bundle predicts with
+into a bundle, and writes the bundle's ``scripts/train.py`` / ``scripts/infer.py`` (one source:
+``training/bundle_scripts/``). Those import that copy through its ``loader.py`` under a name
+unique to its content (:func:`training.loader.library_alias`), so a trained bundle predicts with
 the code it was trained with, two bundles with different copies live in one process, and the
 repository's ``training`` on ``sys.path`` can never stand in for it.
 """
@@ -13,29 +14,22 @@ repository's ``training`` on ``sys.path`` can never stand in for it.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 import types
 from pathlib import Path
 from typing import Any
 
-VENDOR_DIR = "cellmap_training"  # <bundle>/scripts/cellmap_training
-MANIFEST = "MANIFEST"
+from training.loader import MANIFEST, VENDOR_DIR, BundleOutdated, library_alias, load
+
 VERSION = "VERSION"
 PACKAGE = "cellmap-auto3dseg"
 HERE = Path(__file__).resolve().parent
 GENERATION_ONLY = frozenset({"autoconfig.py", "vendor.py"})  # need the repository; never run inside a bundle
-
-
-class BundleOutdated(Exception):
-    """A builtin bundle without its copy of the training library (generated before bundles were
-    self-contained): bad input, exit code 2 (rerun bundlegen)."""
-
-    exit_code = 2
+BUNDLE_SCRIPTS = HERE / "bundle_scripts"  # train.py, infer.py: the same in every builtin bundle
+SCRIPTS = ("train.py", "infer.py")
+__all__ = ["BundleOutdated", "library_alias", "load_bundle_library", "vendor_into"]
 
 
 def runtime_files() -> list[Path]:
@@ -57,18 +51,11 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def library_alias(manifest_text: bytes) -> str:
-    """``cellmap_training_<sha12>``: the module name of a bundle's copy, from its ``MANIFEST``.
-
-    The bundles' ``scripts/train.py`` and ``scripts/infer.py`` compute the same name.
-    """
-    return f"{VENDOR_DIR}_{hashlib.sha256(manifest_text).hexdigest()[:12]}"
-
-
 def vendor_into(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Copy the run-time library into ``<bundle>/scripts/cellmap_training`` (replacing an old copy).
+    """Copy the run-time library into ``<bundle>/scripts/cellmap_training`` (replacing an old copy)
+    and write the bundle's ``scripts/train.py`` and ``scripts/infer.py``.
 
-    Written into a temporary folder and renamed, so a killed bundlegen never leaves half a copy.
+    Written into temporary names and renamed, so a killed bundlegen never leaves half a copy.
 
     Returns:
         ``{"version", "sha256" (of MANIFEST), "alias", "files": {name: sha256}}`` for the bundle record.
@@ -93,6 +80,10 @@ def vendor_into(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for script in SCRIPTS:
+        part = scripts / f".tmp-{script}"
+        shutil.copyfile(BUNDLE_SCRIPTS / script, part)
+        os.replace(part, scripts / script)
     return {
         "version": version,
         "sha256": hashlib.sha256(manifest).hexdigest(),
@@ -112,21 +103,4 @@ def load_bundle_library(bundle_dir: str | os.PathLike[str], module: str = "train
     Raises:
         BundleOutdated: the bundle has no ``scripts/cellmap_training`` (one line: rerun bundlegen).
     """
-    lib = Path(bundle_dir).resolve() / "scripts" / VENDOR_DIR
-    if not (lib / MANIFEST).is_file():
-        raise BundleOutdated(
-            f"{Path(bundle_dir)}: bundle has no scripts/{VENDOR_DIR} (generated before bundles carried "
-            "their training library); rerun bundlegen --force for it"
-        )
-    name = library_alias((lib / MANIFEST).read_bytes())
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, lib / "__init__.py", submodule_search_locations=[str(lib)])
-        assert spec is not None and spec.loader is not None
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[name] = pkg
-        try:
-            spec.loader.exec_module(pkg)
-        except BaseException:
-            del sys.modules[name]
-            raise
-    return importlib.import_module(f"{name}.{module}")
+    return load(Path(bundle_dir) / "scripts" / VENDOR_DIR, module)
