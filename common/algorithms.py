@@ -48,6 +48,12 @@ class AlgorithmSpec:
             time as ``fn(roi, network) -> roi`` when the divisor depends on the bundle's actual
             ``network`` section (e.g. fewer levels in a ``train: {network: ...}`` override);
             ``None`` = round each edge up to ``roi_divisor``.
+        architecture_search: ``"module:function"`` (same resolution) run once before training as
+            ``fn(cfg, model_dir, train_items, loss_fn, device)``: an architecture search that
+            writes what the network factory then builds (DiNTS); ``None`` = no search.
+        pretrained_loader: ``"module:function"`` (same resolution) called as ``fn(model, path)``
+            at a fresh start when the bundle's ``pretrained_weights`` names a file (SwinUNETR's
+            encoder); ``None`` = the algorithm takes no pretrained weights.
         voxels_per_gib: memory model: voxels of one patch (batch 1, AMP) that fit in 1 GiB of
             GPU memory; autoconfig sizes patch and batch as ``voxels_per_gib * target_gpu_mem_gb``.
         epochs_rule: which official template's epoch heuristic sets ``num_epochs``
@@ -67,6 +73,8 @@ class AlgorithmSpec:
     roi_min: int = 16
     roi_max: int | None = None
     roi_fit: str | None = None
+    architecture_search: str | None = None
+    pretrained_loader: str | None = None
     voxels_per_gib: int = 300_000
     epochs_rule: EpochsRule = "segresnet"
     shared_defaults: Mapping[str, Any] = field(default_factory=dict)
@@ -77,7 +85,7 @@ class AlgorithmSpec:
             raise ValueError(f"algorithm name {self.name!r}: lower-case Python identifier needed (MONAI imports it)")
         if not self.template:
             object.__setattr__(self, "template", self.name)
-        for what in ("network_factory", "roi_fit"):
+        for what in ("network_factory", "roi_fit", "architecture_search", "pretrained_loader"):
             path = getattr(self, what)
             if path is not None and (path.count(":") != 1 or not all(path.split(":"))):
                 raise ValueError(f"{self.name}: {what} {path!r} is not 'module:function'")
@@ -88,7 +96,13 @@ class AlgorithmSpec:
 
     def bundle_keys(self) -> dict[str, Any]:
         """What autoconfig writes into a bundle so the trainer needs no registry (self-contained bundles)."""
-        return {"network_factory": self.network_factory, "roi_divisor": self.roi_divisor, "roi_fit": self.roi_fit}
+        return {
+            "network_factory": self.network_factory,
+            "roi_divisor": self.roi_divisor,
+            "roi_fit": self.roi_fit,
+            "architecture_search": self.architecture_search,
+            "pretrained_loader": self.pretrained_loader,
+        }
 
 
 # The builtin algorithms. Numbers moved unchanged from training/autoconfig.py and
@@ -111,6 +125,7 @@ _BUILTIN: tuple[AlgorithmSpec, ...] = (
         roi_divisor=32,
         roi_min=64,  # its bottleneck (1/32) must hold more than one voxel for instance norm
         roi_fit=".networks:swinunetr_fit_roi",
+        pretrained_loader=".networks:load_pretrained_swinunetr",
         voxels_per_gib=55_000,
         epochs_rule="swinunetr",
         shared_defaults={
@@ -124,6 +139,7 @@ _BUILTIN: tuple[AlgorithmSpec, ...] = (
         roi_divisor=32,  # 2**(num_depths+1) of the default 4 depths
         roi_min=32,
         roi_fit=".networks:dints_fit_roi",
+        architecture_search=".trainer:dints_architecture",
         voxels_per_gib=60_000,
         epochs_rule="dints",
         shared_defaults={

@@ -176,6 +176,8 @@ def test_builtin_entries_match_their_networks_and_templates() -> None:
         assert tpl["algo"] == spec.name
         cfg = {"algo": spec.name, "output_classes": 3, "network": tpl["network"], **spec.bundle_keys()}
         assert callable(resolve(spec.network_factory))
+        for capability in (spec.architecture_search, spec.pretrained_loader):  # what the trainer calls by path
+            assert capability is None or callable(resolve(capability))
         assert fit_roi(cfg, [1, 1, 1]) == [spec.roi_divisor] * 3 or spec.roi_min > spec.roi_divisor
         assert all(r % spec.roi_divisor == 0 for r in fit_roi(cfg, [spec.roi_min] * 3))
         small = {**cfg, "network": {**tpl["network"], **spec.demo_network}}
@@ -282,3 +284,14 @@ def test_plugin_module_reaches_a_stage_process(tmp_path: Path) -> None:
         [sys.executable, "-m", "stages.train", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, check=True
     ).stdout
     assert f"[{'|'.join((*algorithms.names(), NAME))}]" in out.replace("\n", "").replace(" ", "")
+
+
+def test_the_trainer_names_no_algorithm() -> None:
+    """What differs per algorithm at train time (architecture search, pretrained weights, network,
+    patch fitting) reaches the trainer as paths in the bundle, written from the registry."""
+    names = "|".join(map(re.escape, algorithms.names()))
+    literal = re.compile(rf"""["']({names})["']""")
+    for module in ("trainer.py", "loop.py", "data.py", "inference.py", "checkpoint.py", "validation.py"):
+        text = (ROOT / "training" / module).read_text()
+        assert not literal.search(text), f"training/{module} names an algorithm"
+    assert algorithms.get("dints").architecture_search and algorithms.get("swinunetr").pretrained_loader

@@ -63,7 +63,7 @@ from .hparams import parse_cli_overrides, read_hyper_parameters
 from .inference import BundlePredictor, predict_probabilities
 from .loop import Hooks, LoopState, Optimisation, plain, run_epochs
 from .losses import LOSSES, MaskedSegLoss, loss_class_weights
-from .networks import build_network, fit_roi, load_pretrained_swinunetr
+from .networks import build_network, fit_roi, resolve
 from .reporting import METRICS, PROGRESS_PNG, EventLog, read_metrics
 from .signals import catch_stop_signals_early, ignore_stop_signals, stop_on_signals, stop_requested
 from .validation import validate
@@ -186,8 +186,9 @@ def _resume(st: LoopState, run: Optimisation, model_dir: Path, pretrained: Any, 
         st.resume_rng = ck["rng"] if st.step > 0 else None
         log.info("%s: resuming at epoch %d step %d (best %.4f)", model_dir.parent.name, st.epoch, st.step, st.best)
     else:
-        if pretrained and cfg["algo"] == "swinunetr":
-            load_pretrained_swinunetr(run.model, str(pretrained))
+        loader = cfg.get("pretrained_loader")  # the registry's capability, written into the bundle
+        if pretrained and loader:
+            resolve(str(loader))(run.model, str(pretrained))
         if rank == 0:
             for name in (METRICS, CKPT_BEST, PROGRESS_PNG):
                 (model_dir / name).unlink(missing_ok=True)
@@ -248,8 +249,8 @@ def train_bundle(
     loss_fn = MaskedSegLoss(
         n_cls, int(cfg.get("unknown_label", 0)), loss_class_weights(cfg), str(cfg.get("loss", "dicece"))
     ).to(dev)
-    if cfg["algo"] == "dints":
-        dints_architecture(cfg, model_dir, train_items, loss_fn, dev)
+    if cfg.get("architecture_search"):  # DiNTS: search, then train what the search chose
+        resolve(str(cfg["architecture_search"]))(cfg, model_dir, train_items, loss_fn, dev)
         _seed_everything(seed)  # the search used the RNGs: training starts from the same state either way
     if world > 1:
         if not cfg.get("num_steps_per_epoch"):
