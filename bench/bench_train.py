@@ -35,7 +35,9 @@ from typing import Any
 import torch
 import yaml
 
-ALGOS = ("segresnet", "swinunetr", "dints")
+from common import algorithms
+
+ALGOS = algorithms.names()  # the registry's, in its order
 ROI = [64, 64, 32]
 BATCH = 2
 STEPS = 3

@@ -36,8 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common import algorithms
+
 ROOT = Path(__file__).resolve().parents[1]
-ALGOS = ("segresnet", "swinunetr", "dints")
+ALGOS = algorithms.names()  # the registry's, in its order
 CLASSES = ["ecs", "pm", "mito_mem"]
 #: --cpu: a network and patch small enough for a CI core (each factory reads its own keys).
 TINY = {
