@@ -52,6 +52,20 @@ def gzip_compressor(level: int, rle: bool = False, backend: str | None = None) -
     return zlib.compressobj(level, zlib.DEFLATED, 16 + zlib.MAX_WBITS, 8, strategy)
 
 
+def deflate_into(fh: Any, comp: Any, buffers: list[memoryview | bytes]) -> int:
+    """Compress ``buffers`` in order with ``comp`` into the open file ``fh``, :data:`_CHUNK`
+    bytes at a time (bounded extra memory, no copy of the data); returns the bytes written."""
+    written = 0
+    for buf in buffers:
+        for off in range(0, len(buf), _CHUNK):
+            out = comp.compress(buf[off : off + _CHUNK])
+            fh.write(out)
+            written += len(out)
+    out = comp.flush()
+    fh.write(out)
+    return written + len(out)
+
+
 def nifti_image(data_xyz: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
     """The pipeline's NIfTI-1 image of an (x, y, z) array: nm units unknown, q/s-form = ``affine``."""
     img = nib.Nifti1Image(data_xyz, affine)
@@ -96,11 +110,4 @@ def save_nifti(
                 fh.write(raw)
                 return len(raw)
             comp = gzip_compressor(DEFAULT_LEVEL if compresslevel is None else compresslevel, rle)
-            written = 0
-            for off in range(0, len(raw), _CHUNK):
-                out = comp.compress(raw[off : off + _CHUNK])
-                fh.write(out)
-                written += len(out)
-            out = comp.flush()
-            fh.write(out)
-            return written + len(out)
+            return deflate_into(fh, comp, [raw])

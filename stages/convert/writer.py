@@ -19,9 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from common.io import atomic_path
-from common.nifti import GZIP_BACKEND, gzip_compressor, nifti_image  # noqa: F401 - GZIP_BACKEND: bench reads it here
+from common.nifti import (  # noqa: F401 - GZIP_BACKEND: bench reads it here
+    GZIP_BACKEND,
+    deflate_into,
+    gzip_compressor,
+    nifti_image,
+)
 
-BLOCK = 1 << 22  # bytes handed to zlib at a time (bounded extra memory)
 VOX_OFFSET = 352  # single-file NIfTI-1: 348-byte header + 4-byte extension flag
 
 
@@ -65,19 +69,8 @@ def write_nifti_gz(
         rle: deflate with ``Z_RLE`` (faster and smaller for label maps, which are runs;
             poor for EM). Still plain gzip for every reader.
     """
-    data = memoryview(np.ascontiguousarray(block_zyx)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer  # C order (z,y,x) == F order (x,y,z)
-    comp = gzip_compressor(level, rle)
-    written = 0
+    # C order (z, y, x) is the F order (x, y, z) NIfTI stores: the block's own bytes, no copy
+    data = memoryview(np.ascontiguousarray(block_zyx)).cast("B")  # type: ignore[arg-type]  # ndarray is a buffer
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            out = comp.compress(nifti_header_bytes(block_zyx, affine))
-            fh.write(out)
-            written += len(out)
-            for off in range(0, len(data), BLOCK):
-                out = comp.compress(data[off : off + BLOCK])
-                fh.write(out)
-                written += len(out)
-            out = comp.flush()
-            fh.write(out)
-            written += len(out)
-    return written
+            return deflate_into(fh, gzip_compressor(level, rle), [nifti_header_bytes(block_zyx, affine), data])
