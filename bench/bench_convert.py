@@ -34,7 +34,7 @@ import nibabel as nib
 import numpy as np
 import zarr
 
-from common.classes import LabelMapping
+from common.classes import DEFAULT_CLASSES, LabelMapping
 from common.config import load_config
 from common.io import read_json
 from common.ngff import finest_level, plan_reduction, read_multiscales
@@ -46,22 +46,7 @@ from stages.convert.pooling import pool_ids, pool_labels
 from stages.convert.writer import GZIP_BACKEND, nifti_bytes
 from tools.realgeom import eligible, load_em_s0, load_real_crops, make_realgeom_tree
 
-CLASSES = [
-    "ecs",
-    "pm",
-    "mito_mem",
-    "mito_lum",
-    "mito_ribo",
-    "golgi_mem",
-    "golgi_lum",
-    "ves_mem",
-    "ves_lum",
-    "endo_mem",
-    "endo_lum",
-    "er_mem",
-    "er_lum",
-    "nuc",
-]
+CLASSES = list(DEFAULT_CLASSES)  # the challenge's 14 classes of the default config
 N_CROPS, SIZE = 12, 192
 REPEATS = 2
 TARGET = (None, 4.0, 4.0)

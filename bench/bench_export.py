@@ -117,16 +117,17 @@ def _measure(work: Path, data: Path, manifest: Path, block: int) -> dict[str, An
 
 
 def run(work: Path) -> dict[str, Any]:
+    import dataclasses
     import shutil
 
-    from tests.export_realgeom import Crop, build_tree, real_test_crops, write_manifest
+    from tests.export_realgeom import build_tree, real_test_crops, write_manifest
 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     real = next(c for c in real_test_crops() if c.crop == "985")
     rows = []
     for n in SIZES:
-        crop = Crop(real.crop, real.dataset, real.voxel_size, real.translation, (n, n, n), real.classes)
+        crop = dataclasses.replace(real, shape=(n, n, n))
         data = build_tree(work / f"data{n}", [crop], margin_nm=(HALO + 2) * 8.0)
         manifest = work / f"m{n}.csv"
         write_manifest(manifest, [crop], lambda _: ROW_CLASSES)

@@ -12,63 +12,34 @@ as ``csc fetch-data`` leaves coarse crops). Coarser levels are the block mean of
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from common.ngff import EM_GROUP
+from tools.realgeom import RealCrop, load_em_s0, load_real_crops
 
-DATA = Path(__file__).resolve().parent / "data"
 CHUNKS = (32, 32, 32)
 N_LEVELS = 4
 
 
-def _vec(s: str) -> tuple[float, ...]:
-    return tuple(float(v) for v in s.strip("[]").split(";"))
-
-
-@dataclass(frozen=True)
-class Crop:
-    crop: str
-    dataset: str
-    voxel_size: tuple[float, float, float]
-    translation: tuple[float, float, float]
-    shape: tuple[int, int, int]
-    classes: tuple[str, ...]
+# The geometry rows come from the one parser of the committed tables (tools.realgeom).
+Crop = RealCrop
 
 
 def real_test_crops() -> list[Crop]:
     """The 16 real test crops (real shapes)."""
-    out = []
-    with open(DATA / "real_crops.csv", newline="") as fh:
-        for r in csv.DictReader(fh):
-            if r["split"] == "test":
-                out.append(
-                    Crop(
-                        r["crop"],
-                        r["dataset"],
-                        _vec(r["voxel_size"]),
-                        _vec(r["translation"]),  # type: ignore[arg-type]
-                        tuple(int(v) for v in _vec(r["shape"])),
-                        tuple(r["classes"].split()),
-                    )
-                )  # type: ignore[arg-type]
-    return out
-
-
-def em_s0() -> dict[str, tuple[tuple[float, ...], tuple[float, ...]]]:
-    with open(DATA / "em_s0.csv", newline="") as fh:
-        return {r["dataset"]: (_vec(r["voxel_size"]), _vec(r["translation"])) for r in csv.DictReader(fh)}
+    return [c for c in load_real_crops() if c.split == "test"]
 
 
 def shrink(c: Crop, extent_nm: float = 160.0, minimum: int = 4) -> Crop:
     """Same voxel size and translation, about ``extent_nm`` per axis (never larger than real)."""
     shape = tuple(min(n, max(minimum, int(round(extent_nm / v)))) for n, v in zip(c.shape, c.voxel_size))
-    return Crop(c.crop, c.dataset, c.voxel_size, c.translation, shape, c.classes)  # type: ignore[arg-type]
+    return dataclasses.replace(c, shape=shape)
 
 
 def em_value(z: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -116,7 +87,7 @@ def build_tree(root: Path, crops: list[Crop], margin_nm: float = 64.0, unfetched
     from numcodecs import Zstd
 
     unfetched = set(unfetched)
-    s0 = em_s0()
+    s0 = load_em_s0()
     by_ds: dict[str, list[Crop]] = {}
     for c in crops:
         by_ds.setdefault(c.dataset, []).append(c)

@@ -21,26 +21,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from common.classes import DEFAULT_CLASSES
 from common.config import OFFICIAL_TEMPLATES_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 ALGOS = ("segresnet", "swinunetr", "dints")
-CLASSES = [
-    "ecs",
-    "pm",
-    "mito_mem",
-    "mito_lum",
-    "mito_ribo",
-    "golgi_mem",
-    "golgi_lum",
-    "ves_mem",
-    "ves_lum",
-    "endo_mem",
-    "endo_lum",
-    "er_mem",
-    "er_lum",
-    "nuc",
-]
+CLASSES = list(DEFAULT_CLASSES)  # the challenge's 14 classes of the default config
 
 pytestmark = [
     pytest.mark.slow,

@@ -23,7 +23,6 @@ Run ``python -m tools.realgeom OUT [--crops 1,238] [--all-eligible]`` to write a
 from __future__ import annotations
 
 import csv
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from numcodecs import Zstd
 
 from common.classes import CELLMAP_CLASSES, DEFAULT_CLASSES, INSTANCE_CLASSES
 from common.ngff import EM_GROUP, Level, multiscales_attrs
+from tools.synthetic_cellmap import _group  # the one zarr v2 group writer of the generators
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_CROPS = ROOT / "tests" / "data" / "real_crops.csv"
@@ -167,16 +167,7 @@ def label_ids(
     return np.ascontiguousarray(a)
 
 
-# ---- writers (same layout as tools.synthetic_cellmap) ---------------------------------
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2))
-
-
-def _group(path: Path, attrs: dict[str, Any] | None = None) -> None:
-    _write_json(path / ".zgroup", {"zarr_format": 2})
-    if attrs is not None:
-        _write_json(path / ".zattrs", attrs)
+# ---- writers (the generator's own: tools.synthetic_cellmap) --------------------------------
 
 
 def _annotation(name: str, instance: bool) -> dict[str, Any]:
